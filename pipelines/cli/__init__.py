@@ -1,0 +1,62 @@
+"""The `vqtok` command: one click group, one thin module per subcommand (loaded lazily)."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from tokenizer import CheckpointError, ConfigError, __version__
+
+from ..errors import UserError
+
+# name -> module under pipelines.cli that defines `command`
+SUBCOMMANDS = {
+    "prepare": "prepare",
+    "train": "train",
+    "tokenize": "tokenize",
+    "submit": "submit",
+    "decode": "decode",
+    "eval": "evaluate",
+    "inspect": "inspect",
+    "demo": "demo",
+}
+USER_ERRORS = (UserError, ConfigError, CheckpointError)
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return [name for name in SUBCOMMANDS if self._load(name) is not None]
+
+    def get_command(self, ctx, name):
+        return self._load(name)
+
+    @staticmethod
+    def _load(name):
+        module_name = SUBCOMMANDS.get(name)
+        if module_name is None:
+            return None
+        try:
+            module = importlib.import_module(f"{__name__}.{module_name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"{__name__}.{module_name}":
+                return None
+            raise
+        return module.command
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="vqtok")
+def main():
+    """vqtok: train a VQ-VAE image tokenizer with DDP and turn image datasets into discrete codes
+    (Parquet) with Ray."""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

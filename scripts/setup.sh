@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Idempotent setup for a fresh Debian machine: data packages (as root), a venv in .venv with the
+# CPU build of torch pinned first (a bare `torch` would pull a multi-GB CUDA build), then vqtok.
+# Usage: bash scripts/setup.sh [extra]   (extra: dev, s3, bench; default dev)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extra="${1:-dev}"
+
+need_apt=()
+[ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
+compgen -G "/usr/share/wallpapers/*/contents/images/*.jpg" >/dev/null || need_apt+=(plasma-workspace-wallpapers)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "[setup] apt-get install ${need_apt[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  else
+    echo "[setup] missing Debian packages ${need_apt[*]}: run 'sudo apt-get install ${need_apt[*]}'" >&2
+  fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  python3 -m venv .venv
+fi
+py=.venv/bin/python
+if ! $py -c "import torch" 2>/dev/null; then
+  echo "[setup] pip install torch==2.13.0 (CPU build)"
+  $py -m pip install -q --disable-pip-version-check torch==2.13.0
+fi
+echo "[setup] pip install -e .[$extra]"
+$py -m pip install -q --disable-pip-version-check -e ".[$extra]"

@@ -1,0 +1,88 @@
+"""Model configuration: one typed dataclass, validated on construction."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+
+class ConfigError(ValueError):
+    """A configuration value a user set is invalid; the message names the key."""
+
+
+@dataclass
+class QuantizerConfig:
+    codebook_size: int = 512          # K
+    codebook_dim: int | None = None   # low-dim code projection (ViT-VQGAN); None = code_dim
+    beta: float = 0.25                # commitment weight (paper)
+    ema: bool = True                  # EMA codebook updates (paper appendix)
+    decay: float = 0.99
+    eps: float = 1e-5                 # Laplace smoothing of EMA counts
+    dead_code_threshold: float = 1.0  # restart codes whose EMA count falls below this; 0 = off
+    kmeans_init: bool = True
+    kmeans_iters: int = 10
+    l2_normalize: bool = False        # cosine codes (LlamaGen / ViT-VQGAN)
+    chunk_size: int = 0               # rows per nearest() chunk; 0 = automatic
+
+    def __post_init__(self):
+        _check(self.codebook_size >= 2, "quantizer.codebook_size", self.codebook_size, "must be >= 2")
+        _check(self.codebook_size <= 2**31 - 1, "quantizer.codebook_size", self.codebook_size, "is too large")
+        _check(self.codebook_dim is None or self.codebook_dim >= 1, "quantizer.codebook_dim",
+               self.codebook_dim, "must be a positive integer or null")
+        _check(self.beta >= 0, "quantizer.beta", self.beta, "must be >= 0")
+        _check(0.0 < self.decay < 1.0, "quantizer.decay", self.decay, "must be in (0, 1)")
+        _check(self.eps > 0, "quantizer.eps", self.eps, "must be > 0")
+        _check(self.dead_code_threshold >= 0, "quantizer.dead_code_threshold",
+               self.dead_code_threshold, "must be >= 0 (0 disables restarts)")
+        _check(self.kmeans_iters >= 1, "quantizer.kmeans_iters", self.kmeans_iters, "must be >= 1")
+        _check(self.chunk_size >= 0, "quantizer.chunk_size", self.chunk_size, "must be >= 0 (0 = automatic)")
+
+
+@dataclass
+class VQVAEConfig:
+    in_channels: int = 1
+    resolution: int = 28              # input H = W
+    hidden: int = 128                 # encoder/decoder width
+    res_hidden: int = 64              # width inside residual blocks
+    num_res_blocks: int = 2
+    num_downsamples: int = 2          # stride-2 4x4 convs: 28->7, 32->8, 128->32
+    code_dim: int = 64                # D
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+
+    def __post_init__(self):
+        if isinstance(self.quantizer, dict):
+            self.quantizer = from_dict(QuantizerConfig, self.quantizer, prefix="model.quantizer")
+        _check(self.in_channels in (1, 3), "model.in_channels", self.in_channels, "must be 1 (grey) or 3 (RGB)")
+        for key in ("resolution", "hidden", "res_hidden", "code_dim", "num_downsamples"):
+            _check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "must be >= 1")
+        _check(self.num_res_blocks >= 0, "model.num_res_blocks", self.num_res_blocks, "must be >= 0")
+        factor = 2 ** self.num_downsamples
+        _check(self.resolution % factor == 0, "model.resolution", self.resolution,
+               f"must be divisible by 2**num_downsamples = {factor}")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.resolution // 2 ** self.num_downsamples
+        return side, side
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, prefix: str = "model") -> "VQVAEConfig":
+        return from_dict(cls, data, prefix=prefix)
+
+
+def _check(ok: bool, key: str, value, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} {why}")
+
+
+def from_dict(cls, data: dict, prefix: str):
+    """Build dataclass `cls` from a mapping, rejecting unknown keys by their dotted name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix} must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}.{unknown[0]} (known: {', '.join(sorted(known))})")
+    return cls(**data)

@@ -1,0 +1,64 @@
+"""Encoder and decoder of the paper: stride-2 4x4 convs, residual blocks (ReLU, 3x3, ReLU, 1x1)."""
+from __future__ import annotations
+
+from torch import nn
+
+from .config import VQVAEConfig
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.ReLU(), nn.Conv2d(channels, hidden, 3, padding=1),
+            nn.ReLU(), nn.Conv2d(hidden, channels, 1),
+        )
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+def _res_stack(cfg: VQVAEConfig) -> list[nn.Module]:
+    return [ResidualBlock(cfg.hidden, cfg.res_hidden) for _ in range(cfg.num_res_blocks)]
+
+
+class Encoder(nn.Module):
+    """(B, C, H, W) -> (B, D, H / 2**n, W / 2**n)"""
+
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = cfg.in_channels
+        for i in range(cfg.num_downsamples):
+            width = cfg.hidden if i == cfg.num_downsamples - 1 else max(cfg.hidden // 2, 1)
+            layers += [nn.Conv2d(channels, width, 4, stride=2, padding=1), nn.ReLU()]
+            channels = width
+        layers += [nn.Conv2d(channels, cfg.hidden, 3, padding=1)]
+        layers += _res_stack(cfg)
+        layers += [nn.ReLU(), nn.Conv2d(cfg.hidden, cfg.code_dim, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    """(B, D, h, w) -> (B, C, h * 2**n, w * 2**n), mirrors the encoder with transposed convs."""
+
+    def __init__(self, cfg: VQVAEConfig):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(cfg.code_dim, cfg.hidden, 3, padding=1)]
+        layers += _res_stack(cfg)
+        layers += [nn.ReLU()]
+        channels = cfg.hidden
+        for i in range(cfg.num_downsamples):
+            last = i == cfg.num_downsamples - 1
+            width = cfg.in_channels if last else max(cfg.hidden // 2, 1)
+            layers += [nn.ConvTranspose2d(channels, width, 4, stride=2, padding=1)]
+            if not last:
+                layers += [nn.ReLU()]
+            channels = width
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.net(z)
