@@ -1,0 +1,249 @@
+"""The tokenize output contract, as code shared by its writer (`vqtok tokenize`) and its readers
+(CodesDataset, decode, inspect).
+
+Layout of an OUTPUT directory (local path or fsspec URL):
+    OUTPUT/<shard>.parquet          one per input shard; columns key, shard, codes (+ kept fields)
+    OUTPUT/_errors/<shard>.parquet  columns shard, key (null = shard-level), error
+    OUTPUT/_manifest/<shard>.json   per finished shard: counts, stage durations, tokenizer sha
+    OUTPUT/_SUCCESS                 written when every shard is done
+Every data file carries schema metadata under b"vqtok": JSON describing the tokenizer (see
+OutputMetadata). Paths whose name starts with "_" or "." are not data (the convention of pyarrow,
+pandas, polars, duckdb, Ray Data and HF datasets), so those readers see only code rows.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+from dataclasses import asdict, dataclass, field
+from urllib.parse import quote
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import UserError
+
+FORMAT_VERSION = 1
+METADATA_KEY = b"vqtok"
+KEY, SHARD, CODES = "key", "shard", "codes"   # data columns (plus any --keep-fields)
+ERROR_COLUMNS = ("shard", "key", "error")
+ERRORS_DIR, MANIFEST_DIR, SUCCESS_NAME = "_errors", "_manifest", "_SUCCESS"
+DATA_SUFFIX = ".parquet"
+MAX_INT16_CODEBOOK = 32768                    # codes 0..32767 fit int16
+_MAX_NAME_BYTES = 200                         # stay well under the usual 255-byte name limit
+
+
+@dataclass(frozen=True)
+class OutputMetadata:
+    """What the `vqtok` schema metadata of every data file says about the codes in it."""
+    tokenizer_sha256: str
+    codebook_size: int
+    grid: tuple[int, int]                     # (h, w); codes are row-major over it
+    channels: int
+    resolution: int
+    preprocessing: str | dict = ""
+    version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)  # unknown keys written by newer writers, kept
+
+    @classmethod
+    def from_model(cls, model, preprocessing: str | dict = "", **extra) -> "OutputMetadata":
+        """From a tokenizer.VQVAE (duck-typed, so this module needs no torch)."""
+        return cls(tokenizer_sha256=model.weights_sha256(), codebook_size=int(model.codebook_size),
+                   grid=tuple(int(g) for g in model.grid), channels=int(model.config.in_channels),
+                   resolution=int(model.config.resolution), preprocessing=preprocessing, extra=extra)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        extra = data.pop("extra")
+        data["grid"] = list(self.grid)
+        return json.dumps({**extra, **data}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str = "") -> "OutputMetadata":
+        """Parse and validate; UserError naming `where` for anything missing or malformed."""
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{where}: 'vqtok' schema metadata is not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{where}: 'vqtok' schema metadata must be a JSON object")
+        return cls._validated(data, where)
+
+    @classmethod
+    def _validated(cls, data: dict, where: str) -> "OutputMetadata":
+        def need(name, ok):
+            if name not in data:
+                raise UserError(f"{where}: 'vqtok' schema metadata lacks {name!r}")
+            if not ok(data[name]):
+                raise UserError(f"{where}: 'vqtok' schema metadata has an invalid {name!r}: {data[name]!r}")
+            return data[name]
+
+        def pos_int(v):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+        version = need("version", pos_int)
+        if version > FORMAT_VERSION:
+            raise UserError(f"{where}: written by a newer vqtok (output format {version}; this "
+                            f"version reads up to {FORMAT_VERSION}); upgrade vqtok")
+        sha = need("tokenizer_sha256", lambda v: isinstance(v, str) and len(v) == 64)
+        k = need("codebook_size", lambda v: pos_int(v) and v >= 2)
+        grid = need("grid", lambda v: isinstance(v, list) and len(v) == 2 and all(map(pos_int, v)))
+        channels = need("channels", pos_int)
+        resolution = need("resolution", pos_int)
+        known = {"version", "tokenizer_sha256", "codebook_size", "grid", "channels", "resolution",
+                 "preprocessing"}
+        return cls(tokenizer_sha256=sha, codebook_size=k, grid=(grid[0], grid[1]), channels=channels,
+                   resolution=resolution, preprocessing=data.get("preprocessing", ""), version=version,
+                   extra={k2: v for k2, v in data.items() if k2 not in known})
+
+    def schema_metadata(self) -> dict[bytes, bytes]:
+        return {METADATA_KEY: self.to_json().encode()}
+
+    @property
+    def num_codes(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+
+def codes_arrow_type(codebook_size: int) -> pa.DataType:
+    """list<int16> when every code fits int16 (K <= 32768), else list<int32>."""
+    return pa.list_(pa.int16() if codebook_size <= MAX_INT16_CODEBOOK else pa.int32())
+
+
+def data_schema(meta: OutputMetadata, extra_fields: list[pa.Field] | tuple = ()) -> pa.Schema:
+    """Schema of a data file: key, shard, codes, then the kept fields, with the vqtok metadata."""
+    fields = [pa.field(KEY, pa.string()), pa.field(SHARD, pa.string()),
+              pa.field(CODES, codes_arrow_type(meta.codebook_size)), *extra_fields]
+    return pa.schema(fields, metadata=meta.schema_metadata())
+
+
+def errors_schema() -> pa.Schema:
+    return pa.schema([pa.field(name, pa.string()) for name in ERROR_COLUMNS])
+
+
+def shard_name(input_url: str) -> str:
+    """'s3://b/train-000001.tar' -> 'train-000001' (the data file's stem)."""
+    name = posixpath.basename(input_url.rstrip("/"))
+    for ext in (".tar.gz", ".tgz", ".tar"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def data_path(output: str, shard: str) -> str:
+    return join(output, shard + DATA_SUFFIX)
+
+
+def errors_path(output: str, shard: str) -> str:
+    return join(output, ERRORS_DIR, shard + DATA_SUFFIX)
+
+
+def manifest_path(output: str, shard: str) -> str:
+    return join(output, MANIFEST_DIR, shard + ".json")
+
+
+def success_path(output: str) -> str:
+    return join(output, SUCCESS_NAME)
+
+
+def is_hidden(relative_path: str) -> bool:
+    """True for paths any part of which starts with '_' or '.' (errors, manifests, temp files)."""
+    return any(part.startswith(("_", ".")) for part in relative_path.split("/") if part)
+
+
+def list_data_files(output: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """(filesystem, sorted paths) of the data files under `output`, skipping `_`/`.` paths.
+    UserError when `output` does not exist or holds no data file."""
+    fs, root = fsspec.core.url_to_fs(output)
+    root = root.rstrip("/")
+    if not fs.isdir(root):
+        raise UserError(f"{output}: no such tokenize output directory")
+    paths = []
+    for path in fs.find(root):
+        rel = path[len(root):].lstrip("/")
+        if rel.endswith(DATA_SUFFIX) and not is_hidden(rel):
+            paths.append(path)
+    if not paths:
+        raise UserError(f"{output}: no {DATA_SUFFIX} data files; is this a `vqtok tokenize` output?")
+    return fs, sorted(paths)
+
+
+def read_metadata(file: str, filesystem: fsspec.AbstractFileSystem | None = None) -> OutputMetadata:
+    """The validated vqtok metadata of one data file (a URL, or a path on `filesystem`)."""
+    if filesystem is None:
+        filesystem, path = fsspec.core.url_to_fs(file)
+    else:
+        path = file
+    try:
+        with filesystem.open(path, "rb") as f:
+            schema = pq.read_schema(f)
+    except FileNotFoundError:
+        raise UserError(f"{file}: no such file") from None
+    except (OSError, pa.ArrowException) as e:
+        raise UserError(f"{file}: not a readable Parquet file ({e})") from None
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise UserError(f"{file}: no 'vqtok' schema metadata; not written by `vqtok tokenize`")
+    meta = OutputMetadata.from_json(raw, where=file)
+    _check_columns(schema, meta, file)
+    return meta
+
+
+def _check_columns(schema: pa.Schema, meta: OutputMetadata, where: str) -> None:
+    for name in (KEY, CODES):
+        if name not in schema.names:
+            raise UserError(f"{where}: no {name!r} column")
+    codes_type = schema.field(CODES).type
+    if not (pa.types.is_list(codes_type) or pa.types.is_large_list(codes_type)) or \
+            not pa.types.is_integer(codes_type.value_type):
+        raise UserError(f"{where}: column 'codes' has type {codes_type}, expected a list of integers")
+
+
+def require_same_tokenizer(metas: dict[str, OutputMetadata]) -> OutputMetadata:
+    """The one metadata all files share; UserError naming two files that disagree."""
+    if not metas:
+        raise UserError("no data files")
+    (first_path, first), *rest = metas.items()
+    for path, meta in rest:
+        for name in ("tokenizer_sha256", "codebook_size", "grid"):
+            a, b = getattr(first, name), getattr(meta, name)
+            if a != b:
+                raise UserError(f"files name different tokenizers: {first_path} has {name} {a!r}, "
+                                f"{path} has {b!r}; tokenize outputs of different tokenizers "
+                                "cannot be mixed")
+    return first
+
+
+def safe_name(key: str) -> str:
+    """An untrusted key as ONE file name: injective percent-encoding (no '/', NUL, '..' or
+    leading '.'), with over-long names shortened and made unique with a hash of the key."""
+    name = quote(key, safe="", encoding="utf-8", errors="surrogatepass")
+    if name.startswith("."):            # '.', '..', hidden files
+        name = "%2E" + name[1:]
+    if not name:
+        name = "%"                      # the empty key; '%' alone cannot come from quote()
+    if len(name.encode()) > _MAX_NAME_BYTES:
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        head = name[: _MAX_NAME_BYTES - 40]
+        cut = head.rfind("%", len(head) - 2)            # never split a %XX escape
+        name = (head[:cut] if cut >= 0 else head) + "%~" + digest
+    return name
+
+
+def safe_output_path(out_dir: str, key: str, suffix: str = "") -> str:
+    """A path strictly inside `out_dir` for an untrusted key: '<out_dir>/<safe_name(key)><suffix>'.
+    Distinct keys give distinct paths. For local directories the resolved path is checked too."""
+    if "/" in suffix or "\x00" in suffix:
+        raise ValueError(f"suffix {suffix!r} must be a plain extension")
+    path = join(out_dir, safe_name(key) + suffix)
+    if "://" not in out_dir:
+        base = os.path.realpath(out_dir)
+        if os.path.dirname(os.path.realpath(path)) != base:   # e.g. a symlink planted in out_dir
+            raise UserError(f"{out_dir}: refusing to write key {key[:80]!r} outside the output "
+                            f"directory (resolves to {os.path.realpath(path)})")
+    return path
