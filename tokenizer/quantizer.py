@@ -7,6 +7,7 @@ in-place SUM over replicas. It is a no-op by default, so this module imports not
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -56,6 +57,7 @@ class VectorQuantizer(nn.Module):
         # 1 once k-means init ran (or was not asked for); saved with the weights
         self.register_buffer("initialized", torch.tensor(0 if kmeans_init else 1, dtype=torch.uint8))
         self.metrics: dict[str, torch.Tensor] = {}
+        self._leader: bool | None = None
 
     @classmethod
     def from_config(cls, config: QuantizerConfig, dim: int, **kw) -> "VectorQuantizer":
@@ -127,15 +129,42 @@ class VectorQuantizer(nn.Module):
         return ones
 
     @torch.no_grad()
+    def _is_leader(self, ref: torch.Tensor) -> bool:
+        """Elect one replica using only the sum hook: each draws a private random number and a
+        bisection over all-reduced counts of 'mine is above t' isolates the largest. Cached."""
+        if self._leader is None:
+            if self.all_reduce_fn is _noop_all_reduce:
+                self._leader = True
+            else:
+                mine = int.from_bytes(os.urandom(6), "little") / 2.0**48
+                low, high = 0.0, 1.0
+                for _ in range(64):
+                    mid = (low + high) / 2
+                    above = torch.tensor([float(mine > mid)], device=ref.device)
+                    self.all_reduce_fn(above)
+                    if above.item() >= 1:
+                        low = mid
+                    else:
+                        high = mid
+                    count = torch.tensor([float(mine > low)], device=ref.device)
+                    self.all_reduce_fn(count)
+                    if count.item() == 1:
+                        break
+                self._leader = mine > low
+        return self._leader
+
+    def _from_leader(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every replica gets the leader's `tensor` (a broadcast built from the sum hook)."""
+        out = tensor * float(self._is_leader(tensor))
+        self.all_reduce_fn(out)
+        return out
+
+    @torch.no_grad()
     def _kmeans_init(self, flat: torch.Tensor) -> None:
         """Lloyd's k-means on the first batch; sums and counts are all-reduced every iteration so
         that all replicas end with the same centroids."""
         k = self.codebook_size
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        pick = torch.randint(0, flat.shape[0], (k,), generator=gen).to(flat.device)
-        centroids = flat[pick].clone()
-        self.all_reduce_fn(centroids)
-        centroids /= self._world_size(flat)
+        centroids = self._from_leader(_kmeans_plus_plus(flat, k))
         for _ in range(self.config.kmeans_iters):
             idx = nearest_codes(flat, centroids, self.config.chunk_size)
             sums = torch.zeros_like(centroids).index_add_(0, idx, flat)
@@ -179,19 +208,14 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor) -> None:
-        """Codes whose EMA count fell below the threshold are re-seeded from encoder outputs of
-        this batch. The candidate rows are chosen by a generator seeded from the (replica-equal)
-        EMA state; candidates are averaged over replicas so every replica restarts identically."""
+        """Codes whose EMA count fell below the threshold are re-seeded from random encoder
+        outputs of this batch, taken from one replica so that every replica restarts identically."""
         dead = self.ema_count < self.config.dead_code_threshold                # (K,) same on all ranks
         num_dead = int(dead.sum())
         if num_dead == 0:
             return
-        seed = int(self.ema_count.sum().item() * 1e3) % (2**31)
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        rows = torch.randint(0, flat.shape[0], (num_dead,), generator=gen).to(flat.device)
-        candidates = flat[rows].clone()
-        self.all_reduce_fn(candidates)
-        candidates /= self._world_size(flat)
+        rows = torch.randint(0, flat.shape[0], (num_dead,), device=flat.device)
+        candidates = self._from_leader(flat[rows])
         if self.config.l2_normalize:
             candidates = F.normalize(candidates, dim=-1)
         book = self.codebook.data.clone()
@@ -209,3 +233,24 @@ class VectorQuantizer(nn.Module):
         entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
         self.metrics["usage"] = (counts > 0).float().mean()
         self.metrics["perplexity"] = entropy.exp()
+
+
+def _kmeans_plus_plus(flat: torch.Tensor, k: int, max_work: float = 4e8) -> torch.Tensor:
+    """k-means++ seeding (D^2 sampling); plain random rows when K x N is too large to be cheap."""
+    n = flat.shape[0]
+    if n == 0:
+        raise ValueError("k-means init needs at least one encoder output")
+    if k * n > max_work:
+        return flat[torch.randint(0, n, (k,), device=flat.device)].clone()
+    centroids = torch.empty(k, flat.shape[1], device=flat.device)
+    centroids[0] = flat[torch.randint(0, n, (1,), device=flat.device)]
+    closest = (flat - centroids[0]).pow(2).sum(1)                     # (N,)
+    for i in range(1, k):
+        total = closest.sum()
+        if total <= 0:  # fewer distinct points than codes: duplicate rows
+            pick = torch.randint(0, n, (1,), device=flat.device)
+        else:
+            pick = torch.multinomial(closest / total, 1)
+        centroids[i] = flat[pick]
+        closest = torch.minimum(closest, (flat - centroids[i]).pow(2).sum(1))
+    return centroids
