@@ -1,0 +1,146 @@
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from tokenizer import VQVAE, CheckpointError, ConfigError, QuantizerConfig, VQVAEConfig
+
+
+def tiny(**kw) -> VQVAEConfig:
+    base = dict(in_channels=1, resolution=28, hidden=16, res_hidden=8, num_res_blocks=1, code_dim=8,
+                quantizer=QuantizerConfig(codebook_size=32, kmeans_iters=2))
+    base.update(kw)
+    return VQVAEConfig(**base)
+
+
+@pytest.mark.parametrize("channels,resolution,downs,grid", [(1, 28, 2, 7), (3, 32, 2, 8), (3, 128, 2, 32), (3, 32, 3, 4)])
+def test_grid_follows_the_number_of_downsamplings(channels, resolution, downs, grid):
+    model = VQVAE(tiny(in_channels=channels, resolution=resolution, num_downsamples=downs)).eval()
+    x = torch.rand(2, channels, resolution, resolution)
+    codes = model.encode(x)
+    assert codes.shape == (2, grid, grid) and codes.dtype == torch.int64
+    assert model.grid == (grid, grid)
+    x_hat = model.decode(codes)
+    assert x_hat.shape == x.shape and x_hat.min() >= 0 and x_hat.max() <= 1
+
+
+def test_training_forward_returns_named_losses_that_train_the_whole_model():
+    torch.manual_seed(0)
+    model = VQVAE(tiny()).train()
+    x = torch.rand(4, 1, 28, 28)
+    x_hat, codes, losses = model(x)
+    assert {"reconstruction", "commitment"} <= set(losses)
+    sum(losses.values()).backward()
+    assert model.encoder.net[0].weight.grad.abs().sum() > 0     # straight-through reaches the encoder
+    assert model.decoder.net[0].weight.grad.abs().sum() > 0
+
+
+def test_encode_rejects_wrong_input_shape_with_a_clear_message():
+    model = VQVAE(tiny())
+    with pytest.raises(ValueError, match=r"\(B, 1, 28, 28\)"):
+        model.encode(torch.rand(2, 3, 28, 28))
+
+
+def test_decode_rejects_out_of_range_codes():
+    model = VQVAE(tiny())
+    with pytest.raises(ValueError, match=r"\[0, 32\)"):
+        model.decode(torch.full((1, 7, 7), 32))
+
+
+def test_save_load_round_trip_gives_bit_identical_codes(tmp_path):
+    torch.manual_seed(0)
+    model = VQVAE(tiny()).train()
+    model(torch.rand(8, 1, 28, 28))              # k-means init + EMA move the buffers
+    model.eval()
+    x = torch.rand(16, 1, 28, 28)
+    sha = model.save_pretrained(str(tmp_path / "tok"))
+    assert sorted(os.listdir(tmp_path / "tok")) == ["config.json", "model.safetensors"]
+    loaded = VQVAE.from_pretrained(str(tmp_path / "tok"))
+    assert torch.equal(loaded.encode(x), model.encode(x))
+    assert torch.equal(loaded.decode(model.encode(x)), model.decode(model.encode(x)))
+    assert loaded.weights_sha256() == sha == model.weights_sha256()
+    assert loaded.config == model.config
+
+
+def test_round_trip_through_an_fsspec_url():
+    model = VQVAE(tiny()).eval()
+    model.save_pretrained("memory://vqtok-test/tok")
+    loaded = VQVAE.from_pretrained("memory://vqtok-test/tok")
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.equal(loaded.encode(x), model.encode(x))
+
+
+def test_sha256_is_stable_and_tracks_the_weights():
+    torch.manual_seed(0)
+    a = VQVAE(tiny())
+    b = VQVAE(tiny())
+    b.load_state_dict(a.state_dict())
+    assert a.weights_sha256() == b.weights_sha256()
+    with torch.no_grad():
+        b.quantizer.codebook[0, 0] += 1e-3
+    assert a.weights_sha256() != b.weights_sha256()
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickled_checkpoint_is_refused_and_never_executed(tmp_path):
+    VQVAE(tiny()).save_pretrained(str(tmp_path))
+    marker = tmp_path / "pwned"
+    exploit = _Exploit()
+    exploit.marker = marker
+    payload = pickle.dumps({"encoder.net.0.weight": exploit})
+    (tmp_path / "model.safetensors").write_bytes(payload)
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        VQVAE.from_pretrained(str(tmp_path))
+    torch.save({"x": exploit}, tmp_path / "evil.pt")           # torch's zip+pickle format
+    from tokenizer.checkpoint import load_weights
+    with pytest.raises(CheckpointError, match="evil.pt"):
+        load_weights(str(tmp_path / "evil.pt"))
+    assert not marker.exists()
+
+
+def test_mismatched_weights_are_named(tmp_path):
+    VQVAE(tiny()).save_pretrained(str(tmp_path / "small"))
+    config = json.loads((tmp_path / "small" / "config.json").read_text())
+    config["model"]["quantizer"]["codebook_size"] = 64
+    (tmp_path / "small" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"model.safetensors.*quantizer.codebook.*\(32, 8\).*\(64, 8\)"):
+        VQVAE.from_pretrained(str(tmp_path / "small"))
+
+
+def test_missing_and_corrupt_files_are_named(tmp_path):
+    with pytest.raises(CheckpointError, match="config.json: no such file"):
+        VQVAE.from_pretrained(str(tmp_path / "nothing"))
+    VQVAE(tiny()).save_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
+        VQVAE.from_pretrained(str(tmp_path))
+
+
+def test_tampered_weights_fail_the_sha_check(tmp_path):
+    model = VQVAE(tiny())
+    model.save_pretrained(str(tmp_path))
+    with torch.no_grad():
+        model.quantizer.codebook.mul_(2)
+    from tokenizer.checkpoint import save_weights_bytes
+    (tmp_path / "model.safetensors").write_bytes(save_weights_bytes(model.state_dict()))
+    with pytest.raises(CheckpointError, match="sha256"):
+        VQVAE.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(in_channels=2), "model.in_channels = 2 must be 1 .grey. or 3 .RGB."),
+    (dict(resolution=30), "model.resolution = 30 must be divisible by 2\\*\\*num_downsamples = 4"),
+    (dict(code_dim=0), "model.code_dim = 0 must be >= 1"),
+    (dict(quantizer={"codebook_size": 1}), "quantizer.codebook_size = 1 must be >= 2"),
+    (dict(quantizer={"decay": 1.5}), "quantizer.decay = 1.5 must be in"),
+    (dict(quantizer={"codebok_size": 8}), "unknown key model.quantizer.codebok_size"),
+])
+def test_config_validation_messages_name_the_key(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        VQVAEConfig(**kwargs)
