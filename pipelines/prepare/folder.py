@@ -1,0 +1,132 @@
+"""A folder tree of images -> WebDataset shards of SxS images (resized, or random crops)."""
+from __future__ import annotations
+
+import io
+import json
+import random
+import sys
+import warnings
+from dataclasses import dataclass
+
+import fsspec
+from PIL import Image
+from tqdm import tqdm
+
+from ..errors import UserError
+from .shards import ShardWriter
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
+
+
+@dataclass
+class FolderOptions:
+    size: int = 32                 # output side S
+    crops_per_image: int = 0       # 0: one centre-cropped, resized SxS image per file
+    short_side: int = 0            # before cropping, scale the shorter side to this (0 = keep)
+    largest_per_dir: bool = False  # one file per directory: the largest (wallpaper packages)
+    holdout: int = 0               # source images written to holdout-%06d.tar instead
+    seed: int = 0
+    shard_size: int = 5000
+
+    def __post_init__(self):
+        for key in ("size", "shard_size"):
+            if getattr(self, key) < 1:
+                raise UserError(f"--{key.replace('_', '-')} = {getattr(self, key)} must be >= 1")
+        for key in ("crops_per_image", "short_side", "holdout"):
+            if getattr(self, key) < 0:
+                raise UserError(f"--{key.replace('_', '-')} = {getattr(self, key)} must be >= 0")
+
+
+def list_images(src: str, largest_per_dir: bool) -> list[str]:
+    fs, root = fsspec.core.url_to_fs(src)
+    if not fs.isdir(root):
+        raise UserError(f"{src}: not a directory")
+    files = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES))
+    if largest_per_dir:
+        best: dict[str, tuple[int, str]] = {}
+        for p in files:
+            d = p.rsplit("/", 1)[0]
+            size = fs.size(p) or 0
+            if d not in best or size > best[d][0]:
+                best[d] = (size, p)
+        files = sorted(p for _, p in best.values())
+    if not files:
+        raise UserError(f"{src}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
+    return [fs.unstrip_protocol(p) if "://" in src else p for p in files]
+
+
+def open_image(url: str) -> Image.Image:
+    with fsspec.open(url, "rb") as f:
+        data = f.read()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    return img.convert("RGB")
+
+
+def scale_short_side(img: Image.Image, side: int) -> Image.Image:
+    w, h = img.size
+    s = side / min(w, h)
+    return img.resize((max(side, round(w * s)), max(side, round(h * s))), Image.BICUBIC)
+
+
+def centre_square(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    m = min(w, h)
+    box = ((w - m) // 2, (h - m) // 2, (w - m) // 2 + m, (h - m) // 2 + m)
+    return img.resize((size, size), Image.BICUBIC, box=box)
+
+
+def views(img: Image.Image, opts: FolderOptions, rng: random.Random):
+    """Yield (PIL SxS image, metadata) for one source image."""
+    if opts.short_side:
+        img = scale_short_side(img, opts.short_side)
+    if opts.crops_per_image == 0:
+        yield centre_square(img, opts.size), {"crop": "centre"}
+        return
+    w, h = img.size
+    if min(w, h) < opts.size:
+        img = scale_short_side(img, opts.size)
+        w, h = img.size
+    for _ in range(opts.crops_per_image):
+        x, y = rng.randint(0, w - opts.size), rng.randint(0, h - opts.size)
+        yield img.crop((x, y, x + opts.size, y + opts.size)), {"x": x, "y": y}
+
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def prepare_folder(src: str, out: str, opts: FolderOptions, progress: bool = True) -> dict:
+    """Returns {"images": shard paths, "holdout": shard paths, "skipped": [(file, reason)]}."""
+    files = list_images(src, opts.largest_per_dir)
+    order = list(files)
+    random.Random(opts.seed).shuffle(order)
+    held = set(order[: opts.holdout])
+    if opts.holdout and len(held) >= len(files):
+        raise UserError(f"--holdout {opts.holdout} leaves no training images (found {len(files)})")
+    rng = random.Random(opts.seed + 1)
+    skipped: list[tuple[str, str]] = []
+    counters = {"images": 0, "holdout": 0}
+    with ShardWriter(out, "images-%06d.tar", opts.shard_size) as train, \
+            ShardWriter(out, "holdout-%06d.tar", opts.shard_size) as hold:
+        for path in tqdm(files, desc="images", unit="file", disable=not progress):
+            try:
+                img = open_image(path)
+            except Exception as e:  # PIL raises many types for bad files
+                reason = f"{type(e).__name__}: {e}"
+                skipped.append((path, reason))
+                print(f"skipped unreadable image {path}: {reason}", file=sys.stderr)
+                continue
+            split = "holdout" if path in held else "images"
+            writer = hold if split == "holdout" else train
+            for view, meta in views(img, opts, rng):
+                key = f"{split}{counters[split]:08d}"
+                counters[split] += 1
+                meta = {"source": path, **meta}
+                writer.write({"__key__": key, "png": png(view), "json": json.dumps(meta).encode()})
+    return {"images": train.written, "holdout": hold.written, "skipped": skipped,
+            "counts": counters}
