@@ -1,0 +1,217 @@
+"""CodesDataset: a tokenize output as a torch IterableDataset for training priors.
+
+The rows of all data files, in (file, row group) order, form one global sequence of N rows. Rank
+r of R takes the contiguous slice [r*N//R, (r+1)*N//R) of it (so ranks differ by at most one
+row: DDP steps stay in lock-step) and DataLoader worker w of W takes the same kind of slice of
+its rank's slice. Every row is therefore read by exactly one (rank, worker). Reading is by row
+group: a worker opens only the row groups its slice touches. With shuffle=True the row-group
+order is permuted (seeded by seed + epoch, identical on all ranks) before slicing, and rows are
+mixed in a bounded shuffle buffer inside each worker.
+"""
+from __future__ import annotations
+
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .errors import UserError
+from .output_format import CODES, KEY, OutputMetadata, list_data_files, read_metadata, require_same_tokenizer
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    path: str
+    index: int        # row group index inside the file
+    num_rows: int
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows [start, stop) of one row group."""
+    group: RowGroup
+    start: int
+    stop: int
+
+
+class CodesDataset(IterableDataset):
+    """Yields {"key": str, "codes": LongTensor (h, w), <field>: value for each of `fields`}.
+
+    url: a `vqtok tokenize` output directory (local path or fsspec URL).
+    rank / world_size: this process's data-parallel rank; default from RANK / WORLD_SIZE.
+    shuffle / seed: deterministic shuffling; call set_epoch(e) before each epoch for a new order.
+    fields: extra columns to pass through (the tokenize --keep-fields), e.g. ("cls",).
+    shuffle_buffer: rows mixed across row groups inside one worker when shuffling.
+    """
+
+    def __init__(self, url: str, rank: int | None = None, world_size: int | None = None,
+                 shuffle: bool = False, seed: int = 0, fields: tuple[str, ...] | list[str] = ("cls",),
+                 shuffle_buffer: int = 8192):
+        super().__init__()
+        self.url = url
+        self.rank, self.world_size = _rank_and_world(rank, world_size)
+        self.shuffle, self.seed, self.epoch = bool(shuffle), int(seed), 0
+        self.fields = tuple(fields)
+        self.shuffle_buffer = max(1, int(shuffle_buffer))
+        self.fs, paths = list_data_files(url)
+        self.metadata, self.row_groups = _scan(self.fs, paths, self.fields)
+        self.num_rows = sum(g.num_rows for g in self.row_groups)
+
+    # ---- public --------------------------------------------------------------------------------
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.metadata.grid
+
+    @property
+    def codebook_size(self) -> int:
+        return self.metadata.codebook_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the shuffle order of the next iteration (like DistributedSampler.set_epoch).
+        With persistent DataLoader workers the workers keep the epoch they started with."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        """Rows this rank yields per epoch (all its DataLoader workers together)."""
+        start, stop = _slice(self.num_rows, self.rank, self.world_size)
+        return stop - start
+
+    def __iter__(self) -> Iterator[dict]:
+        worker = get_worker_info()
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        pieces = self.pieces(worker_id, num_workers)
+        rows = self._read(pieces)
+        if self.shuffle:
+            rows = _buffer_shuffle(rows, self.shuffle_buffer, self._rng(worker_id))
+        return rows
+
+    def pieces(self, worker_id: int = 0, num_workers: int = 1) -> list[Piece]:
+        """The row-group slices read by this rank's worker `worker_id` of `num_workers`."""
+        groups = list(self.row_groups)
+        if self.shuffle:
+            random.Random(f"{self.seed}:{self.epoch}").shuffle(groups)
+        rank_start, rank_stop = _slice(self.num_rows, self.rank, self.world_size)
+        start, stop = _slice(rank_stop - rank_start, worker_id, num_workers)
+        return _pieces(groups, rank_start + start, rank_start + stop)
+
+    # ---- reading -------------------------------------------------------------------------------
+    def _rng(self, worker_id: int) -> random.Random:
+        return random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker_id}")
+
+    def _read(self, pieces: list[Piece]) -> Iterator[dict]:
+        columns = [KEY, CODES, *self.fields]
+        h, w = self.metadata.grid
+        open_path, parquet = None, None
+        try:
+            for piece in pieces:
+                if piece.group.path != open_path:
+                    if parquet is not None:
+                        parquet.close()
+                    open_path = piece.group.path
+                    parquet = pq.ParquetFile(self.fs.open(open_path, "rb"))
+                table = parquet.read_row_group(piece.group.index, columns=columns)
+                table = table.slice(piece.start, piece.stop - piece.start)
+                yield from _rows(table, self.fields, self.metadata, open_path, h, w)
+        finally:
+            if parquet is not None:
+                parquet.close()
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    try:
+        rank = int(os.environ.get("RANK", 0)) if rank is None else int(rank)
+        world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else int(world_size)
+    except ValueError as e:
+        raise UserError(f"CodesDataset: RANK / WORLD_SIZE must be integers ({e})") from None
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UserError(f"CodesDataset: rank {rank} is not in [0, world_size = {world_size})")
+    return rank, world_size
+
+
+def _scan(fs, paths: list[str], fields: tuple[str, ...]) -> tuple[OutputMetadata, list[RowGroup]]:
+    """Read every file's footer (in parallel: object stores are latency-bound); check they all
+    name one tokenizer and carry the requested fields."""
+    def one(path):
+        meta = read_metadata(path, fs)
+        with fs.open(path, "rb") as f:
+            md = pq.ParquetFile(f).metadata
+        names = set(md.schema.to_arrow_schema().names)
+        for name in fields:
+            if name not in names:
+                raise UserError(f"{path}: no column {name!r} to pass through (columns: "
+                                f"{', '.join(sorted(names))}); pass fields=() or tokenize with "
+                                f"--keep-fields {name}")
+        return meta, [RowGroup(path, i, md.row_group(i).num_rows) for i in range(md.num_row_groups)]
+
+    with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
+        results = list(pool.map(one, paths))
+    metadata = require_same_tokenizer({p: r[0] for p, r in zip(paths, results)})
+    groups = [g for _, gs in results for g in gs if g.num_rows > 0]
+    return metadata, groups
+
+
+def _slice(n: int, part: int, parts: int) -> tuple[int, int]:
+    return n * part // parts, n * (part + 1) // parts
+
+
+def _pieces(groups: list[RowGroup], start: int, stop: int) -> list[Piece]:
+    """The parts of `groups` (laid end to end) that cover global rows [start, stop)."""
+    out, offset = [], 0
+    for g in groups:
+        lo, hi = max(start, offset), min(stop, offset + g.num_rows)
+        if lo < hi:
+            out.append(Piece(g, lo - offset, hi - offset))
+        offset += g.num_rows
+        if offset >= stop:
+            break
+    return out
+
+
+def _rows(table: pa.Table, fields: tuple[str, ...], meta: OutputMetadata, path: str,
+          h: int, w: int) -> Iterator[dict]:
+    codes = _codes_array(table.column(CODES), meta, path, h * w).reshape(-1, h, w)
+    keys = table.column(KEY).to_pylist()
+    extra = {name: table.column(name).to_pylist() for name in fields}
+    tensor = torch.from_numpy(codes)
+    for i, key in enumerate(keys):
+        row = {"key": key, "codes": tensor[i]}
+        for name in fields:
+            row[name] = extra[name][i]
+        yield row
+
+
+def _codes_array(column: pa.ChunkedArray, meta: OutputMetadata, path: str, size: int) -> np.ndarray:
+    """list<int> column -> (n, size) int64, checked against the grid and the codebook."""
+    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if array.null_count:
+        raise UserError(f"{path}: {array.null_count} rows have null codes")
+    lengths = np.diff(array.offsets.to_numpy(zero_copy_only=False))
+    if len(lengths) and (lengths != size).any():
+        bad = int(np.flatnonzero(lengths != size)[0])
+        raise UserError(f"{path}: a row has {int(lengths[bad])} codes, the grid {meta.grid} "
+                        f"needs {size}")
+    values = array.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() >= meta.codebook_size):
+        raise UserError(f"{path}: codes outside [0, {meta.codebook_size})")
+    return values.reshape(len(array), size)
+
+
+def _buffer_shuffle(rows: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    """Reservoir-style shuffle buffer: holds at most `size` rows."""
+    buffer: list[dict] = []
+    for row in rows:
+        if len(buffer) < size:
+            buffer.append(row)
+            continue
+        i = rng.randrange(size)
+        yield buffer[i]
+        buffer[i] = row
+    rng.shuffle(buffer)
+    yield from buffer
