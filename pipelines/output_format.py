@@ -219,12 +219,17 @@ def require_same_tokenizer(metas: dict[str, OutputMetadata]) -> OutputMetadata:
     return first
 
 
+def error_reason(error: str) -> str:
+    """Errors are written as '<reason>: <detail>'; the reason groups them (inspect, manifests)."""
+    return (error or "").split(":", 1)[0].strip() or "unknown"
+
+
 def safe_name(key: str) -> str:
-    """An untrusted key as ONE file name: injective percent-encoding (no '/', NUL, '..' or
-    leading '.'), with over-long names shortened and made unique with a hash of the key."""
+    """An untrusted key as ONE file name: injective percent-encoding (no '/', NUL, '..', no
+    leading '.' or '_'), with over-long names shortened and made unique with a hash of the key."""
     name = quote(key, safe="", encoding="utf-8", errors="surrogatepass")
-    if name.startswith("."):            # '.', '..', hidden files
-        name = "%2E" + name[1:]
+    if name.startswith((".", "_")):     # '.', '..', hidden files; '_' paths are skipped by readers
+        name = f"%{ord(name[0]):02X}" + name[1:]
     if not name:
         name = "%"                      # the empty key; '%' alone cannot come from quote()
     if len(name.encode()) > _MAX_NAME_BYTES:
