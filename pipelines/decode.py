@@ -1,0 +1,125 @@
+"""`vqtok decode`: codes of a tokenize output back to PNG images, one per row.
+
+Layout: OUT/<shard>/<key>.png, each of <shard> and <key> passed through
+output_format.safe_name (keys come from tar member names and are untrusted: nothing is ever
+written outside OUT, and distinct keys get distinct files). OUT/_index.jsonl maps every
+(shard, key) to its file, since encoded names can differ from the key.
+"""
+from __future__ import annotations
+
+import io
+import json
+import sys
+from dataclasses import dataclass
+
+import fsspec
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from tokenizer import VQVAE
+
+from .errors import UserError
+from .output_format import OutputMetadata, join, safe_output_path
+from .readers import CodesDataset
+
+INDEX_NAME = "_index.jsonl"
+
+
+@dataclass
+class DecodeSummary:
+    images: int
+    out: str
+    index: str
+    duplicates: int = 0
+
+
+def load_tokenizer_for(tokenizer: str, meta: OutputMetadata, codes_url: str,
+                       device: str | torch.device = "cpu") -> VQVAE:
+    """Load the tokenizer and refuse it unless it is the one the codes were made with."""
+    model = VQVAE.from_pretrained(tokenizer, map_location=device)
+    sha = model.weights_sha256()
+    if sha != meta.tokenizer_sha256:
+        raise UserError(f"{tokenizer}: tokenizer weights sha256 {sha[:12]}... differ from the "
+                        f"tokenizer_sha256 {meta.tokenizer_sha256[:12]}... that {codes_url} was made "
+                        "with; decode with the same tokenizer directory you tokenized with")
+    return model
+
+
+def to_png(image: torch.Tensor) -> bytes:
+    """(C, H, W) float in [0, 1] -> PNG bytes (grey for C = 1, RGB for C = 3)."""
+    arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    arr = arr[0] if arr.shape[0] == 1 else np.ascontiguousarray(arr.transpose(1, 2, 0))
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class PngWriter:
+    """Writes one PNG per (shard, key) under `out`, never outside it; remembers what it wrote."""
+
+    def __init__(self, out: str):
+        self.out = out.rstrip("/") or "/"
+        self.fs, self.root = fsspec.core.url_to_fs(self.out)
+        self.fs.makedirs(self.root, exist_ok=True)
+        self.written: dict[str, tuple[str, str]] = {}
+        self.duplicates = 0
+
+    def path_for(self, shard: str, key: str) -> str:
+        shard_dir = safe_output_path(self.out, shard)
+        return safe_output_path(shard_dir, key, ".png")
+
+    def write(self, shard: str, key: str, png: bytes) -> str | None:
+        path = self.path_for(shard, key)
+        if path in self.written:    # the same (shard, key) twice: keep the first, say so
+            self.duplicates += 1
+            return None
+        self.written[path] = (shard, key)
+        fs_path = self.fs._strip_protocol(path)
+        self.fs.makedirs(fs_path.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.pipe_file(fs_path, png)
+        return path
+
+    def write_index(self) -> str:
+        lines = [json.dumps({"shard": s, "key": k, "file": p[len(self.out) + 1:]})
+                 for p, (s, k) in self.written.items()]
+        path = join(self.out, INDEX_NAME)
+        self.fs.pipe_file(self.fs._strip_protocol(path), ("\n".join(lines) + "\n").encode())
+        return path
+
+
+def decode_output(tokenizer: str, codes: str, out: str, limit: int | None = None,
+                  batch_size: int = 256, device: str | None = None) -> DecodeSummary:
+    if limit is not None and limit < 0:
+        raise UserError(f"--limit {limit}: must be >= 0")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dataset = CodesDataset(codes, rank=0, world_size=1, fields=("shard",))
+    model = load_tokenizer_for(tokenizer, dataset.metadata, codes, device)
+    writer = PngWriter(out)
+    total = len(dataset) if limit is None else min(limit, len(dataset))
+    with tqdm(total=total, desc="decode", unit="img", file=sys.stderr) as bar:
+        for batch in _batches(dataset, batch_size, total):
+            images = model.decode(torch.stack([r["codes"] for r in batch]).to(device))  # (B, C, H, W)
+            for row, image in zip(batch, images):
+                writer.write(row["shard"], row["key"], to_png(image))
+            bar.update(len(batch))
+    index = writer.write_index()
+    if writer.duplicates:
+        print(f"warning: {writer.duplicates} rows repeat a (shard, key) already decoded; "
+              "kept the first of each", file=sys.stderr)
+    return DecodeSummary(images=len(writer.written), out=out, index=index, duplicates=writer.duplicates)
+
+
+def _batches(dataset, batch_size: int, total: int):
+    batch, seen = [], 0
+    for row in dataset:
+        if seen >= total:
+            break
+        batch.append(row)
+        seen += 1
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,115 @@
+"""`vqtok inspect`: what a tokenize output holds, read from footers, manifests and error files
+(no code rows are read)."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import fsspec
+import pyarrow.parquet as pq
+
+from .errors import UserError
+from .output_format import (ERRORS_DIR, MANIFEST_DIR, SUCCESS_NAME, DATA_SUFFIX, error_reason, join,
+                            list_data_files, read_metadata, require_same_tokenizer)
+
+
+def inspect_output(output: str) -> dict:
+    fs, paths = list_data_files(output)
+    metas, rows, row_groups = {}, 0, 0
+    for path in paths:
+        metas[path] = read_metadata(path, fs)
+        with fs.open(path, "rb") as f:
+            md = pq.ParquetFile(f).metadata
+        rows += md.num_rows
+        row_groups += md.num_row_groups
+    meta = require_same_tokenizer(metas)
+    manifests = _manifests(fs, output)
+    errors = _errors(fs, output)
+    failed_shards = sorted({shard for shard, key, _ in errors if key is None})
+    return {
+        "output": output,
+        "rows": rows,
+        "data_files": len(paths),
+        "row_groups": row_groups,
+        "complete": fs.exists(fs._strip_protocol(join(output, SUCCESS_NAME))),
+        "shards_done": len(manifests),
+        "shards_failed": len(failed_shards),
+        "failed_shards": failed_shards,
+        "errors": len(errors),
+        "errors_by_reason": dict(Counter(error_reason(e) for _, _, e in errors).most_common()),
+        "tokenizer_sha256": meta.tokenizer_sha256,
+        "codebook_size": meta.codebook_size,
+        "grid": list(meta.grid),
+        "channels": meta.channels,
+        "resolution": meta.resolution,
+        "preprocessing": meta.preprocessing,
+        "format_version": meta.version,
+        "samples_read": sum(int(m.get("read", 0)) for m in manifests.values()),
+        "stage_seconds": _stage_seconds(manifests),
+    }
+
+
+def _manifests(fs, output: str) -> dict[str, dict]:
+    root = fs._strip_protocol(join(output, MANIFEST_DIR))
+    out = {}
+    if not fs.isdir(root):
+        return out
+    for path in sorted(fs.find(root)):
+        if not path.endswith(".json"):
+            continue
+        try:
+            with fs.open(path, "rb") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: unreadable shard manifest ({e})") from None
+        out[path] = data if isinstance(data, dict) else {}
+    return out
+
+
+def _errors(fs, output: str) -> list[tuple[str, str | None, str]]:
+    root = fs._strip_protocol(join(output, ERRORS_DIR))
+    if not fs.isdir(root):
+        return []
+    rows = []
+    for path in sorted(p for p in fs.find(root) if p.endswith(DATA_SUFFIX)):
+        try:
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f, columns=["shard", "key", "error"])
+        except Exception as e:  # pyarrow raises several types for a bad file
+            raise UserError(f"{path}: unreadable error file ({e})") from None
+        rows += zip(*(table.column(c).to_pylist() for c in ("shard", "key", "error")))
+    return rows
+
+
+def _stage_seconds(manifests: dict[str, dict]) -> dict[str, float]:
+    total: Counter = Counter()
+    for m in manifests.values():
+        durations = m.get("durations") or {}
+        if isinstance(durations, dict):
+            total.update({k: float(v) for k, v in durations.items() if isinstance(v, (int, float))})
+    return {k: round(v, 3) for k, v in total.items()}
+
+
+def format_report(info: dict) -> str:
+    """Human-readable summary."""
+    lines = [
+        f"output        {info['output']}  ({'complete: _SUCCESS' if info['complete'] else 'INCOMPLETE: no _SUCCESS'})",
+        f"rows          {info['rows']:,} in {info['data_files']} files ({info['row_groups']} row groups)",
+        f"shards        {info['shards_done']} done, {info['shards_failed']} failed",
+        f"errors        {info['errors']:,}",
+    ]
+    for reason, n in info["errors_by_reason"].items():
+        lines.append(f"  {n:>10,}  {reason}")
+    for shard in info["failed_shards"][:10]:
+        lines.append(f"  failed shard  {shard}")
+    if len(info["failed_shards"]) > 10:
+        lines.append(f"  ... and {len(info['failed_shards']) - 10} more failed shards")
+    lines += [
+        f"tokenizer     sha256 {info['tokenizer_sha256']}",
+        f"grid          {info['grid'][0]} x {info['grid'][1]} codes, codebook size {info['codebook_size']:,}",
+        f"images        {info['channels']} channel(s), {info['resolution']} x {info['resolution']}",
+    ]
+    if info["stage_seconds"]:
+        stages = ", ".join(f"{k} {v:.1f}s" for k, v in info["stage_seconds"].items())
+        lines.append(f"stage time    {stages} (summed over shards)")
+    return "\n".join(lines)

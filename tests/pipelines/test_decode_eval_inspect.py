@@ -1,0 +1,208 @@
+"""vqtok decode / eval / inspect through the CLI, on outputs of a real (tiny) tokenizer."""
+import io
+import json
+import math
+import os
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from codes_output import save_tiny_model, write_output
+from pipelines import output_format as fmt
+from pipelines.cli import main
+from pipelines.evaluate import load_image
+
+HOSTILE_KEYS = ["../escape", "../../../../tmp/vqtok-escape", "/abs/olute", "nested/dir/key", "a\x00b",
+                "x" * 5000, "é" * 300, ".", "..", "", "_hidden", ".hidden", "%2E", "normal-000001",
+                "sub/../../up", "back\\slash", "new\nline"]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    return str(path), save_tiny_model(path)
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result
+
+
+def png_array(path):
+    with Image.open(path) as img:
+        return np.asarray(img)
+
+
+def expected_pixels(model, codes):
+    x = model.decode(torch.as_tensor(codes)[None])[0]        # (C, H, W)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).numpy()[0]
+
+
+def files_under(root):
+    return {os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs}
+
+
+def test_decode_writes_one_png_per_row_equal_to_model_decode(tmp_path, tok):
+    tok_dir, model = tok
+    rows = write_output(tmp_path / "codes", model, {"s0": 5, "s1": 4})
+    result = run("decode", "--tokenizer", tok_dir, "--codes", tmp_path / "codes", "--out", tmp_path / "png")
+    assert result.exit_code == 0, result.output
+    assert "decoded 9 images" in result.stdout
+    index = [json.loads(line) for line in open(tmp_path / "png" / "_index.jsonl")]
+    assert sorted(e["key"] for e in index) == sorted(rows)
+    assert len(files_under(tmp_path / "png")) == len(rows) + 1
+    for entry in index:
+        assert entry["file"] == f"{entry['shard']}/{entry['key']}.png"
+        np.testing.assert_array_equal(png_array(tmp_path / "png" / entry["file"]),
+                                      expected_pixels(model, rows[entry["key"]]["codes"]))
+
+
+def test_decode_limit(tmp_path, tok):
+    tok_dir, model = tok
+    write_output(tmp_path / "codes", model, {"s0": 5, "s1": 4})
+    result = run("decode", "--tokenizer", tok_dir, "--codes", tmp_path / "codes", "--out", tmp_path / "png",
+                 "--limit", 3)
+    assert result.exit_code == 0, result.output
+    assert len([f for f in files_under(tmp_path / "png") if f.endswith(".png")]) == 3
+
+
+def test_untrusted_keys_never_write_outside_out(tmp_path, tok):
+    tok_dir, model = tok
+    work = tmp_path / "work"
+    rows = write_output(tmp_path / "codes", model, {"s0": len(HOSTILE_KEYS)}, keys={"s0": HOSTILE_KEYS})
+    before = files_under(tmp_path)
+    out = work / "deep" / "out"
+    result = run("decode", "--tokenizer", tok_dir, "--codes", tmp_path / "codes", "--out", out)
+    assert result.exit_code == 0, result.output
+    new = files_under(tmp_path) - before
+    assert all(os.path.realpath(f).startswith(str(out.resolve()) + os.sep) for f in new)
+    assert not os.path.exists("/tmp/vqtok-escape.png") and not os.path.exists(work / "escape.png")
+    pngs = [f for f in new if f.endswith(".png")]
+    assert len(pngs) == len(HOSTILE_KEYS)                        # distinct keys, distinct files
+    assert all(len(os.path.basename(f).encode()) <= 255 for f in pngs)
+    index = {e["key"]: e["file"] for e in map(json.loads, open(out / "_index.jsonl"))}
+    assert set(index) == set(HOSTILE_KEYS)
+    for key in HOSTILE_KEYS:
+        np.testing.assert_array_equal(png_array(out / index[key]), expected_pixels(model, rows[key]["codes"]))
+    # the keys in the Parquet are kept exactly as they came
+    assert pq.read_table(fmt.data_path(str(tmp_path / "codes"), "s0")).column("key").to_pylist() == HOSTILE_KEYS
+
+
+def test_decode_refuses_a_symlink_planted_in_out(tmp_path, tok):
+    tok_dir, model = tok
+    write_output(tmp_path / "codes", model, {"s0": 2})
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "png").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "png" / "s0")
+    result = run("decode", "--tokenizer", tok_dir, "--codes", tmp_path / "codes", "--out", tmp_path / "png")
+    assert result.exit_code == 1 and "outside the output directory" in result.output
+    assert os.listdir(tmp_path / "elsewhere") == []
+
+
+def test_decode_refuses_a_different_tokenizer(tmp_path, tok):
+    tok_dir, model = tok
+    write_output(tmp_path / "codes", model, {"s0": 2})
+    other = tmp_path / "other-tok"
+    save_tiny_model(other, seed=1)
+    result = run("decode", "--tokenizer", other, "--codes", tmp_path / "codes", "--out", tmp_path / "png")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and "differ from the tokenizer_sha256" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "png").exists()
+
+
+def _png_bytes(arr):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_eval_reports_exact_metrics_and_draws_pngs(tmp_path, tok):
+    tok_dir, model = tok
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (8, 8), dtype=np.uint8) for _ in range(7)]
+    _tar(tmp_path / "shard-000000.tar", [(f"{i:04d}.png", _png_bytes(a)) for i, a in enumerate(arrays[:4])]
+         + [("bad.png", b"not an image"), ("text.txt", b"no image here")])
+    _tar(tmp_path / "shard-000001.tar", [(f"{i:04d}.png", _png_bytes(a)) for i, a in enumerate(arrays[4:], 4)])
+    result = run("eval", "--tokenizer", tok_dir, "--input", tmp_path / "shard-{000000..000001}.tar",
+                 "--out", tmp_path / "report", "--batch-size", 3)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    got = json.loads(lines[0])
+    x = torch.stack([torch.from_numpy(a).float()[None] / 255 for a in arrays])
+    codes = model.encode(x)
+    mse = ((model.decode(codes) - x) ** 2).flatten(1).mean(1)
+    counts = torch.bincount(codes.flatten(), minlength=model.codebook_size).double()
+    p = counts[counts > 0] / counts.sum()
+    assert got["images"] == 7 and got["skipped"] == 2
+    assert got["psnr"] == pytest.approx(float((10 * torch.log10(1 / mse)).mean()), abs=1e-3)
+    assert got["usage"] == pytest.approx(float((counts > 0).double().mean()), abs=1e-4)
+    assert got["perplexity"] == pytest.approx(math.exp(float(-(p * p.log()).sum())), abs=1e-3)
+    with Image.open(tmp_path / "report" / "reconstructions.png") as grid:
+        assert grid.size[0] >= 7 * 64 and grid.size[1] >= 2 * 64
+    with Image.open(tmp_path / "report" / "code_usage.png") as hist:
+        assert hist.format == "PNG" and hist.size[0] >= 200
+    metrics = json.load(open(tmp_path / "report" / "metrics.json"))
+    assert metrics["counts"] == counts.long().tolist()
+
+
+def test_eval_without_readable_images_is_a_clear_error(tmp_path, tok):
+    tok_dir, _ = tok
+    _tar(tmp_path / "s.tar", [("a.png", b"garbage")])
+    result = run("eval", "--tokenizer", tok_dir, "--input", tmp_path / "s.tar", "--out", tmp_path / "r")
+    assert result.exit_code == 1 and "no decodable image" in result.output
+    result = run("eval", "--tokenizer", tok_dir, "--input", tmp_path / "missing-*.tar", "--out", tmp_path / "r")
+    assert result.exit_code == 1 and result.output.startswith("Error: ")
+
+
+def test_load_image_orients_converts_resizes_and_crops():
+    img = Image.new("RGB", (30, 10), (255, 0, 0))
+    img.paste((0, 0, 255), (10, 0, 20, 10))                       # blue centre third
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    x = load_image(buf.getvalue(), channels=3, resolution=8)
+    assert tuple(x.shape) == (3, 8, 8)
+    assert x[2].mean() > 0.9 and x[0].mean() < 0.1                 # centre crop of the blue third
+    grey = load_image(buf.getvalue(), channels=1, resolution=4)
+    assert tuple(grey.shape) == (1, 4, 4) and 0 <= float(grey.min()) <= float(grey.max()) <= 1
+
+
+def test_inspect_reports_rows_shards_errors_and_tokenizer(tmp_path, tok):
+    _, model = tok
+    out = tmp_path / "codes"
+    write_output(out, model, {"s0": 5, "s1": 3, "s2": 0},
+                 errors={"s1": [("k1", "undecodable image: cannot identify"), ("k2", "undecodable image: x"),
+                                ("k3", "no image: text only")],
+                         "s2": [(None, "truncated tar: unexpected end of data")]})
+    result = run("inspect", out, "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["rows"] == 8 and info["data_files"] == 3 and info["complete"] is True
+    assert info["shards_done"] == 3 and info["shards_failed"] == 1 and info["failed_shards"] == ["s2"]
+    assert info["errors"] == 4
+    assert info["errors_by_reason"] == {"undecodable image": 2, "no image": 1, "truncated tar": 1}
+    assert info["tokenizer_sha256"] == model.weights_sha256()
+    assert info["grid"] == list(model.grid) and info["codebook_size"] == model.codebook_size
+    text = run("inspect", out).stdout
+    assert "3 done, 1 failed" in text and model.weights_sha256() in text and "complete" in text
+    assert f"{model.grid[0]} x {model.grid[1]} codes, codebook size {model.codebook_size}" in text
+    os.remove(fmt.success_path(str(out)))
+    assert "INCOMPLETE" in run("inspect", out).stdout
+
+
+def test_inspect_of_a_non_output_is_a_clear_error(tmp_path):
+    result = run("inspect", tmp_path / "nothing")
+    assert result.exit_code == 1 and result.output.startswith("Error: ") and "nothing" in result.output
