@@ -1,0 +1,119 @@
+"""The output directory as a whole: claim it for one tokenizer, find finished shards, _SUCCESS.
+
+OUTPUT/_vqtok.json records what the directory holds (tokenizer sha, grid, kept fields,
+preprocessing). A run with different settings is refused unless --overwrite, which clears the
+previous outputs first, so one directory never mixes codes of two tokenizers.
+"""
+from __future__ import annotations
+
+import json
+
+import fsspec
+
+from ..errors import UserError
+from ..output_format import (DATA_SUFFIX, ERRORS_DIR, MANIFEST_DIR, SUCCESS_NAME, OutputMetadata, join,
+                             manifest_path, success_path)
+from .writer import TMP_DIR, put_atomic
+
+RUN_FILE = "_vqtok.json"
+
+
+class OutputDir:
+    def __init__(self, url: str):
+        self.url = url.rstrip("/")
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        except (ValueError, ImportError) as e:
+            raise UserError(f"--output {url}: unsupported URL ({e})") from None
+        self.root = self.root.rstrip("/")
+
+    def identity(self, meta: OutputMetadata, keep_fields: list[str]) -> dict:
+        return {"tokenizer_sha256": meta.tokenizer_sha256, "codebook_size": meta.codebook_size,
+                "grid": list(meta.grid), "channels": meta.channels, "resolution": meta.resolution,
+                "preprocessing": meta.preprocessing, "keep_fields": list(keep_fields),
+                "version": meta.version}
+
+    def prepare(self, meta: OutputMetadata, keep_fields: list[str], overwrite: bool) -> None:
+        """Refuse a directory made with other settings (unless overwrite), then claim it."""
+        want = self.identity(meta, keep_fields)
+        have = self._existing_identity()
+        if overwrite:
+            self.clear()
+        elif have is not None and have != want:
+            raise UserError(self._mismatch(have, want))
+        elif have is None and self._data_files():
+            raise UserError(f"--output {self.url} already holds .parquet files without a vqtok run "
+                            "record; choose an empty directory or pass --overwrite to replace them")
+        self._clean_tmp()
+        if have != want or overwrite:
+            put_atomic(join(self.url, RUN_FILE), json.dumps(want, indent=1).encode(), self.url)
+
+    def _existing_identity(self) -> dict | None:
+        try:
+            with self.fs.open(join(self.root, RUN_FILE), "rb") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise UserError(f"{join(self.url, RUN_FILE)}: unreadable ({e}); pass --overwrite to start over") from None
+
+    def _mismatch(self, have: dict, want: dict) -> str:
+        diff = [k for k in want if have.get(k) != want[k]]
+        key = diff[0] if diff else "settings"
+        if key == "tokenizer_sha256":
+            what = (f"tokenizer {have.get(key, '?')[:12]}..., this run uses "
+                    f"{want[key][:12]}...")
+        else:
+            what = f"{key} = {have.get(key)!r}, this run has {want.get(key)!r}"
+        return (f"--output {self.url} holds codes made with a different {key} ({what}); "
+                "use another --output, or pass --overwrite to delete them and start over")
+
+    def _data_files(self) -> list[str]:
+        try:
+            names = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        return [p for p in names if p.endswith(DATA_SUFFIX) and not p.rsplit("/", 1)[-1].startswith(("_", "."))]
+
+    def clear(self) -> None:
+        for path in self._data_files():
+            self.fs.rm(path)
+        for name in (ERRORS_DIR, MANIFEST_DIR, TMP_DIR, SUCCESS_NAME, RUN_FILE):
+            path = join(self.root, name)
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+
+    def _clean_tmp(self) -> None:
+        """Leftovers of a killed run: temporary files never renamed into place."""
+        path = join(self.root, TMP_DIR)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def finished(self, shards: list[str], sha: str) -> dict[str, dict]:
+        """shard -> manifest for shards whose manifest (the commit marker) exists and matches."""
+        done = {}
+        try:
+            present = {p.rsplit("/", 1)[-1] for p in self.fs.ls(join(self.root, MANIFEST_DIR), detail=False)}
+        except FileNotFoundError:
+            return done
+        data = {p.rsplit("/", 1)[-1] for p in self._data_files()}
+        for shard in shards:
+            if shard + ".json" not in present or shard + DATA_SUFFIX not in data:
+                continue
+            with self.fs.open(manifest_path(self.root, shard), "rb") as f:
+                try:
+                    manifest = json.loads(f.read())
+                except ValueError:
+                    continue          # a torn manifest cannot exist (atomic), but never trust one
+            if manifest.get("tokenizer_sha256") == sha:
+                done[shard] = manifest
+        return done
+
+    def mark_success(self, summary: dict) -> None:
+        put_atomic(success_path(self.url), json.dumps(summary, indent=1).encode(), self.url)
+
+    def clear_success(self) -> None:
+        path = success_path(self.root)
+        if self.fs.exists(path):
+            self.fs.rm(path)
+

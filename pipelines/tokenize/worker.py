@@ -1,0 +1,29 @@
+"""The Ray actor: loads the tokenizer once, then tokenizes one shard per call."""
+from __future__ import annotations
+
+import os
+
+from ..output_format import OutputMetadata
+from .encoder import CodeEncoder
+from .shard_job import ShardTokenizer
+
+
+class TokenizeWorker:
+    def __init__(self, tokenizer: str, meta_json: str, output: str, keep_fields: list[str],
+                 batch_size: int, cpus: float):
+        threads = max(1, int(cpus))
+        self.encoder = CodeEncoder(tokenizer, threads=threads)
+        meta = OutputMetadata.from_json(meta_json, where=tokenizer)
+        if self.encoder.sha256 != meta.tokenizer_sha256:
+            raise RuntimeError(f"{tokenizer}: the weights changed while the job started "
+                               f"(sha256 {self.encoder.sha256[:12]}... != {meta.tokenizer_sha256[:12]}...)")
+        # round the batch up to whole micro-batches so no encode call pads in the middle
+        micro = self.encoder.micro_batch
+        batch = -(-batch_size // micro) * micro
+        self.job = ShardTokenizer(self.encoder, meta, output, keep_fields, batch, decode_threads=threads)
+
+    def ready(self) -> dict:
+        return {"pid": os.getpid(), "device": str(self.encoder.device)}
+
+    def process(self, url: str, shard: str, attempt: int) -> dict:
+        return self.job.run(url, shard, attempt)

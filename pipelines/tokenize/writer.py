@@ -1,0 +1,108 @@
+"""Write one shard's results: data Parquet, error Parquet, manifest — each committed atomically.
+
+Commit order is errors, data, manifest: the manifest is the shard's commit marker. A retry after
+a crash rewrites the same deterministic files under the same names, so nothing is duplicated.
+Local files go to OUTPUT/_tmp/ and are renamed into place; object stores get one PUT of the
+finished bytes (atomic per object).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..output_format import OutputMetadata, data_schema, errors_path, errors_schema, join, manifest_path
+
+TMP_DIR = "_tmp"
+ROW_GROUP_ROWS = 32768
+INT_FIELDS = ("cls",)   # kept fields stored as int64; every other kept field is UTF-8 text
+
+
+def kept_field_type(name: str) -> pa.DataType:
+    return pa.int64() if name.rsplit(".", 1)[-1] in INT_FIELDS else pa.string()
+
+
+def kept_field_value(name: str, raw: bytes | None):
+    """bytes -> python value for the column; raises ValueError when it does not fit the type."""
+    if raw is None:
+        return None
+    text = raw.decode("utf-8")
+    return int(text.strip()) if kept_field_type(name) == pa.int64() else text
+
+
+def is_local(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
+def put_atomic(url: str, data: bytes, output: str) -> None:
+    fs, path = fsspec.core.url_to_fs(url)
+    if not is_local(fs):
+        fs.pipe_file(path, data)            # one PUT: readers see all or nothing
+        return
+    _, root = fsspec.core.url_to_fs(output)
+    tmp_dir = join(root, TMP_DIR)
+    fs.makedirs(tmp_dir, exist_ok=True)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    tmp = join(tmp_dir, f"{path.rsplit('/', 1)[-1]}.{os.getpid()}-{os.urandom(4).hex()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def remove(url: str) -> None:
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        fs.rm(path)
+    except FileNotFoundError:
+        pass
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+    return buf.getvalue()
+
+
+def codes_table(meta: OutputMetadata, shard: str, keys: list[str], codes: np.ndarray,
+                kept: dict[str, list]) -> pa.Table:
+    """codes: (N, h*w) int16/int32 -> table with key, shard, codes list, kept fields."""
+    schema = data_schema(meta, [pa.field(name, kept_field_type(name)) for name in kept])
+    value_type = schema.field("codes").type.value_type
+    n, width = codes.shape if codes.ndim == 2 else (0, meta.num_codes)
+    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * width, type=pa.int32())
+    values = pa.array(codes.reshape(-1).astype(value_type.to_pandas_dtype(), copy=False), type=value_type)
+    columns = [pa.array(keys, type=pa.string()), pa.array([shard] * n, type=pa.string()),
+               pa.ListArray.from_arrays(offsets, values, type=schema.field("codes").type)]
+    columns += [pa.array(kept[name], type=kept_field_type(name)) for name in kept]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def errors_table(rows: list[tuple[str, str | None, str]]) -> pa.Table:
+    shards, keys, errors = zip(*rows) if rows else ((), (), ())
+    return pa.Table.from_arrays([pa.array(list(shards), pa.string()), pa.array(list(keys), pa.string()),
+                                 pa.array(list(errors), pa.string())], schema=errors_schema())
+
+
+class ShardCommitter:
+    """Commits one shard's outputs in the order errors -> data -> manifest."""
+
+    def __init__(self, output: str):
+        self.output = output
+
+    def commit_data(self, shard: str, data: bytes, data_url: str, errors: list) -> None:
+        if errors:
+            put_atomic(errors_path(self.output, shard), parquet_bytes(errors_table(errors)), self.output)
+        else:
+            remove(errors_path(self.output, shard))   # stale errors of an earlier attempt
+        put_atomic(data_url, data, self.output)
+
+    def commit_manifest(self, shard: str, manifest: dict) -> None:
+        put_atomic(manifest_path(self.output, shard), json.dumps(manifest, indent=1).encode(), self.output)
