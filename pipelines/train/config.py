@@ -1,0 +1,101 @@
+"""Training configuration: YAML sections model / data / optim / train, each a typed dataclass."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tokenizer import ConfigError, VQVAEConfig
+
+from ..config import build, load_yaml, merge, parse_overrides
+
+
+def _check(ok: bool, key: str, value, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} {why}")
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)   # shard URL patterns (braces, globs, dirs)
+    val: list[str] = field(default_factory=list)
+    batch_size: int = 128          # global: split evenly over ranks
+    num_workers: int = 2           # DataLoader workers per rank
+    shuffle_buffer: int = 2000     # samples per worker
+    val_samples: int = 1024        # validation images (rank 0)
+
+    def __post_init__(self):
+        _check(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
+        _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, "must be >= 1")
+        _check(self.val_samples >= 1, "data.val_samples", self.val_samples, "must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"       # cosine | constant (after warmup)
+    min_lr_ratio: float = 0.1      # cosine floor as a fraction of lr
+    grad_clip: float = 0.0         # max global grad norm; 0 = off
+
+    def __post_init__(self):
+        _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        _check(0 <= self.beta1 < 1, "optim.beta1", self.beta1, "must be in [0, 1)")
+        _check(0 <= self.beta2 < 1, "optim.beta2", self.beta2, "must be in [0, 1)")
+        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(self.schedule in ("cosine", "constant"), "optim.schedule", self.schedule,
+               "must be 'cosine' or 'constant'")
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _check(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
+
+
+@dataclass
+class LoopConfig:
+    max_steps: int = 3000
+    log_every: int = 50
+    val_every: int = 500
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    seed: int = 0
+    bf16: bool = True              # autocast on CUDA (the quantiser stays fp32)
+    device: str = "auto"           # auto | cpu | cuda
+    timeout_s: float = 600.0       # collective timeout: a rank whose peer died fails, not hangs
+    progress: bool = True
+
+    def __post_init__(self):
+        for key in ("max_steps", "log_every", "val_every", "checkpoint_every", "keep_checkpoints"):
+            _check(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "must be >= 1")
+        _check(self.device in ("auto", "cpu", "cuda"), "train.device", self.device,
+               "must be auto, cpu or cuda")
+        _check(self.timeout_s > 0, "train.timeout_s", self.timeout_s, "must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    model: VQVAEConfig = field(default_factory=VQVAEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
+
+
+def resolve_config(config_url: str | None, overrides=(), *, train_data=None, val_data=None,
+                   max_steps: int | None = None, batch_size: int | None = None) -> TrainConfig:
+    """YAML, then --set overrides, then the dedicated CLI flags (which win)."""
+    data = load_yaml(config_url) if config_url else {}
+    data = merge(data, parse_overrides(overrides))
+    flags: dict = {}
+    if train_data:
+        flags.setdefault("data", {})["train"] = list(train_data)
+    if val_data:
+        flags.setdefault("data", {})["val"] = list(val_data)
+    if batch_size is not None:
+        flags.setdefault("data", {})["batch_size"] = batch_size
+    if max_steps is not None:
+        flags.setdefault("train", {})["max_steps"] = max_steps
+    cfg = build(TrainConfig, merge(data, flags))
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: pass --train-data URL (shard pattern)")
+    return cfg

@@ -1,0 +1,222 @@
+"""The DDP training loop: one process per rank, lock-step steps, rank 0 writes everything."""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import torch
+from tqdm import tqdm
+
+from tokenizer import VQVAE, CheckpointError
+
+from .. import distributed as D
+from ..config import to_dict
+from ..data import expand_urls
+from ..errors import UserError
+from ..parallelize import parallelize
+from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import TrainConfig
+from .data import ShardStream, load_images, make_loader
+from .metrics import MetricsLog, code_stats, psnr, save_grid
+
+
+class SharedError(UserError):
+    """An error decided on rank 0 and raised identically on every rank (printed once)."""
+
+
+def lr_lambda(cfg: TrainConfig):
+    o, total = cfg.optim, cfg.train.max_steps
+
+    def factor(step: int) -> float:
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        t = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return factor
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: str, info: D.DistInfo, resume: bool = False):
+        self.cfg, self.run_dir, self.info = cfg, run_dir.rstrip("/"), info
+        if cfg.data.batch_size % info.world_size:
+            raise SharedError(f"data.batch_size = {cfg.data.batch_size} (global) is not divisible by "
+                              f"the {info.world_size} ranks")
+        self.local_batch = cfg.data.batch_size // info.world_size
+        self.train_urls = expand_urls(cfg.data.train)
+        self.val_urls = expand_urls(cfg.data.val) if cfg.data.val else []
+        torch.manual_seed(cfg.train.seed)                      # same init on every rank
+        self.model = VQVAE(cfg.model, all_reduce_fn=D.all_reduce_sum)
+        self.ddp = parallelize(self.model, info)
+        o = cfg.optim
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
+                                     weight_decay=o.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+        self.step = 0
+        self.positions: dict[int, tuple[int, int]] = {}
+        self.bad: dict[int, int] = {}
+        self._resume(resume)
+        torch.manual_seed(cfg.train.seed + 1000 * info.rank + self.step)
+        self.log = MetricsLog(self.run_dir) if info.is_main else None
+        self.val_images = None
+
+    # ---- resume -------------------------------------------------------------------------------
+    def _resume(self, resume: bool) -> None:
+        found = list_checkpoints(self.run_dir) if self.info.is_main else None
+        decision = None
+        if self.info.is_main:
+            if found and not resume:
+                decision = ("error", f"{self.run_dir} already has checkpoints (newest step "
+                            f"{found[-1][0]}); pass --resume to continue or choose another --out")
+            elif found:
+                decision = ("load", found[-1][1])
+        decision = D.broadcast_object(decision)
+        if decision is None:
+            return
+        if decision[0] == "error":
+            raise SharedError(decision[1])
+        self._load(decision[1])
+
+    def _load(self, url: str) -> None:
+        state = load_checkpoint(url)
+        if state.get("model_config") and state["model_config"] != to_dict(self.cfg.model):
+            raise SharedError(f"{url}: the checkpoint's model config differs from this run's; "
+                              "resume with the same model section")
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise CheckpointError(f"{url}: {str(e).splitlines()[0]}") from None
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        per_rank = state.get("ranks", [])
+        if len(per_rank) == self.info.world_size:
+            mine = per_rank[self.info.rank]
+            set_rng_state(mine["rng"])
+            if mine.get("num_workers") == self.cfg.data.num_workers:
+                self.positions = {int(w): tuple(p) for w, p in mine["positions"].items()}
+                self.bad = {int(w): int(b) for w, b in mine["bad"].items()}
+        if self.info.is_main:
+            print(f"resumed from {url} at step {self.step}", flush=True)
+
+    def checkpoint(self) -> None:
+        mine = {"rng": rng_state(), "num_workers": self.cfg.data.num_workers,
+                "positions": {str(w): list(p) for w, p in self.positions.items()},
+                "bad": {str(w): b for w, b in self.bad.items()}}
+        ranks = D.all_gather_object(mine)
+        if self.info.is_main:
+            state = {"format": 1, "step": self.step, "model": self.model.state_dict(),
+                     "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                     "ranks": ranks, "model_config": to_dict(self.cfg.model), "config": to_dict(self.cfg)}
+            save_checkpoint(self.run_dir, self.step, state, self.cfg.train.keep_checkpoints)
+        D.barrier()
+
+    # ---- data ---------------------------------------------------------------------------------
+    def loader(self):
+        c = self.cfg
+        stream = ShardStream(self.train_urls, channels=c.model.in_channels, resolution=c.model.resolution,
+                             batch_size=self.local_batch, rank=self.info.rank,
+                             world_size=self.info.world_size, seed=c.train.seed,
+                             shuffle_buffer=c.data.shuffle_buffer, start=self.positions)
+        return make_loader(stream, c.data.num_workers)
+
+    # ---- one step -----------------------------------------------------------------------------
+    def autocast(self):
+        if self.info.device.type == "cuda" and self.cfg.train.bf16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self, images: torch.Tensor) -> dict[str, float]:
+        x = images.to(self.info.device, non_blocking=True).float().div_(255)   # (B, C, H, W)
+        with self.autocast():
+            _, _, losses = self.ddp(x)
+        loss = sum(losses.values())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        q = self.model.quantizer.metrics
+        out = {k: float(v.detach()) for k, v in losses.items()}
+        out["loss"] = float(loss.detach())
+        out["usage"], out["perplexity"] = float(q["usage"]), float(q["perplexity"])
+        return out
+
+    # ---- run ----------------------------------------------------------------------------------
+    def run(self) -> str:
+        c = self.cfg.train
+        if self.step >= c.max_steps:
+            return self.finish()
+        bar = tqdm(total=c.max_steps, initial=self.step, desc="train", unit="step",
+                   disable=not (self.info.is_main and c.progress), dynamic_ncols=True)
+        sums: dict[str, float] = {}
+        count, t0 = 0, time.perf_counter()
+        self.ddp.train()
+        for batch in self.loader():
+            self.positions[batch["worker"]] = (batch["epoch"], batch["offset"])
+            self.bad[batch["worker"]] = batch["bad"]
+            for k, v in self.train_step(batch["images"]).items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+            self.step += 1
+            bar.update(1)
+            last = self.step >= c.max_steps
+            if self.step % c.log_every == 0 or last:
+                record = self.log_train(sums, count, time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", psnr=f"{record['psnr']:.2f}",
+                                usage=f"{record['usage']:.2f}")
+                sums, count, t0 = {}, 0, time.perf_counter()
+            if self.val_urls and (self.step % c.val_every == 0 or last):
+                self.validate()
+            if self.step % c.checkpoint_every == 0 or last:
+                self.checkpoint()
+            if last:
+                break
+        bar.close()
+        return self.finish()
+
+    def log_train(self, sums: dict[str, float], count: int, elapsed: float) -> dict:
+        keys = sorted(sums)
+        t = torch.tensor([sums[k] / count for k in keys] + [float(sum(self.bad.values()))],
+                         dtype=torch.float64, device=self.info.device)
+        D.all_reduce_sum(t)
+        t[:-1] /= self.info.world_size
+        record = {"split": "train", "step": self.step, **dict(zip(keys, t[:-1].tolist()))}
+        record["psnr"] = psnr(record["reconstruction"])
+        record["images_per_s"] = count * self.cfg.data.batch_size / max(elapsed, 1e-9)
+        record["lr"] = self.sched.get_last_lr()[0]
+        record["skipped_samples"] = int(t[-1])
+        if self.log:
+            self.log.write(record)
+        return record
+
+    @torch.no_grad()
+    def validate(self) -> None:
+        """Rank 0 only: encode/decode involve no collectives, so the others simply go on."""
+        if not self.info.is_main:
+            return
+        m = self.cfg.model
+        if self.val_images is None:
+            self.val_images = load_images(self.val_urls, m.in_channels, m.resolution, self.cfg.data.val_samples)
+        self.model.eval()
+        x = self.val_images.to(self.info.device).float() / 255
+        codes = torch.cat([self.model.encode(b) for b in x.split(256)])
+        recon = torch.cat([self.model.decode(b) for b in codes.split(256)])
+        self.model.train()
+        mse = float(torch.mean((recon.float() - x) ** 2))
+        usage, perplexity = code_stats(codes, self.model.codebook_size)
+        self.log.write({"split": "val", "step": self.step, "mse": mse, "psnr": psnr(mse),
+                        "usage": usage, "perplexity": perplexity, "samples": len(x)})
+        save_grid(f"{self.run_dir}/val/step-{self.step:08d}.png", x[:16].cpu(), recon[:16].cpu())
+
+    def finish(self) -> str:
+        final = f"{self.run_dir}/final"
+        if self.info.is_main:
+            self.model.save_pretrained(final)
+            if self.log:
+                self.log.close()
+        D.barrier()
+        return final
