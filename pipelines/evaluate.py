@@ -17,14 +17,15 @@ from dataclasses import asdict, dataclass, field
 import fsspec
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from tokenizer import VQVAE
 
-from .data import expand_urls, iter_tar_samples, sample_image_bytes
+from .data import expand_urls, iter_tar_samples
 from .errors import UserError
 from .output_format import join
+from .tokenize.preprocess import ImageError, ImagePreprocessor, find_image
 
 GRID_NAME, HISTOGRAM_NAME, METRICS_NAME = "reconstructions.png", "code_usage.png", "metrics.json"
 
@@ -43,23 +44,11 @@ class EvalReport:
         return json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()})
 
 
-def load_image(data: bytes, channels: int, resolution: int) -> torch.Tensor:
-    """Image bytes -> (C, R, R) float in [0, 1]: EXIF orientation, grey/RGB, shorter side resized
-    to R, centre crop (the tokenize stage's documented preprocessing)."""
-    with Image.open(io.BytesIO(data)) as img:
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):   # 16-bit grey: scale down, not clip
-            img = Image.fromarray((np.asarray(img, dtype=np.float64) / 256).clip(0, 255).astype(np.uint8))
-        img = img.convert("L" if channels == 1 else "RGB")
-        w, h = img.size
-        scale = resolution / min(w, h)
-        size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-        if size != (w, h):
-            img = img.resize(size, Image.BICUBIC, reducing_gap=3.0)
-        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-        img = img.crop((left, top, left + resolution, top + resolution))
-        arr = np.asarray(img, dtype=np.uint8)
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+def load_image(data: bytes, channels: int, resolution: int, ext: str = "image") -> torch.Tensor:
+    """Image bytes -> (C, R, R) float in [0, 1], preprocessed exactly as `vqtok tokenize` does
+    (pipelines/tokenize/preprocess.py: EXIF orientation, 8-bit, alpha over white, channels,
+    shorter-side resize, centre crop). Raises ImageError for unusable bytes."""
+    arr = ImagePreprocessor(channels, resolution)(data, ext)                # (C, R, R) uint8
     return torch.from_numpy(np.array(arr, copy=True)).float() / 255
 
 
@@ -90,18 +79,22 @@ class Accumulator:
 
 
 def iter_images(urls: list[str], channels: int, resolution: int, skipped: list):
-    """(C, R, R) tensors of every decodable image of the shards; the rest are counted in skipped."""
+    """(C, R, R) tensors of every usable image of the shards; the rest are counted in skipped."""
+    preprocess = ImagePreprocessor(channels, resolution)
     for url in urls:
         try:
             for sample in iter_tar_samples(url):
-                found = sample_image_bytes(sample)
+                fields = {k: v for k, v in sample.items() if not k.startswith("__")}
+                found = find_image(fields)
                 if found is None:
-                    skipped.append((url, sample["__key__"], "no image"))
+                    skipped.append((url, sample["__key__"], "no_image"))
                     continue
                 try:
-                    yield load_image(found[1], channels, resolution)
-                except (OSError, ValueError, Image.DecompressionBombError) as e:
-                    skipped.append((url, sample["__key__"], f"undecodable image: {e}"))
+                    arr = preprocess(found[1], found[0])                   # (C, R, R) uint8
+                except ImageError as e:
+                    skipped.append((url, sample["__key__"], e.reason))
+                    continue
+                yield torch.from_numpy(np.array(arr, copy=True)).float() / 255
         except (OSError, EOFError, tarfile.TarError) as e:   # truncated / not a tar: keep what was read
             skipped.append((url, None, f"unreadable shard: {e}"))
 

@@ -9,7 +9,7 @@ import fsspec
 import pyarrow.parquet as pq
 
 from .errors import UserError
-from .output_format import (ERRORS_DIR, MANIFEST_DIR, SUCCESS_NAME, DATA_SUFFIX, error_reason, join,
+from .output_format import (ERRORS_DIR, MANIFEST_DIR, SUCCESS_NAME, DATA_SUFFIX, join,
                             list_data_files, read_metadata, require_same_tokenizer)
 
 
@@ -36,7 +36,7 @@ def inspect_output(output: str) -> dict:
         "shards_failed": len(failed_shards),
         "failed_shards": failed_shards,
         "errors": len(errors),
-        "errors_by_reason": dict(Counter(error_reason(e) for _, _, e in errors).most_common()),
+        "errors_by_reason": _errors_by_reason(manifests, errors),
         "tokenizer_sha256": meta.tokenizer_sha256,
         "codebook_size": meta.codebook_size,
         "grid": list(meta.grid),
@@ -44,7 +44,7 @@ def inspect_output(output: str) -> dict:
         "resolution": meta.resolution,
         "preprocessing": meta.preprocessing,
         "format_version": meta.version,
-        "samples_read": sum(int(m.get("read", 0)) for m in manifests.values()),
+        "samples_read": sum(int(_counts(m).get("read", 0)) for m in manifests.values()),
         "stage_seconds": _stage_seconds(manifests),
     }
 
@@ -81,10 +81,33 @@ def _errors(fs, output: str) -> list[tuple[str, str | None, str]]:
     return rows
 
 
+def _counts(manifest: dict) -> dict:
+    counts = manifest.get("counts")
+    return counts if isinstance(counts, dict) else {}
+
+
+def _errors_by_reason(manifests: dict[str, dict], errors: list) -> dict[str, int]:
+    """Sample errors by the reason category each shard's manifest counted (failed_by_reason);
+    shard-level errors (key null in _errors) as 'shard_error'."""
+    total: Counter = Counter()
+    for m in manifests.values():
+        reasons = _counts(m).get("failed_by_reason") or {}
+        if isinstance(reasons, dict):
+            total.update({str(k): int(v) for k, v in reasons.items()})
+    counted = sum(total.values())
+    sample_errors = [e for _, key, e in errors if key is not None]
+    if counted < len(sample_errors):     # error rows no manifest accounts for (e.g. unfinished shard)
+        total["unfinished_shard"] += len(sample_errors) - counted
+    shard_errors = sum(1 for _, key, _ in errors if key is None)
+    if shard_errors:
+        total["shard_error"] += shard_errors
+    return dict(total.most_common())
+
+
 def _stage_seconds(manifests: dict[str, dict]) -> dict[str, float]:
     total: Counter = Counter()
     for m in manifests.values():
-        durations = m.get("durations") or {}
+        durations = m.get("durations_s") or {}
         if isinstance(durations, dict):
             total.update({k: float(v) for k, v in durations.items() if isinstance(v, (int, float))})
     return {k: round(v, 3) for k, v in total.items()}

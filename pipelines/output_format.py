@@ -219,11 +219,6 @@ def require_same_tokenizer(metas: dict[str, OutputMetadata]) -> OutputMetadata:
     return first
 
 
-def error_reason(error: str) -> str:
-    """Errors are written as '<reason>: <detail>'; the reason groups them (inspect, manifests)."""
-    return (error or "").split(":", 1)[0].strip() or "unknown"
-
-
 def safe_name(key: str) -> str:
     """An untrusted key as ONE file name: injective percent-encoding (no '/', NUL, '..', no
     leading '.' or '_'), with over-long names shortened and made unique with a hash of the key."""

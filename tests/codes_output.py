@@ -74,13 +74,18 @@ def _write_errors(out: str, shard: str, errors: list) -> None:
 
 
 def _write_manifest(out: str, shard: str, ok: int, errors: list, meta) -> None:
+    """In the layout `vqtok tokenize` writes (pipelines/tokenize/shard_job.py)."""
     os.makedirs(os.path.join(out, fmt.MANIFEST_DIR), exist_ok=True)
+    sample_errors = [e for k, e in errors if k is not None]
     failed: dict[str, int] = {}
-    for _, error in errors:
+    for error in sample_errors:
         reason = error.split(":")[0]
         failed[reason] = failed.get(reason, 0) + 1
-    manifest = {"shard": shard, "read": ok + len(errors), "ok": ok, "failed": failed,
-                "durations": {"read": 0.1, "decode": 0.2, "encode": 0.3, "write": 0.05},
-                "tokenizer_sha256": meta.tokenizer_sha256}
+    shard_error = next((e for k, e in errors if k is None), None)
+    manifest = {"version": 1, "shard": shard, "tokenizer_sha256": meta.tokenizer_sha256,
+                "counts": {"read": ok + len(sample_errors), "ok": ok, "failed": len(sample_errors),
+                           "failed_by_reason": failed, "shard_errors": int(shard_error is not None)},
+                "shard_error": shard_error,
+                "durations_s": {"read": 0.1, "decode": 0.2, "encode": 0.3, "write": 0.05}}
     with open(fmt.manifest_path(out, shard), "w") as f:
         json.dump(manifest, f)

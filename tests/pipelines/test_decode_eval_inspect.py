@@ -184,8 +184,8 @@ def test_inspect_reports_rows_shards_errors_and_tokenizer(tmp_path, tok):
     _, model = tok
     out = tmp_path / "codes"
     write_output(out, model, {"s0": 5, "s1": 3, "s2": 0},
-                 errors={"s1": [("k1", "undecodable image: cannot identify"), ("k2", "undecodable image: x"),
-                                ("k3", "no image: text only")],
+                 errors={"s1": [("k1", "undecodable_image: cannot identify"), ("k2", "undecodable_image: x"),
+                                ("k3", "no_image: text only")],
                          "s2": [(None, "truncated tar: unexpected end of data")]})
     result = run("inspect", out, "--json")
     assert result.exit_code == 0, result.output
@@ -193,7 +193,8 @@ def test_inspect_reports_rows_shards_errors_and_tokenizer(tmp_path, tok):
     assert info["rows"] == 8 and info["data_files"] == 3 and info["complete"] is True
     assert info["shards_done"] == 3 and info["shards_failed"] == 1 and info["failed_shards"] == ["s2"]
     assert info["errors"] == 4
-    assert info["errors_by_reason"] == {"undecodable image": 2, "no image": 1, "truncated tar": 1}
+    assert info["errors_by_reason"] == {"undecodable_image": 2, "no_image": 1, "shard_error": 1}
+    assert info["samples_read"] == 8 + 3 and info["stage_seconds"]["encode"] == pytest.approx(0.9)
     assert info["tokenizer_sha256"] == model.weights_sha256()
     assert info["grid"] == list(model.grid) and info["codebook_size"] == model.codebook_size
     text = run("inspect", out).stdout
