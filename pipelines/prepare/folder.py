@@ -103,17 +103,17 @@ def png(img: Image.Image) -> bytes:
 def prepare_folder(src: str, out: str, opts: FolderOptions, progress: bool = True) -> dict:
     """Returns {"images": shard paths, "holdout": shard paths, "skipped": [(file, reason)]}."""
     files = list_images(src, opts.largest_per_dir)
-    order = list(files)
-    random.Random(opts.seed).shuffle(order)
-    held = set(order[: opts.holdout])
-    if opts.holdout and len(held) >= len(files):
+    if opts.holdout and opts.holdout >= len(files):
         raise UserError(f"--holdout {opts.holdout} leaves no training images (found {len(files)})")
+    order = list(files)
+    random.Random(opts.seed).shuffle(order)   # the first `holdout` readable files are held out
     rng = random.Random(opts.seed + 1)
     skipped: list[tuple[str, str]] = []
     counters = {"images": 0, "holdout": 0}
     with ShardWriter(out, "images-%06d.tar", opts.shard_size) as train, \
             ShardWriter(out, "holdout-%06d.tar", opts.shard_size) as hold:
-        for path in tqdm(files, desc="images", unit="file", disable=not progress):
+        held = 0
+        for path in tqdm(order, desc="images", unit="file", disable=not progress):
             try:
                 img = open_image(path)
             except Exception as e:  # PIL raises many types for bad files
@@ -121,7 +121,8 @@ def prepare_folder(src: str, out: str, opts: FolderOptions, progress: bool = Tru
                 skipped.append((path, reason))
                 print(f"skipped unreadable image {path}: {reason}", file=sys.stderr)
                 continue
-            split = "holdout" if path in held else "images"
+            split = "holdout" if held < opts.holdout else "images"
+            held += split == "holdout"
             writer = hold if split == "holdout" else train
             for view, meta in views(img, opts, rng):
                 key = f"{split}{counters[split]:08d}"
