@@ -1,0 +1,133 @@
+"""The real `vqtok tokenize` output, read unchanged by CodesDataset, decode, inspect, pandas,
+polars, duckdb, Hugging Face datasets and Ray Data: each sees exactly the code rows (never the
+_errors / _manifest files) with their codes, keys and kept `cls`."""
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from codes_output import save_tiny_model
+from pipelines import CodesDataset
+from pipelines.cli import main
+from pipelines.tokenize.preprocess import ImagePreprocessor
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")   # the parquet builder is local; never go online
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _png(arr):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """Two shards (one with an undecodable image and a text-only sample) through `vqtok tokenize`."""
+    root = tmp_path_factory.mktemp("interop")
+    model = save_tiny_model(root / "tok")
+    rng = np.random.default_rng(0)
+    images = {f"img-{i:04d}": rng.integers(0, 256, (8 + i, 8), dtype=np.uint8) for i in range(11)}
+    members = [[], []]
+    for i, (key, arr) in enumerate(images.items()):
+        members[i // 6] += [(f"{key}.png", _png(arr)), (f"{key}.cls", str(i % 3).encode())]
+    members[0] += [("bad.png", b"not a png"), ("bad.cls", b"1"), ("textonly.txt", b"hello")]
+    for i, m in enumerate(members):
+        _tar(root / f"in-{i:06d}.tar", m)
+    out = root / "codes"
+    result = CliRunner().invoke(main, ["tokenize", "--tokenizer", str(root / "tok"), "--input",
+                                       str(root / "in-{000000..000001}.tar"), "--output", str(out),
+                                       "--workers", "1", "--keep-fields", "cls", "--no-progress",
+                                       "--max-error-rate", "0.5"])
+    assert result.exit_code == 0, result.output
+    prep = ImagePreprocessor(1, model.config.resolution)
+    x = torch.stack([torch.from_numpy(np.array(prep(_png(a), "png"))).float() / 255 for a in images.values()])
+    codes = model.encode(x).numpy()
+    expected = {key: {"codes": codes[i].reshape(-1).tolist(), "cls": i % 3, "shard": f"in-{i // 6:06d}"}
+                for i, key in enumerate(images)}
+    return {"root": root, "out": str(out), "model": model, "expected": expected}
+
+
+def check_rows(keys, codes, cls, expected):
+    assert sorted(keys) == sorted(expected)                       # every code row, nothing else
+    for key, c, k in zip(keys, codes, cls):
+        assert [int(v) for v in c] == expected[key]["codes"] and int(k) == expected[key]["cls"]
+
+
+def test_codes_dataset_reads_the_real_output(real):
+    rows = list(CodesDataset(real["out"]))
+    check_rows([r["key"] for r in rows], [r["codes"].flatten().tolist() for r in rows],
+               [r["cls"] for r in rows], real["expected"])
+    assert all(tuple(r["codes"].shape) == real["model"].grid for r in rows)
+
+
+def test_inspect_and_decode_the_real_output(real):
+    info = json.loads(CliRunner().invoke(main, ["inspect", real["out"], "--json"]).stdout)
+    assert info["rows"] == 11 and info["shards_done"] == 2 and info["shards_failed"] == 0
+    assert info["complete"] and info["errors"] == 2
+    assert info["errors_by_reason"] == {"no_image": 1, "undecodable_image": 1}
+    assert info["tokenizer_sha256"] == real["model"].weights_sha256()
+    out = real["root"] / "png"
+    result = CliRunner().invoke(main, ["decode", "--tokenizer", str(real["root"] / "tok"),
+                                       "--codes", real["out"], "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    index = [json.loads(line) for line in open(out / "_index.jsonl")]
+    assert sorted(e["key"] for e in index) == sorted(real["expected"])
+    assert all((out / e["file"]).is_file() and e["shard"] == real["expected"][e["key"]]["shard"] for e in index)
+
+
+def test_pandas_reads_the_directory(real):
+    import pandas as pd
+    df = pd.read_parquet(real["out"])
+    check_rows(df["key"].tolist(), df["codes"].tolist(), df["cls"].tolist(), real["expected"])
+    assert df["codes"].iloc[0].dtype == np.int16
+
+
+def test_polars_reads_the_data_files(real):
+    import polars as pl
+    df = pl.read_parquet(os.path.join(real["out"], "*.parquet"))
+    assert df.schema["codes"] == pl.List(pl.Int16)
+    check_rows(df["key"].to_list(), df["codes"].to_list(), df["cls"].to_list(), real["expected"])
+
+
+def test_duckdb_queries_the_data_files(real):
+    import duckdb
+    con = duckdb.connect()
+    rows = con.execute(f"SELECT key, codes, cls FROM read_parquet('{real['out']}/*.parquet')").fetchall()
+    check_rows(*zip(*rows), real["expected"])
+    per_class = dict(con.execute(f"SELECT cls, count(*) FROM '{real['out']}/*.parquet' GROUP BY cls").fetchall())
+    assert per_class == {c: sum(e["cls"] == c for e in real["expected"].values()) for c in range(3)}
+
+
+def test_hugging_face_datasets_loads_the_data_files(real, tmp_path):
+    import datasets
+    files = os.path.join(real["out"], "*.parquet")
+    ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path))
+    check_rows(ds["key"], ds["codes"], ds["cls"], real["expected"])
+    ds2 = datasets.Dataset.from_parquet(files, cache_dir=str(tmp_path / "fp"))
+    assert sorted(ds2["key"]) == sorted(real["expected"])
+
+
+def test_ray_data_reads_the_directory(real):
+    import ray
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="WARNING")
+    try:
+        rows = ray.data.read_parquet(real["out"]).take_all()
+    finally:
+        ray.shutdown()
+    check_rows([r["key"] for r in rows], [r["codes"] for r in rows], [r["cls"] for r in rows], real["expected"])
