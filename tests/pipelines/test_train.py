@@ -1,0 +1,192 @@
+"""`vqtok train` in one process: config, data stream split/resume, checkpoints, outputs, errors,
+SIGKILL + --resume."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from pipelines.cli import main
+from pipelines.errors import UserError
+from pipelines.prepare import ShardWriter
+from pipelines.train.config import resolve_config
+from pipelines.train.data import DataMismatch, ShardStream, make_loader
+from tokenizer import VQVAE, ConfigError
+
+TINY = ["model.hidden=16", "model.res_hidden=8", "model.code_dim=8", "model.num_res_blocks=1",
+        "model.quantizer.codebook_size=32", "data.num_workers=0", "data.shuffle_buffer=16",
+        "data.val_samples=32", "train.progress=false"]
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def indexed_image(i: int, size: int = 28) -> np.ndarray:
+    """A grey image whose first two pixels spell its index (so a batch names its samples)."""
+    rng = np.random.default_rng(i)
+    img = rng.integers(0, 256, (size, size), dtype=np.uint8)
+    img[0, 0], img[0, 1] = i // 256, i % 256
+    return img
+
+
+def write_shards(out, n: int, per_shard: int, corrupt: tuple[int, ...] = (), prefix="train") -> str:
+    with ShardWriter(str(out), f"{prefix}-%06d.tar", per_shard) as w:
+        for i in range(n):
+            data = b"\x89PNG but truncated" if i in corrupt else png(indexed_image(i))
+            w.write({"__key__": f"s{i:06d}", "png": data, "cls": b"0"})
+    return str(out / f"{prefix}-*.tar")
+
+
+def ids(images: torch.Tensor) -> list[int]:
+    return (images[:, 0, 0, 0].long() * 256 + images[:, 0, 0, 1].long()).tolist()
+
+
+def epoch_ids(urls, rank, world, workers, batch=4):
+    stream = ShardStream(urls, channels=1, resolution=28, batch_size=batch, rank=rank, world_size=world,
+                         seed=3, shuffle_buffer=8, endless=False)
+    return [i for b in make_loader(stream, workers) for i in ids(b["images"])]
+
+
+@pytest.mark.parametrize("shards", [8, 3])   # more shards than slots, and fewer (sample split)
+def test_stream_splits_an_epoch_over_ranks_and_workers_without_overlap(tmp_path, shards):
+    from pipelines.data import expand_urls
+    urls = expand_urls([write_shards(tmp_path, 96, 96 // shards)])
+    seen = [epoch_ids(urls, rank, 2, 2) for rank in range(2)]
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(96))
+    assert seen[0] != sorted(seen[0])        # shuffled
+
+
+def test_stream_resumes_exactly_from_a_position(tmp_path):
+    from pipelines.data import expand_urls
+    urls = expand_urls([write_shards(tmp_path, 40, 10)])
+    kw = dict(channels=1, resolution=28, batch_size=6, seed=1, shuffle_buffer=8)
+    full = iter(ShardStream(urls, **kw))
+    batches = [next(full) for _ in range(12)]          # crosses an epoch boundary (40 samples)
+    assert {b["epoch"] for b in batches} == {0, 1}
+    pos = batches[4]
+    resumed = iter(ShardStream(urls, start={0: (pos["epoch"], pos["offset"])}, **kw))
+    for expected in batches[5:]:
+        assert ids(next(resumed)["images"]) == ids(expected["images"])
+
+
+def test_undecodable_samples_are_counted_and_skipped(tmp_path):
+    from pipelines.data import expand_urls
+    urls = expand_urls([write_shards(tmp_path, 20, 10, corrupt=(3, 11, 12))])
+    batches = list(ShardStream(urls, channels=1, resolution=28, batch_size=5, shuffle_buffer=4,
+                               endless=False))
+    got = [i for b in batches for i in ids(b["images"])]
+    assert sorted(got) == sorted(set(range(20)) - {3, 11, 12})
+    assert batches[-1]["bad"] == 3
+
+
+def test_channel_mismatch_inside_the_stream_stops_with_a_clear_error(tmp_path):
+    from pipelines.data import expand_urls
+    urls = expand_urls([write_shards(tmp_path, 8, 8)])
+    with pytest.raises(DataMismatch, match="1 channel.*model.in_channels = 3"):
+        next(iter(ShardStream(urls, channels=3, resolution=28, batch_size=4)))
+
+
+def test_config_flags_override_yaml_and_bad_values_name_the_key(tmp_path):
+    cfg = resolve_config("configs/fashion_mnist.yaml", ["optim.lr=5e-4"], train_data=["a-{0..1}.tar"],
+                         max_steps=7, batch_size=64)
+    assert cfg.model.quantizer.codebook_size == 512 and cfg.model.grid == (7, 7)
+    assert cfg.optim.lr == 5e-4 and cfg.train.max_steps == 7 and cfg.data.batch_size == 64
+    assert cfg.data.train == ["a-{0..1}.tar"]           # braces and commas survive
+    with pytest.raises(ConfigError, match="train.keep_checkpoints"):
+        resolve_config(None, ["train.keep_checkpoints=0"], train_data=["x"])
+    with pytest.raises(ConfigError, match="quantizer.decay = 2.0 must be in"):
+        resolve_config(None, ["model.quantizer.decay=2"], train_data=["x"])
+    with pytest.raises(ConfigError, match="unknown config key optim.momentum"):
+        resolve_config(None, ["optim.momentum=0.9"], train_data=["x"])
+    for name in ("photos32", "imagenet128"):
+        cfg = resolve_config(f"configs/{name}.yaml", train_data=["x"])
+        assert cfg.model.in_channels == 3
+
+
+def run_cli(args):
+    return CliRunner().invoke(main, args)
+
+
+def test_train_one_process_writes_metrics_grid_checkpoints_and_final(tmp_path):
+    train = write_shards(tmp_path / "d", 64, 16)
+    val = write_shards(tmp_path / "d", 32, 16, prefix="val")
+    out = tmp_path / "run"
+    sets = [a for s in TINY + ["train.log_every=2", "train.val_every=3", "train.checkpoint_every=2",
+                               "train.keep_checkpoints=2"] for a in ("--set", s)]
+    r = run_cli(["train", "--train-data", train, "--val-data", val, "--out", str(out), "--max-steps", "7",
+                 "--batch-size", "8", *sets])
+    assert r.exit_code == 0, r.output
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-00000006.pt", "step-00000007.pt"]
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    train_recs = [x for x in records if x["split"] == "train"]
+    assert [x["step"] for x in train_recs] == [2, 4, 6, 7]
+    for key in ("reconstruction", "commitment", "loss", "psnr", "usage", "perplexity", "images_per_s", "lr"):
+        assert np.isfinite(train_recs[-1][key]), key
+    val_recs = [x for x in records if x["split"] == "val"]
+    assert [x["step"] for x in val_recs] == [3, 6, 7] and val_recs[-1]["samples"] == 32
+    grid = Image.open(out / "val" / "step-00000007.png")
+    assert grid.size == (8 * 28, 4 * 28)                 # 2 x (originals row, reconstructions row)
+    state = torch.load(out / "checkpoints" / "step-00000007.pt", weights_only=True)
+    assert state["step"] == 7 and "ema_sum" in "".join(state["model"]) and state["optimizer"]["state"]
+    model = VQVAE.from_pretrained(str(out / "final"))
+    assert torch.equal(model.state_dict()["quantizer.codebook"], state["model"]["quantizer.codebook"])
+    # an existing run is never overwritten silently
+    r = run_cli(["train", "--train-data", train, "--out", str(out), "--max-steps", "7", "--batch-size", "8", *sets])
+    assert r.exit_code == 1 and "pass --resume" in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train-data", "{tmp}/none-*.tar"], "no shard matches"),
+    (["--set", "model.in_channels=3"], "1 channel(s) (L) but model.in_channels = 3"),
+    (["--set", "optim.lr=zero"], "optim.lr = 'zero' must be a number"),
+    (["--batch-size", "7", "--nproc-per-node", "2"], "not divisible by the 2 ranks"),
+])
+def test_user_mistakes_are_one_line(tmp_path, args, message):
+    train = write_shards(tmp_path, 8, 8)
+    args = [a.format(tmp=tmp_path) for a in args]
+    base = ["train", "--out", str(tmp_path / "run")] + ([] if "--train-data" in args else ["--train-data", train])
+    r = run_cli(base + [a for s in TINY for a in ("--set", s)] + args)
+    assert r.exit_code == 1, r.output
+    assert message in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_sigkill_mid_run_then_resume_reaches_max_step(tmp_path):
+    train = write_shards(tmp_path / "d", 64, 16)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pipelines", "train", "--train-data", train, "--out", str(out),
+           "--batch-size", "8", "--max-steps", "400", *[a for s in TINY + ["train.checkpoint_every=3"]
+                                                         for a in ("--set", s)]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoints" / "step-00000006.pt").exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ckpts = sorted(os.listdir(out / "checkpoints"))
+    assert ckpts and all(c.endswith(".pt") for c in ckpts)   # no temp file under a final name
+    killed_at = int(ckpts[-1][5:13])
+    assert 6 <= killed_at < 400 and not (out / "final").exists()
+    done = subprocess.run(cmd[:cmd.index("400")] + ["12" if killed_at < 12 else str(killed_at + 6)]
+                          + cmd[cmd.index("400") + 1:] + ["--resume"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"resumed from" in done.stdout + done.stderr
+    target = 12 if killed_at < 12 else killed_at + 6
+    steps = [json.loads(x)["step"] for x in open(out / "metrics.jsonl") if '"train"' in x]
+    assert steps[-1] == target
+    assert torch.load(out / "checkpoints" / f"step-{target:08d}.pt", weights_only=True)["step"] == target
+    assert VQVAE.from_pretrained(str(out / "final")).codebook_size == 32
