@@ -186,11 +186,16 @@ def read_metadata(file: str, filesystem: fsspec.AbstractFileSystem | None = None
         raise UserError(f"{file}: no such file") from None
     except (OSError, pa.ArrowException) as e:
         raise UserError(f"{file}: not a readable Parquet file ({e})") from None
+    return metadata_from_schema(schema, file)
+
+
+def metadata_from_schema(schema: pa.Schema, where: str) -> OutputMetadata:
+    """The validated vqtok metadata of a data file's Arrow schema; UserError naming `where`."""
     raw = (schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
-        raise UserError(f"{file}: no 'vqtok' schema metadata; not written by `vqtok tokenize`")
-    meta = OutputMetadata.from_json(raw, where=file)
-    _check_columns(schema, meta, file)
+        raise UserError(f"{where}: no 'vqtok' schema metadata; not written by `vqtok tokenize`")
+    meta = OutputMetadata.from_json(raw, where=where)
+    _check_columns(schema, meta, where)
     return meta
 
 

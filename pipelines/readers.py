@@ -23,7 +23,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .errors import UserError
-from .output_format import CODES, KEY, OutputMetadata, list_data_files, read_metadata, require_same_tokenizer
+from .output_format import (CODES, KEY, OutputMetadata, list_data_files, metadata_from_schema,
+                            require_same_tokenizer)
 
 
 @dataclass(frozen=True)
@@ -139,10 +140,14 @@ def _scan(fs, paths: list[str], fields: tuple[str, ...]) -> tuple[OutputMetadata
     """Read every file's footer (in parallel: object stores are latency-bound); check they all
     name one tokenizer and carry the requested fields."""
     def one(path):
-        meta = read_metadata(path, fs)
-        with fs.open(path, "rb") as f:
-            md = pq.ParquetFile(f).metadata
-        names = set(md.schema.to_arrow_schema().names)
+        try:
+            with fs.open(path, "rb") as f:
+                md = pq.ParquetFile(f).metadata          # one footer read per file
+        except (OSError, pa.ArrowException) as e:
+            raise UserError(f"{path}: not a readable Parquet file ({e})") from None
+        schema = md.schema.to_arrow_schema()
+        meta = metadata_from_schema(schema, path)
+        names = set(schema.names)
         for name in fields:
             if name not in names:
                 raise UserError(f"{path}: no column {name!r} to pass through (columns: "

@@ -189,3 +189,6 @@ def test_refuses_missing_field_bad_rows_and_empty_dirs(tmp_path, model):
     pq.write_table(short, tmp_path / "b.parquet")
     with pytest.raises(UserError, match=r"b\.parquet: a row has 3 codes"):
         list(CodesDataset(str(tmp_path), fields=()))
+    (tmp_path / "b.parquet").write_bytes(b"PAR1 truncated")
+    with pytest.raises(UserError, match=r"b\.parquet: not a readable Parquet file"):
+        CodesDataset(str(tmp_path), fields=())
