@@ -1,8 +1,12 @@
 """CodeEncoder: the tokenizer, loaded once per worker, turning uint8 images into codes.
 
 Determinism: the model always runs on micro-batches of one fixed shape (the last one padded),
-so a sample's codes never depend on the batch it arrived in, the --batch-size or the worker
-count; TF32 and cuDNN autotuning are off so GPU runs repeat too.
+TF32 and cuDNN autotuning are off. That alone is not enough: the fp32 GEMM in the nearest-code
+search rounds a row differently depending on where it sits in the matrix (blocking tails), so a
+near-tie between two codes could flip with the sample's position in the batch. `stable_nearest`
+therefore re-decides every row whose best and second-best fp32 scores are within a safe error
+bound, exactly in float64 (ties -> lowest index). Every row's code is then the float64 argmin,
+whatever the batch, its order, the --batch-size or the worker count.
 """
 from __future__ import annotations
 
@@ -48,6 +52,46 @@ class CodeEncoder:
                 pad = np.zeros((m - k, *chunk.shape[1:]), dtype=np.uint8)
                 chunk = np.concatenate([chunk, pad])
             x = torch.from_numpy(chunk).to(self.device, non_blocking=True).float().div_(255.0)
-            codes = self.model.encode(x)                      # (m, h, w) int64
-            out[start:start + k] = codes[:k].reshape(k, -1).cpu().numpy()
+            codes = self._codes(x)                            # (m, h*w) int64
+            out[start:start + k] = codes[:k].cpu().numpy()
         return out
+
+    def _codes(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.model.quantizer
+        z = self.model.encode_latents(x)                      # (m, h, w, D)
+        flat = q._project(z)                                  # (m*h*w, d) fp32, as the quantiser
+        return stable_nearest(flat, q._search_codebook()).reshape(x.shape[0], -1)
+
+
+AMBIGUITY = 1e-4   # relative bound on fp32 score error (D * 2**-24 with a wide margin)
+
+
+SCORE_BYTES = 64 << 20   # bound on one (rows, K) fp32 score block
+EXACT_BYTES = 64 << 20   # bound on one (rows, K, d) float64 block of the exact re-check
+
+
+@torch.no_grad()
+def stable_nearest(z: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
+    """z: (N, d) fp32, book: (K, d) -> (N,) int64 argmin of squared L2, independent of the row's
+    position: fp32 GEMM for clear winners, float64 exact for near-ties."""
+    z, book = z.float(), book.float()
+    k, d = book.shape
+    book_sq = book.pow(2).sum(1)                                    # (K,)
+    book_t = book.t().contiguous()                                  # (d, K)
+    idx = torch.empty(z.shape[0], dtype=torch.long, device=z.device)
+    rows = max(1, SCORE_BYTES // (4 * k))
+    for lo in range(0, z.shape[0], rows):
+        zc = z[lo:lo + rows]
+        scores = torch.addmm(book_sq, zc, book_t, beta=1.0, alpha=-2.0)   # (n, K) = ||e||^2 - 2 z.e
+        idx[lo:lo + rows] = scores.argmin(dim=1)
+        if k < 2:
+            continue
+        best2 = scores.topk(2, dim=1, largest=False).values
+        scale = zc.pow(2).sum(1) + book_sq.max()                    # (n,) magnitude of the terms
+        unsure = ((best2[:, 1] - best2[:, 0]) <= AMBIGUITY * scale).nonzero().squeeze(1)
+        step = max(1, EXACT_BYTES // (8 * k * d))
+        for j in range(0, unsure.numel(), step):
+            sel = unsure[j:j + step]
+            exact = (zc[sel].double()[:, None, :] - book.double()[None]).pow(2).sum(-1)   # (s, K)
+            idx[lo + sel] = exact.argmin(dim=1)
+    return idx

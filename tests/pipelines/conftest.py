@@ -1,0 +1,125 @@
+"""Shared fixtures of tests/pipelines: real services on loopback only.
+
+- moto_s3: an S3 API (moto in server mode) on 127.0.0.1, with the AWS_* environment that s3fs
+  (and Ray workers started with it) use to reach it.
+- ray_head: one `ray start --head` on 127.0.0.1 with explicit ports, its own temp dir and token
+  authentication, shared by the module/session and stopped by PID.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """{'endpoint', 'env'}: a moto S3 server; env holds the AWS_* variables for clients."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}
+    try:
+        yield {"endpoint": endpoint, "env": env}
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(moto_s3, monkeypatch):
+    """Point this process's s3fs at the moto server for one test."""
+    for key, value in moto_s3["env"].items():
+        monkeypatch.setenv(key, value)
+    import s3fs
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield moto_s3
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _ray_bin() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "ray")
+
+
+@pytest.fixture(scope="session")
+def ray_head(moto_s3):
+    """A Ray head with token auth on 127.0.0.1 (2 CPUs). Yields {'address', 'dashboard', 'env',
+    'token'}: `env` is what a client needs (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN). Its workers
+    see the moto S3 environment."""
+    temp_dir = tempfile.mkdtemp(prefix="vqr-", dir="/tmp")   # short: Unix socket paths are limited
+    token = secrets.token_hex(16)
+    client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    env = {**os.environ, **client_env, **moto_s3["env"], "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = free_port(), free_port()
+    worker_lo = 20000 + (os.getpid() % 200) * 100
+    args = [_ray_bin(), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+            "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+            "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
+            "--ray-client-server-port", str(free_port()), "--metrics-export-port", str(free_port()),
+            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+            "--runtime-env-agent-port", str(free_port()), "--min-worker-port", str(worker_lo),
+            "--max-worker-port", str(worker_lo + 99), "--num-cpus", "2", "--num-gpus", "0",
+            "--object-store-memory", str(200 << 20), "--temp-dir", temp_dir, "--disable-usage-stats"]
+    log = open(os.path.join(temp_dir, "head.log"), "w")
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    head = {"address": f"127.0.0.1:{gcs}", "dashboard": f"http://127.0.0.1:{dash}", "env": client_env,
+            "token": token, "pid": proc.pid, "temp_dir": temp_dir}
+    try:
+        _wait_for_dashboard(proc, dash, temp_dir)
+        yield head
+    finally:
+        _stop_group(proc)
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_for_dashboard(proc, port: int, temp_dir: str, timeout: float = 120) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("ray start --head exited: " + open(os.path.join(temp_dir, "head.log")).read()[-3000:])
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2)
+            return
+        except urllib.error.HTTPError:   # 401 without the token: it is up
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError("the Ray head did not come up in time")
+
+
+def _stop_group(proc) -> None:
+    """SIGTERM the `ray start --block` process (it stops its node), then SIGKILL what is left of
+    the process group it leads (only processes this fixture started)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
