@@ -40,8 +40,11 @@ class EvalReport:
     codebook_size: int = 0
     files: dict = field(default_factory=dict)
 
+    def to_dict(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
     def json_line(self) -> str:
-        return json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()})
+        return json.dumps(self.to_dict())
 
 
 def load_image(data: bytes, channels: int, resolution: int, ext: str = "image") -> torch.Tensor:
