@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
@@ -24,7 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .errors import UserError
 from .output_format import (CODES, KEY, OutputMetadata, list_data_files, metadata_from_schema,
-                            require_same_tokenizer)
+                            require_same_tokenizer, success_path)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,10 @@ class CodesDataset(IterableDataset):
         self.fields = tuple(fields)
         self.shuffle_buffer = max(1, int(shuffle_buffer))
         self.fs, paths = list_data_files(url)
+        if not self.fs.exists(self.fs._strip_protocol(success_path(url))):
+            warnings.warn(f"{url}: no _SUCCESS, the tokenize run is unfinished: rows of unfinished "
+                          "shards are missing, and ranks that list the directory at different times "
+                          "could disagree on the files", UserWarning, stacklevel=2)
         self.metadata, self.row_groups = _scan(self.fs, paths, self.fields)
         self.num_rows = sum(g.num_rows for g in self.row_groups)
 

@@ -35,6 +35,7 @@ def write_class_codes(out, model, classes=4, per_class=24):
                           "codes": [[(3 * c + t) % k for t in range(h * w)] for c, _ in rows],
                           "cls": [c for c, _ in rows]}, schema=schema)
         pq.write_table(table, fmt.data_path(str(out), f"shard-{shard}"), row_group_size=16)
+    (out / "_SUCCESS").touch()
 
 
 def run_example(tmp_path):

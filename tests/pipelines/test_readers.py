@@ -135,6 +135,7 @@ def test_fsspec_url(output):
     mem = fsspec.filesystem("memory")
     for path in fmt.list_data_files(out)[1]:
         mem.pipe(f"/codes-test/{path.rsplit('/', 1)[1]}", open(path, "rb").read())
+    mem.pipe("/codes-test/_SUCCESS", b"")
     try:
         ds = CodesDataset("memory://codes-test", rank=1, world_size=2)
         other = CodesDataset("memory://codes-test", rank=0, world_size=2)
@@ -192,3 +193,10 @@ def test_refuses_missing_field_bad_rows_and_empty_dirs(tmp_path, model):
     (tmp_path / "b.parquet").write_bytes(b"PAR1 truncated")
     with pytest.raises(UserError, match=r"b\.parquet: not a readable Parquet file"):
         CodesDataset(str(tmp_path), fields=())
+
+
+def test_warns_about_an_unfinished_output(tmp_path, model):
+    write_output(tmp_path, model, {"a": 3}, success=False)
+    with pytest.warns(UserWarning, match="no _SUCCESS"):
+        ds = CodesDataset(str(tmp_path))
+    assert len(list(ds)) == 3
