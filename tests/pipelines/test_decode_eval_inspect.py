@@ -207,3 +207,12 @@ def test_inspect_reports_rows_shards_errors_and_tokenizer(tmp_path, tok):
 def test_inspect_of_a_non_output_is_a_clear_error(tmp_path):
     result = run("inspect", tmp_path / "nothing")
     assert result.exit_code == 1 and result.output.startswith("Error: ") and "nothing" in result.output
+
+
+def test_decode_keeps_the_first_of_a_repeated_key_and_says_so(tmp_path, tok):
+    tok_dir, model = tok
+    write_output(tmp_path / "codes", model, {"s0": 3}, keys={"s0": ["a", "b", "a"]})
+    result = run("decode", "--tokenizer", tok_dir, "--codes", tmp_path / "codes", "--out", tmp_path / "png")
+    assert result.exit_code == 0, result.output
+    assert "1 rows repeat a (shard, key)" in result.output and "decoded 2 images" in result.stdout
+    assert sorted(os.listdir(tmp_path / "png" / "s0")) == ["a.png", "b.png"]
