@@ -63,7 +63,13 @@ class CodeEncoder:
         return stable_nearest(flat, q._search_codebook()).reshape(x.shape[0], -1)
 
 
-AMBIGUITY = 1e-4   # relative bound on fp32 score error (D * 2**-24 with a wide margin)
+FP32_EPS = 2.0 ** -24
+
+
+def ambiguity(d: int) -> float:
+    """Relative margin under which two fp32 scores may be mis-ordered by rounding: a length-d fp32
+    dot product errs by at most ~d * 2**-24 of sum|z_i e_i| <= scale; x4 for safety."""
+    return 4.0 * max(d, 1) * FP32_EPS
 
 
 SCORE_BYTES = 64 << 20   # bound on one (rows, K) fp32 score block
@@ -83,12 +89,14 @@ def stable_nearest(z: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
     for lo in range(0, z.shape[0], rows):
         zc = z[lo:lo + rows]
         scores = torch.addmm(book_sq, zc, book_t, beta=1.0, alpha=-2.0)   # (n, K) = ||e||^2 - 2 z.e
-        idx[lo:lo + rows] = scores.argmin(dim=1)
+        best, arg = scores.min(dim=1)
+        idx[lo:lo + rows] = arg
         if k < 2:
             continue
-        best2 = scores.topk(2, dim=1, largest=False).values
+        scores.scatter_(1, arg[:, None], float("inf"))
+        second = scores.min(dim=1).values
         scale = zc.pow(2).sum(1) + book_sq.max()                    # (n,) magnitude of the terms
-        unsure = ((best2[:, 1] - best2[:, 0]) <= AMBIGUITY * scale).nonzero().squeeze(1)
+        unsure = ((second - best) <= ambiguity(d) * scale).nonzero().squeeze(1)
         step = max(1, EXACT_BYTES // (8 * k * d))
         for j in range(0, unsure.numel(), step):
             sel = unsure[j:j + step]

@@ -105,7 +105,7 @@ def test_preprocess_rejects_bad_bytes_with_a_reason(data, reason):
 def test_codes_do_not_depend_on_batch_composition(tok_dir):
     images, _ = td.fashion_mnist(300)
     x = images[:, None]
-    enc = CodeEncoder(tok_dir)
+    enc = CodeEncoder(tok_dir, threads=1)
     full = enc.encode(x)
     assert len(np.unique(full)) > 5   # the tokenizer really distinguishes images
     one_by_one = np.concatenate([enc.encode(x[i:i + 1]) for i in range(0, 70)])
@@ -116,7 +116,7 @@ def test_codes_do_not_depend_on_batch_composition(tok_dir):
     for step in (7, 65, 129):
         parts = np.concatenate([enc.encode(x[i:i + step]) for i in range(0, 300, step)])
         assert np.array_equal(full, parts), step
-    enc2 = CodeEncoder(tok_dir, threads=1)
+    enc2 = CodeEncoder(tok_dir, threads=2)
     assert np.array_equal(full, enc2.encode(x))
 
 
@@ -124,7 +124,7 @@ def test_one_shard_end_to_end_rows_errors_manifest(tmp_path, tok_dir):
     samples, expected_ok, reasons = td.odd_samples()
     td.write(tmp_path / "odd.tar", td.tar_bytes(samples))
     meta = tokenizer_metadata(tok_dir)
-    enc = CodeEncoder(tok_dir)
+    enc = CodeEncoder(tok_dir, threads=1)
     job = ShardTokenizer(enc, meta, str(tmp_path / "out"), ["cls"], batch_size=4, decode_threads=2)
     manifest = job.run(str(tmp_path / "odd.tar"), "odd")
     table = pq.read_table(tmp_path / "out" / "odd.parquet")
