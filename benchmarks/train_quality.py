@@ -1,0 +1,200 @@
+"""Training quality benchmark (not a test): vqtok's DDP trainer vs a vector-quantize-pytorch
+reference, side by side on this machine.
+
+  python benchmarks/train_quality.py fashion   # configs/fashion_mnist.yaml, 2 ranks, 3000 x 128
+  python benchmarks/train_quality.py photos32  # configs/photos32.yaml on wallpaper crops
+
+1. prepares shards (cached under --work), 2. runs `vqtok train --nproc-per-node 2`,
+3. evaluates RUN/final through encode/decode on the held-out split (Fashion-MNIST: the full 10k
+test split read from the IDX files), 4. times the reference (paper architecture: hidden 64, two
+residual blocks, D=64, K=512, Adam 1e-3, batch 128; vector-quantize-pytorch with EMA, k-means init
+and dead-code expiry) for --ref-steps steps in the same run (all of its 3000 steps and its
+test PSNR with --ref-steps 3000), 5. prints the figures, the ratios and the bars, and writes
+them as JSON to WORK/<dataset>-result.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FASHION = "/usr/share/datasets/fashion-mnist"
+WALLPAPERS = "/usr/share/wallpapers"
+BARS = {"fashion": {"psnr": 24.1, "usage": 0.99, "perplexity": 410, "time_ratio": 1.5}}
+ISSUE_REFERENCE = {"fashion": {"psnr": 23.08, "usage": 1.0, "perplexity": 365, "ms_per_step": 153},
+                   "photos32": {"psnr": 25.23, "usage": 0.998}}
+
+
+def sh(cmd: list[str], log: str | None = None) -> float:
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    with open(log, "a") if log else open(os.devnull, "w") as f:
+        rc = subprocess.call(cmd, stdout=f if log else None, stderr=subprocess.STDOUT if log else None, cwd=ROOT)
+    if rc:
+        sys.exit(f"command failed ({rc}): {' '.join(cmd)}")
+    return time.perf_counter() - t0
+
+
+def vqtok(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipelines", *args]
+
+
+# ---- data -------------------------------------------------------------------------------------
+def prepare(dataset: str, work: str) -> tuple[str, str, str]:
+    """-> (train pattern, val pattern, eval pattern)."""
+    out = f"{work}/{dataset}-shards"
+    if dataset == "fashion":
+        if not os.path.exists(f"{out}/test-000001.tar"):
+            sh(vqtok("prepare", "fashion-mnist", "--out", out, "--shard-size", "5000"), log=f"{out}.log")
+        return f"{out}/train-*.tar", f"{out}/test-*.tar", f"{out}/test-*.tar"
+    if not os.path.exists(f"{out}/.done"):
+        # 1500 random 32x32 crops from each wallpaper's largest image, shorter side scaled to 256;
+        # 4 wallpapers held out of training for evaluation
+        sh(vqtok("prepare", "folder", WALLPAPERS, "--out", out, "--size", "32", "--crops-per-image", "1500",
+                 "--short-side", "256", "--largest-per-dir", "--holdout", "4", "--shard-size", "4000"),
+           log=f"{out}.log")
+        open(f"{out}/.done", "w").close()
+    return f"{out}/images-*.tar", f"{out}/holdout-*.tar", f"{out}/holdout-*.tar"
+
+
+def eval_images(dataset: str, pattern: str) -> torch.Tensor:
+    """(N, C, H, W) float in [0, 1]: Fashion-MNIST's full test split from the IDX files, or every
+    held-out crop."""
+    if dataset == "fashion":
+        sys.path.insert(0, ROOT)
+        from pipelines.prepare.fashion import load_split
+        images, _ = load_split(FASHION, "test")
+        return torch.from_numpy(images.copy()).float().div(255)[:, None]
+    from pipelines.data import expand_urls
+    from pipelines.train.data import ShardStream
+    stream = ShardStream(expand_urls([pattern]), channels=3, resolution=32, batch_size=1 << 30,
+                         shuffle_buffer=1, endless=False)
+    return next(iter(stream))["images"].float().div(255)
+
+
+def metrics(recon: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, k: int) -> dict:
+    mse = float(((recon - x) ** 2).mean())
+    counts = torch.bincount(codes.reshape(-1), minlength=k).double()
+    p = counts / counts.sum()
+    return {"psnr": 10 * math.log10(1 / mse), "usage": float((counts > 0).double().mean()),
+            "perplexity": float(torch.exp(-(p * p.clamp_min(1e-12).log()).sum()))}
+
+
+@torch.no_grad()
+def evaluate_vqtok(final: str, x: torch.Tensor) -> dict:
+    from tokenizer import VQVAE
+    model = VQVAE.from_pretrained(final)
+    codes = torch.cat([model.encode(b) for b in x.split(500)])
+    recon = torch.cat([model.decode(c) for c in codes.split(500)])
+    return metrics(recon, x, codes, model.codebook_size)
+
+
+def step_ms(run: str, batch: int) -> float:
+    """Median training step time from metrics.jsonl (the first interval, with k-means init and
+    start-up, excluded)."""
+    recs = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
+    rates = [r["images_per_s"] for r in recs if r["split"] == "train"][1:]
+    return 1000 * batch / float(np.median(rates))
+
+
+# ---- reference: vector-quantize-pytorch --------------------------------------------------------
+class Reference(torch.nn.Module):
+    def __init__(self, channels: int, resolution: int):
+        super().__init__()
+        from vector_quantize_pytorch import VectorQuantize
+        from tokenizer import VQVAEConfig
+        from tokenizer.modules import Decoder, Encoder
+        cfg = VQVAEConfig(in_channels=channels, resolution=resolution, hidden=64, res_hidden=32,
+                          num_res_blocks=2, code_dim=64)
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.vq = VectorQuantize(dim=64, codebook_size=512, decay=0.99, commitment_weight=0.25,
+                                 kmeans_init=True, threshold_ema_dead_code=2, accept_image_fmap=True)
+
+    def forward(self, x):
+        q, codes, commit = self.vq(self.encoder(x - 0.5))
+        recon = self.decoder(q) + 0.5
+        return recon, codes, torch.nn.functional.mse_loss(recon, x) + commit.sum()
+
+
+def run_reference(train_x: torch.Tensor, test_x: torch.Tensor, steps: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = Reference(train_x.shape[1], train_x.shape[2])
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    gen = torch.Generator().manual_seed(0)
+    times = []
+    for step in range(steps):
+        x = train_x[torch.randint(0, len(train_x), (128,), generator=gen)]
+        t0 = time.perf_counter()
+        _, _, loss = model(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    out = {"steps": steps, "ms_per_step": 1000 * float(np.median(times[10:]))}
+    if steps >= 3000:
+        model.eval()
+        with torch.no_grad():
+            parts = [model(b) for b in test_x.split(500)]
+        out.update(metrics(torch.cat([p[0].clamp(0, 1) for p in parts]), test_x,
+                           torch.cat([p[1] for p in parts]), 512))
+    return out
+
+
+def train_images(dataset: str, pattern: str) -> torch.Tensor:
+    if dataset == "fashion":
+        from pipelines.prepare.fashion import load_split
+        images, _ = load_split(FASHION, "train")
+        return torch.from_numpy(images.copy()).float().div(255)[:, None]
+    return eval_images("photos32", pattern)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", choices=["fashion", "photos32"])
+    p.add_argument("--work", default="/tmp/vqtok-bench")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--ref-steps", type=int, default=300, help="reference steps (3000: also its PSNR)")
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--set", dest="sets", action="append", default=[])
+    p.add_argument("--skip-train", action="store_true", help="evaluate an existing run")
+    a = p.parse_args()
+    os.makedirs(a.work, exist_ok=True)
+    train, val, held = prepare(a.dataset, a.work)
+    config = f"{ROOT}/configs/{'fashion_mnist' if a.dataset == 'fashion' else 'photos32'}.yaml"
+    run = f"{a.work}/{a.dataset}-run"
+    if not a.skip_train:
+        subprocess.call(["rm", "-rf", run])
+        sets = [x for s in a.sets + ["train.progress=false"] for x in ("--set", s)]
+        wall = sh(vqtok("train", "--config", config, "--train-data", train, "--val-data", val, "--out", run,
+                        "--nproc-per-node", str(a.nproc), "--max-steps", str(a.steps), "--batch-size", "128",
+                        *sets), log=f"{run}.log")
+        print(f"train wall time {wall:.0f} s", flush=True)
+    x = eval_images(a.dataset, held)
+    ours = evaluate_vqtok(f"{run}/final", x)
+    ours["ms_per_step"] = step_ms(run, 128)
+    ours["eval_images"] = len(x)
+    ref = run_reference(train_images(a.dataset, train), x, a.ref_steps, threads=os.cpu_count() or 1)
+    result = {"dataset": a.dataset, "steps": a.steps, "nproc": a.nproc, "sets": a.sets, "vqtok": ours,
+              "reference_measured": ref, "reference_issue": ISSUE_REFERENCE[a.dataset],
+              "time_ratio": ours["ms_per_step"] / ref["ms_per_step"]}
+    bars = BARS.get(a.dataset)
+    if bars:
+        result["pass"] = {"psnr": ours["psnr"] >= bars["psnr"], "usage": ours["usage"] >= bars["usage"],
+                          "perplexity": ours["perplexity"] >= bars["perplexity"],
+                          "time": result["time_ratio"] <= bars["time_ratio"]}
+    print(json.dumps(result, indent=2))
+    with open(f"{a.work}/{a.dataset}-result.json", "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
