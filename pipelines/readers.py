@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
+import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -63,6 +64,7 @@ class CodesDataset(IterableDataset):
         self.fields = tuple(fields)
         self.shuffle_buffer = max(1, int(shuffle_buffer))
         self.fs, paths = list_data_files(url)
+        self._fs_pid = os.getpid()
         if not self.fs.exists(self.fs._strip_protocol(success_path(url))):
             warnings.warn(f"{url}: no _SUCCESS, the tokenize run is unfinished: rows of unfinished "
                           "shards are missing, and ranks that list the directory at different times "
@@ -108,12 +110,26 @@ class CodesDataset(IterableDataset):
         return _pieces(groups, rank_start + start, rank_start + stop)
 
     # ---- reading -------------------------------------------------------------------------------
+    def _filesystem(self):
+        """This process's filesystem: async fsspec filesystems (s3fs, gcsfs) are not fork-safe,
+        so a forked DataLoader worker makes its own."""
+        if self._fs_pid != os.getpid():
+            self.fs, _ = fsspec.core.url_to_fs(self.url)
+            self._fs_pid = os.getpid()
+        return self.fs
+
+    def __getstate__(self):   # spawned workers: build the filesystem there, not pickled
+        state = dict(self.__dict__)
+        state["_fs_pid"] = None
+        return state
+
     def _rng(self, worker_id: int) -> random.Random:
         return random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker_id}")
 
     def _read(self, pieces: list[Piece]) -> Iterator[dict]:
         columns = [KEY, CODES, *self.fields]
         h, w = self.metadata.grid
+        fs = self._filesystem()
         open_path, parquet = None, None
         try:
             for piece in pieces:
@@ -121,7 +137,7 @@ class CodesDataset(IterableDataset):
                     if parquet is not None:
                         parquet.close()
                     open_path = piece.group.path
-                    parquet = pq.ParquetFile(self.fs.open(open_path, "rb"))
+                    parquet = pq.ParquetFile(fs.open(open_path, "rb"))
                 table = parquet.read_row_group(piece.group.index, columns=columns)
                 table = table.slice(piece.start, piece.stop - piece.start)
                 yield from _rows(table, self.fields, self.metadata, open_path, h, w)

@@ -131,3 +131,48 @@ def test_ray_data_reads_the_directory(real):
     finally:
         ray.shutdown()
     check_rows([r["key"] for r in rows], [r["codes"] for r in rows], [r["cls"] for r in rows], real["expected"])
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A moto S3 server on loopback, used through s3fs."""
+    import socket
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        yield s3fs.S3FileSystem()
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()
+
+
+def test_the_output_on_s3_through_codes_dataset_inspect_and_decode(real, s3, tmp_path):
+    from torch.utils.data import DataLoader
+
+    s3.mkdir("codes-bucket")
+    s3.put(real["out"] + "/", "codes-bucket/codes/", recursive=True)
+    url = "s3://codes-bucket/codes"
+    keys = []
+    for rank in range(2):
+        loader = DataLoader(CodesDataset(url, rank=rank, world_size=2, shuffle=True), batch_size=4, num_workers=2)
+        keys += [k for batch in loader for k in batch["key"]]
+    assert sorted(keys) == sorted(real["expected"])
+    info = json.loads(CliRunner().invoke(main, ["inspect", url, "--json"]).stdout)
+    assert info["rows"] == 11 and info["complete"] and info["errors_by_reason"]["no_image"] == 1
+    result = CliRunner().invoke(main, ["decode", "--tokenizer", str(real["root"] / "tok"), "--codes", url,
+                                       "--out", "s3://codes-bucket/png", "--limit", "5"])
+    assert result.exit_code == 0, result.output
+    pngs = [p for p in s3.find("codes-bucket/png") if p.endswith(".png")]
+    assert len(pngs) == 5 and s3.exists("codes-bucket/png/_index.jsonl")
