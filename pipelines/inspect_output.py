@@ -26,6 +26,9 @@ def inspect_output(output: str) -> dict:
     manifests = _manifests(fs, output)
     errors = _errors(fs, output)
     failed_shards = sorted({shard for shard, key, _ in errors if key is None})
+    committed = {p.rsplit("/", 1)[-1][: -len(".json")] for p in manifests}
+    uncommitted = sorted(s for s in (p.rsplit("/", 1)[-1][: -len(DATA_SUFFIX)] for p in paths)
+                         if s not in committed)
     return {
         "output": output,
         "rows": rows,
@@ -35,6 +38,7 @@ def inspect_output(output: str) -> dict:
         "shards_done": len(manifests),
         "shards_failed": len(failed_shards),
         "failed_shards": failed_shards,
+        "uncommitted_shards": uncommitted,   # a data file but no manifest: an interrupted shard
         "errors": len(errors),
         "errors_by_reason": _errors_by_reason(manifests, errors),
         "tokenizer_sha256": meta.tokenizer_sha256,
@@ -123,6 +127,9 @@ def format_report(info: dict) -> str:
     ]
     for reason, n in info["errors_by_reason"].items():
         lines.append(f"  {n:>10,}  {reason}")
+    if info["uncommitted_shards"]:
+        lines.append(f"  {len(info['uncommitted_shards'])} data file(s) without a manifest (interrupted; "
+                     f"rerun tokenize to finish them): {', '.join(info['uncommitted_shards'][:5])}")
     for shard in info["failed_shards"][:10]:
         lines.append(f"  failed shard  {shard}")
     if len(info["failed_shards"]) > 10:

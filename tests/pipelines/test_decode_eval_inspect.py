@@ -200,8 +200,12 @@ def test_inspect_reports_rows_shards_errors_and_tokenizer(tmp_path, tok):
     text = run("inspect", out).stdout
     assert "3 done, 1 failed" in text and model.weights_sha256() in text and "complete" in text
     assert f"{model.grid[0]} x {model.grid[1]} codes, codebook size {model.codebook_size}" in text
+    assert info["uncommitted_shards"] == []
     os.remove(fmt.success_path(str(out)))
-    assert "INCOMPLETE" in run("inspect", out).stdout
+    os.remove(fmt.manifest_path(str(out), "s0"))
+    text = run("inspect", out).stdout
+    assert "INCOMPLETE" in text and "2 done" in text and "without a manifest" in text
+    assert json.loads(run("inspect", out, "--json").stdout)["uncommitted_shards"] == ["s0"]
 
 
 def test_inspect_of_a_non_output_is_a_clear_error(tmp_path):
