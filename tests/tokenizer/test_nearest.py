@@ -1,0 +1,217 @@
+"""nearest_codes: exactness against brute force, chunking, autocast, both back ends, fallbacks."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from tokenizer import nearest as nm
+from tokenizer.nearest import nearest_codes
+
+BACKENDS = ["native", "torch"]
+
+
+def brute_sq_dist(z: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
+    """(N, K) squared distances in float64 (exact for the small-integer data below; ~1e-16
+    relative otherwise, far below the fp32 effects under test)."""
+    z, book = z.double(), book.double()
+    return z.pow(2).sum(1, keepdim=True) - 2 * z @ book.t() + book.pow(2).sum(1)
+
+
+def assert_as_near(z, book, idx):
+    """The chosen code is as near as the brute-force nearest, up to fp32 rounding of the
+    ||e||^2 - 2 z.e expansion (ties and near-ties may pick another index)."""
+    assert idx.dtype == torch.int64 and idx.shape == (z.shape[0],)
+    assert int(idx.min()) >= 0 and int(idx.max()) < book.shape[0]
+    d = brute_sq_dist(z, book)
+    chosen = d.gather(1, idx[:, None])[:, 0]
+    best = d.min(1).values
+    scale = z.double().pow(2).sum(1) + book.double().pow(2).sum(1).max()
+    assert torch.all(chosen - best <= 1e-5 * scale), float((chosen - best - 1e-5 * scale).max())
+    # and on random data almost every row picks the very same index
+    assert (idx == d.argmin(1)).float().mean() >= 0.99
+
+
+def integer_data(n, k, d, seed=0):
+    """Small integers: every product and sum is exact in fp32, so ties are exact and the first
+    index among equal minima (torch.argmin's rule) is the only right answer."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(-3, 4, (n, d), generator=g).float(),
+            torch.randint(-3, 4, (k, d), generator=g).float())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,k,d", [(1, 2, 3), (1, 1, 4), (5, 2, 1), (37, 33, 5), (1000, 100, 64),
+                                   (513, 4099, 7), (600, 5000, 4), (64, 256, 256)])
+def test_matches_brute_force(backend, n, k, d):
+    g = torch.Generator().manual_seed(n * 7919 + k)
+    z, book = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
+    assert_as_near(z, book, nearest_codes(z, book, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_far_from_origin(backend):
+    """Large norms stress the expansion; the chosen code must still be a nearest one."""
+    g = torch.Generator().manual_seed(3)
+    book = torch.randn(300, 16, generator=g) + 50.0
+    z = torch.randn(700, 16, generator=g) + 50.0
+    assert_as_near(z, book, nearest_codes(z, book, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,k,d", [(300, 70, 6), (1030, 4100, 3)])
+def test_exact_ties_pick_first_index(backend, n, k, d):
+    z, book = integer_data(n, k, d)
+    book[k // 2:] = book[: k - k // 2].clone()            # every code appears twice
+    expect = brute_sq_dist(z, book).argmin(1)              # exact, first minimum
+    assert torch.equal(nearest_codes(z, book, backend=backend), expect)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunk_rows", [1, 3, 64, 511, 512, 1000, 5000])
+def test_chunked_equals_unchunked(backend, chunk_rows):
+    z, book = integer_data(1037, 4133, 5, seed=1)
+    whole = nearest_codes(z, book, chunk_rows=z.shape[0], backend=backend)
+    assert torch.equal(whole, brute_sq_dist(z, book).argmin(1))
+    assert torch.equal(nearest_codes(z, book, chunk_rows=chunk_rows, backend=backend), whole)
+
+
+@pytest.mark.parametrize("chunk_rows", [0, 7, 129])
+def test_chunked_random_data_as_near(chunk_rows):
+    g = torch.Generator().manual_seed(5)
+    z, book = torch.randn(777, 32, generator=g), torch.randn(999, 32, generator=g)
+    assert_as_near(z, book, nearest_codes(z, book, chunk_rows=chunk_rows))
+
+
+def test_column_tiles_across_codebook():
+    """The automatic blocking splits a large codebook into column tiles; the running minimum
+    must carry across tiles (nearest codes planted at the start, middle and end)."""
+    z, book = integer_data(700, 9000, 3, seed=2)
+    book = book * 10 + 100                                 # all codes far from z ...
+    for i, j in ((0, 0), (1, 4095), (2, 4096), (3, 8999), (4, 5000)):
+        book[j] = z[i]                                     # ... except these exact hits
+    idx = nearest_codes(z, book)
+    assert [int(idx[i]) for i in range(5)] == [0, 4095, 4096, 8999, 5000]
+    assert torch.equal(idx, brute_sq_dist(z, book).argmin(1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_under_bf16_autocast(backend):
+    g = torch.Generator().manual_seed(6)
+    z, book = torch.randn(500, 64, generator=g), torch.randn(512, 64, generator=g)
+    expect = nearest_codes(z, book, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        # fp32 input: the GEMM must not run in bf16 (that would change many indices)
+        assert torch.equal(nearest_codes(z, book, backend=backend), expect)
+        # bf16 input is upcast: same as searching its fp32 value
+        zb = z.bfloat16()
+        assert torch.equal(nearest_codes(zb, book, backend=backend),
+                           nearest_codes(zb.float(), book, backend=backend))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        assert torch.equal(nearest_codes(z, book.bfloat16(), backend=backend),
+                           nearest_codes(z, book.bfloat16().float(), backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_input(backend):
+    out = nearest_codes(torch.empty(0, 8), torch.randn(4, 8), backend=backend)
+    assert out.shape == (0,) and out.dtype == torch.int64
+
+
+def test_non_contiguous_input():
+    z, book = integer_data(200, 50, 6, seed=3)
+    zt = z.t().contiguous().t()                            # same values, column-major
+    assert torch.equal(nearest_codes(zt, book[::1]), brute_sq_dist(z, book).argmin(1))
+    assert torch.equal(nearest_codes(z[::2], book), brute_sq_dist(z[::2], book).argmin(1))
+
+
+def test_shape_and_argument_errors():
+    with pytest.raises(ValueError, match=r"z \(3, 5\) and codebook \(4, 6\) must be \(N, D\) and \(K, D\)"):
+        nearest_codes(torch.randn(3, 5), torch.randn(4, 6))
+    with pytest.raises(ValueError, match=r"z \(5,\)"):
+        nearest_codes(torch.randn(5), torch.randn(4, 5))
+    with pytest.raises(ValueError, match="codebook is empty"):
+        nearest_codes(torch.randn(3, 5), torch.randn(0, 5))
+    with pytest.raises(ValueError, match="chunk_rows = -1"):
+        nearest_codes(torch.randn(3, 5), torch.randn(4, 5), chunk_rows=-1)
+    with pytest.raises(ValueError, match="backend 'gpu'"):
+        nearest_codes(torch.randn(3, 5), torch.randn(4, 5), backend="gpu")
+
+
+def test_native_kernel_builds_here():
+    """The fast path must exist on the supported platform (CPU + a C compiler), or the
+    performance target silently degrades to the torch fallback."""
+    assert nm.native_kernel() is not None, nm._native_error
+
+
+def test_deterministic_and_thread_safe():
+    g = torch.Generator().manual_seed(7)
+    book = torch.randn(2048, 32, generator=g)
+    inputs = [torch.randn(3000 + 17 * i, 32, generator=g) for i in range(4)]
+    expect = [nearest_codes(z, book) for z in inputs]
+    assert all(torch.equal(nearest_codes(z, book), e) for z, e in zip(inputs, expect))
+    got = [None] * len(inputs)
+
+    def work(i):
+        for _ in range(3):
+            got[i] = nearest_codes(inputs[i], book)
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(g_, e) for g_, e in zip(got, expect))
+
+
+# ---- fallbacks: each forced explicitly, on a fresh kernel state ----------------------------------
+@pytest.fixture
+def fresh_kernel(monkeypatch, tmp_path):
+    """Forget the loaded kernel and build into an empty private cache dir."""
+    monkeypatch.setattr(nm, "_tried", False)
+    monkeypatch.setattr(nm, "_native", None)
+    monkeypatch.setattr(nm, "_native_error", None)
+    monkeypatch.setenv("VQTOK_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(nm, "_private_tmp", lambda: tmp_path / "private")
+    return monkeypatch
+
+
+def _check_fallback_works():
+    z, book = integer_data(300, 77, 5, seed=4)
+    assert torch.equal(nearest_codes(z, book), brute_sq_dist(z, book).argmin(1))  # auto -> torch
+    with pytest.raises(RuntimeError, match="native CPU kernel is unavailable"):
+        nearest_codes(z, book, backend="native")
+
+
+def test_fallback_when_disabled_by_env(fresh_kernel):
+    fresh_kernel.setenv("VQTOK_NEAREST_BACKEND", "torch")
+    assert nm.native_kernel() is None and "VQTOK_NEAREST_BACKEND" in nm._native_error
+    _check_fallback_works()
+
+
+def test_fallback_when_compiler_fails(fresh_kernel):
+    fresh_kernel.setenv("CC", "false")                    # a "compiler" that always fails
+    with pytest.warns(RuntimeWarning, match="native nearest-code kernel unavailable"):
+        assert nm.native_kernel() is None
+    _check_fallback_works()
+
+
+def test_fallback_when_kernel_is_wrong(fresh_kernel):
+    """A kernel that compiles but computes the wrong thing is caught by the self-check."""
+    fresh_kernel.setattr(nm, "_C_SOURCE", nm._C_SOURCE.replace("if (v < bv)", "if (v > bv)"))
+    with pytest.warns(RuntimeWarning, match="self-check failed"):
+        assert nm.native_kernel() is None
+    _check_fallback_works()
+
+
+def test_fresh_build_and_cache_reuse(fresh_kernel, tmp_path):
+    kernel = nm.native_kernel()
+    assert kernel is not None, nm._native_error
+    built = list((tmp_path / "cache").glob("vqtok_nearest_*.so"))
+    assert len(built) == 1 and not list((tmp_path / "cache").glob("tmp*"))
+    stamp = built[0].stat().st_mtime_ns
+    fresh_kernel.setattr(nm, "_tried", False)
+    assert nm.native_kernel() is not None
+    assert built[0].stat().st_mtime_ns == stamp           # loaded from the cache, not rebuilt
+    z, book = integer_data(123, 45, 3, seed=5)
+    assert torch.equal(nearest_codes(z, book, backend="native"), brute_sq_dist(z, book).argmin(1))
