@@ -2,19 +2,33 @@
 import os
 import sys
 
-from .launch import USER_ERROR_EXIT, USER_ERRORS, parse_rank_argv, run_rank
+import torch.distributed as dist
+
+from .launch import PEER_FAILED_EXIT, USER_ERROR_EXIT, USER_ERRORS, parse_rank_argv, run_rank
 from .loop import SharedError
+
+PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo", "NCCL")
 
 
 def main() -> int:
     args = parse_rank_argv(sys.argv[1:])
+    rank = os.environ.get("RANK", "0")
     try:
         run_rank(args)
     except USER_ERRORS as e:
         # a decision shared by all ranks is printed once (by rank 0)
-        if not isinstance(e, SharedError) or os.environ.get("RANK", "0") == "0":
+        if not isinstance(e, SharedError) or rank == "0":
             print(f"Error: {e}", file=sys.stderr, flush=True)
         return USER_ERROR_EXIT
+    except RuntimeError as e:
+        # a collective broke because another rank died: that rank reports the cause; here one
+        # line instead of a traceback through DDP internals
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, getattr(dist, "DistError", ())) or any(s in message for s in PEER_SIGNS):
+            print(f"[rank {rank}] stopped: a collective failed, probably because a peer rank "
+                  f"failed ({message[:200]})", file=sys.stderr, flush=True)
+            return PEER_FAILED_EXIT
+        raise
     return 0
 
 

@@ -16,6 +16,7 @@ from .config import TrainConfig, resolve_config
 from .data import check_first_sample
 
 USER_ERROR_EXIT = 3   # a rank exits with this after printing its one-line "Error: ..."
+PEER_FAILED_EXIT = 4  # a rank whose collective broke because another rank failed
 USER_ERRORS = (UserError, ConfigError, CheckpointError)
 
 

@@ -10,7 +10,7 @@ import sys
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main as torchrun_main
 
-from .launch import USER_ERROR_EXIT
+from .launch import PEER_FAILED_EXIT, USER_ERROR_EXIT
 
 
 def main(argv: list[str]) -> int:
@@ -18,11 +18,14 @@ def main(argv: list[str]) -> int:
     try:
         torchrun_main(argv)
     except ChildFailedError as e:
-        rank, failure = min(e.failures.items(), key=lambda kv: kv[1].timestamp)
-        if failure.exitcode != USER_ERROR_EXIT:
-            how = (f"was killed by signal {-failure.exitcode}" if failure.exitcode < 0
-                   else f"exited with code {failure.exitcode}")
-            print(f"Error: training rank {rank} {how}; see its output above", file=sys.stderr)
+        codes = {f.exitcode for f in e.failures.values()}
+        if USER_ERROR_EXIT in codes:
+            return 1      # the rank printed its one-line error
+        causes = {r: f for r, f in e.failures.items() if f.exitcode != PEER_FAILED_EXIT} or e.failures
+        rank, failure = min(causes.items(), key=lambda kv: kv[1].timestamp)
+        how = (f"was killed by signal {-failure.exitcode}" if failure.exitcode < 0
+               else f"exited with code {failure.exitcode}")
+        print(f"Error: training rank {rank} {how}; see its output above", file=sys.stderr)
         return 1
     return 0
 

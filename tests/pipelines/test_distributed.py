@@ -1,0 +1,151 @@
+"""DDP with gloo on CPU: replicas stay bitwise identical, 2 ranks x b == 1 rank x 2b, two
+launchers form one two-node job, and a failing rank stops the job with one error line."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipelines.prepare import ShardWriter
+
+WORKER = textwrap.dedent('''
+    import sys
+    import torch
+    from pipelines import distributed as D
+    from pipelines.parallelize import parallelize
+    from tokenizer import VQVAE, VQVAEConfig
+
+    mode, out, steps, b = sys.argv[1], sys.argv[2], int(sys.argv[3]), 8
+    info = D.setup("cpu", timeout_s=60)
+    same = mode == "match"            # k-means seeding and restarts read one replica's batch
+    cfg = VQVAEConfig(hidden=16, res_hidden=8, num_res_blocks=1, code_dim=8,
+                      quantizer=dict(codebook_size=32, kmeans_init=not same,
+                                     dead_code_threshold=0.0 if same else 3.0))
+    torch.manual_seed(0)
+    model = VQVAE(cfg, all_reduce_fn=D.all_reduce_sum)
+    ddp = parallelize(model, info)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(123)
+    restarted = 0
+    for step in range(steps):
+        x = torch.rand(2 * b, 1, 28, 28, generator=gen)          # the global batch
+        local = x.chunk(info.world_size)[info.rank]
+        _, _, losses = ddp(local)
+        loss = sum(losses.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        restarted += int(model.quantizer.metrics.get("restarted", torch.tensor(0.0)))
+    torch.save({"state": model.state_dict(), "restarted": restarted},
+               f"{out}/{mode}-w{info.world_size}-r{info.rank}.pt")
+    D.teardown()
+''')
+
+
+def torchrun(script, args, nproc=2, timeout=120):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(script), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_codebooks_stay_bitwise_equal_across_ranks_with_kmeans_and_restarts(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    torchrun(script, ["equal", str(tmp_path), "6"])
+    r0 = torch.load(tmp_path / "equal-w2-r0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "equal-w2-r1.pt", weights_only=True)
+    assert r0["restarted"] > 0                      # dead-code restarts did happen
+    assert int(r0["state"]["quantizer.initialized"]) == 1
+    for name, tensor in r0["state"].items():
+        assert torch.equal(tensor, r1["state"][name]), name
+    # and training moved the codebook away from its random init
+    assert not torch.equal(r0["state"]["quantizer.codebook"], r0["state"]["quantizer.ema_sum"] * 0)
+
+
+def test_one_step_on_two_ranks_matches_one_rank_with_the_double_batch(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    torchrun(script, ["match", str(tmp_path), "1"])
+    single = subprocess.run([sys.executable, str(script), "match", str(tmp_path), "1"],
+                            capture_output=True, text=True, timeout=60)
+    assert single.returncode == 0, single.stderr
+    two = torch.load(tmp_path / "match-w2-r0.pt", weights_only=True)["state"]
+    one = torch.load(tmp_path / "match-w1-r0.pt", weights_only=True)["state"]
+    for name in one:
+        torch.testing.assert_close(two[name].float(), one[name].float(), rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png(array) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def shards(out, n=64, per=16, rgb_shard=None):
+    rng = np.random.default_rng(0)
+    with ShardWriter(str(out), "train-%06d.tar", per) as w:
+        for i in range(n):
+            shape = (28, 28, 3) if rgb_shard is not None and i // per == rgb_shard else (28, 28)
+            w.write({"__key__": f"s{i:06d}", "png": png(rng.integers(0, 256, shape, dtype=np.uint8))})
+    return str(out / "train-*.tar")
+
+
+TINY = ["model.hidden=16", "model.res_hidden=8", "model.code_dim=8", "model.num_res_blocks=1",
+        "model.quantizer.codebook_size=32", "data.num_workers=0", "data.shuffle_buffer=16",
+        "train.progress=false"]
+
+
+def vqtok_train(train, out, *extra):
+    sets = [a for s in TINY for a in ("--set", s)]
+    return [sys.executable, "-m", "pipelines", "train", "--train-data", train, "--out", str(out),
+            "--batch-size", "8", *sets, *extra]
+
+
+def test_two_launchers_form_one_two_node_job(tmp_path):
+    train = shards(tmp_path / "d")
+    port = str(free_port())
+    procs = [subprocess.Popen(vqtok_train(train, tmp_path / "run", "--max-steps", "5", "--nnodes", "2",
+                                          "--node-rank", str(r), "--nproc-per-node", "1",
+                                          "--master-addr", "127.0.0.1", "--master-port", port),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step-00000005.pt", weights_only=True)
+    assert len(state["ranks"]) == 2               # one job of world size 2
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+    assert "tokenizer exported" in outs[0][0]
+
+
+def test_a_failing_rank_stops_the_job_with_one_error_line(tmp_path):
+    # shard 1 holds RGB images: whichever rank reads it fails; its peer must not hang
+    train = shards(tmp_path / "d", n=32, per=16, rgb_shard=1)
+    t0 = time.time()
+    r = subprocess.run(vqtok_train(train, tmp_path / "run", "--max-steps", "50", "--nproc-per-node", "2",
+                                   "--set", "train.timeout_s=300"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert time.time() - t0 < 100                 # fail-fast, not the 300 s collective timeout
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, r.stderr[-3000:]
+    assert "3 channel(s)" in errors[0] and "model.in_channels = 1" in errors[0]
+    assert "Traceback" not in r.stderr
