@@ -57,8 +57,9 @@ class Trainer:
         self.step = 0
         self.positions: dict[int, tuple[int, int]] = {}
         self.bad: dict[int, int] = {}
+        # per-rank stream for the quantiser's random choices; a checkpoint restores it
+        torch.manual_seed(cfg.train.seed + 1000 * info.rank)
         self._resume(resume)
-        torch.manual_seed(cfg.train.seed + 1000 * info.rank + self.step)
         self.log = MetricsLog(self.run_dir) if info.is_main else None
         self.val_images = None
 
