@@ -188,17 +188,18 @@ def usage_histogram(counts: torch.Tensor, report: EvalReport, height: int = 160)
     draw.text((10, 4), f"code usage: {report.usage:.1%} of K={k} used, perplexity "
                        f"{report.perplexity:.1f}, {report.images} images", fill="black")
     values = counts.double().numpy()
+    peak = int(values.max())
     for row, (label, v) in enumerate([("by code index", values), ("sorted by count", np.sort(values)[::-1])]):
         top = 24 + row * (height + 22)
-        draw.text((10, top), label, fill="black")
+        draw.text((10, top), f"{label} (log scale, max {peak:,})", fill="black")
         _bars(draw, v, 10, top + 14, k * bar, height - 14, bar)
     return canvas
 
 
 def _bars(draw: ImageDraw.ImageDraw, values: np.ndarray, x0: int, y0: int, w: int, h: int, bar: int) -> None:
     draw.rectangle((x0, y0, x0 + w, y0 + h), outline="grey")
-    peak = values.max() or 1.0
+    peak = math.log1p(values.max()) or 1.0            # log scale: rare codes stay visible
     for i, v in enumerate(values):
         if v > 0:
-            y = y0 + h - max(1, round(h * v / peak))
+            y = y0 + h - max(1, round(h * math.log1p(v) / peak))
             draw.rectangle((x0 + i * bar, y, x0 + (i + 1) * bar - 1, y0 + h), fill="steelblue")
