@@ -66,7 +66,9 @@ def ray_head(moto_s3):
     temp_dir = tempfile.mkdtemp(prefix="vqr-", dir="/tmp")   # short: Unix socket paths are limited
     token = secrets.token_hex(16)
     client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    env = {**os.environ, **client_env, **moto_s3["env"], "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, **client_env, **moto_s3["env"], "RAY_USAGE_STATS_ENABLED": "0",
+           # the cluster's `python` (job entrypoints) is this venv's, as on a real node image
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = free_port(), free_port()
     worker_lo = 20000 + (os.getpid() % 200) * 100
