@@ -31,7 +31,7 @@ def fashion_mnist(out, source, shard_size, limit):
               help="Random SxS crops per image; 0 = one centre-cropped, resized image.")
 @click.option("--short-side", default=0, show_default=True, type=int,
               help="First scale each image's shorter side to this many pixels (0 = keep).")
-@click.option("--largest-per-dir", is_flag=True, help="Use only the largest image file of each directory.")
+@click.option("--largest-per-dir", is_flag=True, help="Use only the largest image file under each top-level directory of SRC.")
 @click.option("--holdout", default=0, show_default=True, type=int,
               help="Source images written to holdout-%06d.tar instead (held-out evaluation).")
 @click.option("--seed", default=0, show_default=True, type=int)

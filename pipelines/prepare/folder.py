@@ -23,7 +23,7 @@ class FolderOptions:
     size: int = 32                 # output side S
     crops_per_image: int = 0       # 0: one centre-cropped, resized SxS image per file
     short_side: int = 0            # before cropping, scale the shorter side to this (0 = keep)
-    largest_per_dir: bool = False  # one file per directory: the largest (wallpaper packages)
+    largest_per_dir: bool = False  # one file per top-level directory: its largest (wallpapers)
     holdout: int = 0               # source images written to holdout-%06d.tar instead
     seed: int = 0
     shard_size: int = 5000
@@ -43,16 +43,27 @@ def list_images(src: str, largest_per_dir: bool) -> list[str]:
         raise UserError(f"{src}: not a directory")
     files = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES))
     if largest_per_dir:
+        # one picture per top-level directory (a wallpaper package ships it in many sizes)
         best: dict[str, tuple[int, str]] = {}
         for p in files:
-            d = p.rsplit("/", 1)[0]
-            size = fs.size(p) or 0
+            d = p[len(root.rstrip("/")) + 1:].split("/", 1)[0]
+            size = _pixels(fs, p)
             if d not in best or size > best[d][0]:
                 best[d] = (size, p)
         files = sorted(p for _, p in best.values())
     if not files:
         raise UserError(f"{src}: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
     return [fs.unstrip_protocol(p) if "://" in src else p for p in files]
+
+
+def _pixels(fs, path: str) -> int:
+    """Width x height from the image header (0 when unreadable: it loses the contest and a
+    readable sibling is used)."""
+    try:
+        with fs.open(path, "rb") as f, Image.open(f) as img:
+            return img.size[0] * img.size[1]
+    except Exception:
+        return 0
 
 
 def open_image(url: str) -> Image.Image:
