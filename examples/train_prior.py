@@ -39,8 +39,8 @@ class PriorConfig:
     codebook_size: int
     num_codes: int            # h * w, the sequence length
     num_classes: int
-    d_model: int = 128
-    layers: int = 4
+    d_model: int = 64
+    layers: int = 3
     heads: int = 4
     dropout: float = 0.1
 
@@ -95,14 +95,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--minutes", type=float, default=4.0, help="stop training after this long")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=64)
+    p.add_argument("--layers", type=int, default=3)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers")
     p.add_argument("--samples-per-class", type=int, default=8)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads; 0 = the cores left after the DataLoader workers (an "
+                        "oversubscribed CPU trains several times slower)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -141,7 +144,8 @@ def batches(dataset: CodesDataset, args):
 def train(prior: Prior, dataset: CodesDataset, args, log) -> list[float]:
     opt = torch.optim.AdamW(prior.parameters(), lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps, pct_start=0.05)
-    deadline, losses, window = time.monotonic() + 60 * args.minutes, [], []
+    t0 = time.monotonic()
+    deadline, losses, window = t0 + 60 * args.minutes, [], []
     prior.train()
     for step, (codes, cls) in enumerate(batches(dataset, args), start=1):
         loss = prior.loss(codes.to(args.device), cls.to(args.device))
@@ -151,6 +155,8 @@ def train(prior: Prior, dataset: CodesDataset, args, log) -> list[float]:
         opt.step()
         sched.step()
         window.append(loss.item())
+        if step == 1:
+            log(f"step 1: loss {window[0]:.3f} nats/code (first batch after {time.monotonic() - t0:.1f}s)")
         if step % args.log_every == 0 or step == args.steps or time.monotonic() > deadline:
             mean = sum(window) / len(window)
             losses.append(mean)
@@ -180,6 +186,8 @@ def sample_grid(prior: Prior, tokenizer, args, grid: tuple[int, int]) -> tuple[t
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if not args.device.startswith("cuda"):
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - args.workers))
     torch.manual_seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
     log_file = open(os.path.join(args.out, "train.log"), "w")
