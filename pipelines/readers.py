@@ -130,20 +130,21 @@ class CodesDataset(IterableDataset):
         columns = [KEY, CODES, *self.fields]
         h, w = self.metadata.grid
         fs = self._filesystem()
-        open_path, parquet = None, None
+        open_path, handle, parquet = None, None, None
         try:
             for piece in pieces:
-                if piece.group.path != open_path:
-                    if parquet is not None:
-                        parquet.close()
+                if piece.group.path != open_path:     # pieces of one file are consecutive
+                    if handle is not None:
+                        handle.close()
                     open_path = piece.group.path
-                    parquet = pq.ParquetFile(fs.open(open_path, "rb"))
+                    handle = fs.open(open_path, "rb")
+                    parquet = pq.ParquetFile(handle)
                 table = parquet.read_row_group(piece.group.index, columns=columns)
                 table = table.slice(piece.start, piece.stop - piece.start)
                 yield from _rows(table, self.fields, self.metadata, open_path, h, w)
         finally:
-            if parquet is not None:
-                parquet.close()
+            if handle is not None:
+                handle.close()
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
