@@ -133,7 +133,7 @@ class CodesDataset(IterableDataset):
         open_path, handle, parquet = None, None, None
         try:
             for piece in pieces:
-                if piece.group.path != open_path:     # pieces of one file are consecutive
+                if piece.group.path != open_path:     # keep the file open across its row groups
                     if handle is not None:
                         handle.close()
                     open_path = piece.group.path
