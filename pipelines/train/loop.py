@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm
 
 from tokenizer import VQVAE, CheckpointError
+from tokenizer.checkpoint import weights_sha256
 
 from .. import distributed as D
 from ..config import to_dict
@@ -106,7 +107,13 @@ class Trainer:
         mine = {"rng": rng_state(), "num_workers": self.cfg.data.num_workers,
                 "positions": {str(w): list(p) for w, p in self.positions.items()},
                 "bad": {str(w): b for w, b in self.bad.items()}}
+        # codebook, EMA buffers (and projections) of this replica
+        mine["codebook_sha256"] = weights_sha256(self.model.quantizer.state_dict())
         ranks = D.all_gather_object(mine)
+        if len({r["codebook_sha256"] for r in ranks}) > 1:
+            # every rank sees the same list, so every rank stops here together
+            raise RuntimeError(f"step {self.step}: codebook replicas differ across ranks; the "
+                               "quantiser's statistics were not all-reduced identically")
         if self.info.is_main:
             state = {"format": 1, "step": self.step, "model": self.model.state_dict(),
                      "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),

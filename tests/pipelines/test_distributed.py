@@ -132,6 +132,7 @@ def test_two_launchers_form_one_two_node_job(tmp_path):
         assert p.returncode == 0, err[-3000:]
     state = torch.load(tmp_path / "run" / "checkpoints" / "step-00000005.pt", weights_only=True)
     assert len(state["ranks"]) == 2               # one job of world size 2
+    assert state["ranks"][0]["codebook_sha256"] == state["ranks"][1]["codebook_sha256"]
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
     assert "tokenizer exported" in outs[0][0]
 
