@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 _CACHE_BYTES = 4 << 20      # torch back end on CPU: target size of one score block (measured)
 _NATIVE_ROWS = 512          # native back end: rows per block (GEMM efficiency vs cache, measured)
-_NATIVE_TILE_BYTES = 8 << 20  # native back end: columns per block so a block is <= ~8 MiB
+_NATIVE_TILE_BYTES = 16 << 20  # native back end: split K into column tiles beyond a 16 MiB block
 BACKENDS = ("auto", "native", "torch")
 
 

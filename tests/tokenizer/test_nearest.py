@@ -84,15 +84,19 @@ def test_chunked_random_data_as_near(chunk_rows):
     assert_as_near(z, book, nearest_codes(z, book, chunk_rows=chunk_rows))
 
 
-def test_column_tiles_across_codebook():
+@pytest.mark.parametrize("tile_cols", [1000, 4096, None])
+def test_column_tiles_across_codebook(monkeypatch, tile_cols):
     """The automatic blocking splits a large codebook into column tiles; the running minimum
-    must carry across tiles (nearest codes planted at the start, middle and end)."""
+    must carry across tiles (nearest codes planted at the start, tile edges and end)."""
+    if tile_cols:
+        monkeypatch.setattr(nm, "_NATIVE_TILE_BYTES", 4 * nm._NATIVE_ROWS * tile_cols)
     z, book = integer_data(700, 9000, 3, seed=2)
     book = book * 10 + 100                                 # all codes far from z ...
-    for i, j in ((0, 0), (1, 4095), (2, 4096), (3, 8999), (4, 5000)):
+    planted = [0, 999, 1000, 4095, 4096, 8999, 5000]
+    for i, j in enumerate(planted):
         book[j] = z[i]                                     # ... except these exact hits
-    idx = nearest_codes(z, book)
-    assert [int(idx[i]) for i in range(5)] == [0, 4095, 4096, 8999, 5000]
+    idx = nearest_codes(z, book, backend="native")
+    assert idx[: len(planted)].tolist() == planted
     assert torch.equal(idx, brute_sq_dist(z, book).argmin(1))
 
 
