@@ -6,6 +6,7 @@ import os
 import tarfile
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -220,3 +221,17 @@ def test_decode_keeps_the_first_of_a_repeated_key_and_says_so(tmp_path, tok):
     assert result.exit_code == 0, result.output
     assert "1 rows repeat a (shard, key)" in result.output and "decoded 2 images" in result.stdout
     assert sorted(os.listdir(tmp_path / "png" / "s0")) == ["a.png", "b.png"]
+
+
+def test_decode_rgb_tokenizer_writes_rgb_pngs(tmp_path):
+    model = save_tiny_model(tmp_path / "tok", channels=3, codebook_size=40000)   # K > 32768: int32 codes
+    rows = write_output(tmp_path / "codes", model, {"s0": 2})
+    assert pq.read_schema(fmt.data_path(str(tmp_path / "codes"), "s0")).field("codes").type.value_type == pa.int32()
+    result = run("decode", "--tokenizer", tmp_path / "tok", "--codes", tmp_path / "codes", "--out", tmp_path / "png")
+    assert result.exit_code == 0, result.output
+    for key, row in rows.items():
+        got = png_array(tmp_path / "png" / "s0" / f"{key}.png")
+        want = model.decode(torch.as_tensor(row["codes"])[None])[0]
+        want = (want.clamp(0, 1) * 255).round().to(torch.uint8).numpy().transpose(1, 2, 0)
+        assert got.shape == (8, 8, 3)
+        np.testing.assert_array_equal(got, want)
