@@ -66,7 +66,10 @@ def ray_session(address: str | None, runtime_env: dict | None = None, num_cpus: 
             ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1,
                      include_dashboard=False, **kwargs)
     except ConnectionError as e:
-        raise UserError(f"cannot connect to the Ray cluster at {address}: {_first_line(e)}") from None
+        hint = "" if token_available() else (
+            "; if the cluster uses token authentication, put its token in RAY_AUTH_TOKEN or "
+            "~/.ray/auth_token (`ray get-auth-token` on the head prints it)")
+        raise UserError(f"cannot connect to the Ray cluster at {address}: {_first_line(e)}{hint}") from None
     except Exception as e:
         if type(e).__name__ == "AuthenticationError":
             raise UserError(f"the Ray cluster at {address} refused the connection: "
@@ -77,6 +80,13 @@ def ray_session(address: str | None, runtime_env: dict | None = None, num_cpus: 
         yield ray
     finally:
         ray.shutdown()
+
+
+def auth_hint(message: str) -> str:
+    if "uthenticat" not in message and "Unauthorized" not in message and "Forbidden" not in message:
+        return ""
+    return (" (the cluster uses token authentication: put its token in RAY_AUTH_TOKEN, the file "
+            "named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token)")
 
 
 def _first_line(e: BaseException) -> str:

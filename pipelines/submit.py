@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from .errors import UserError
-from .ray_utils import configure_token_auth
+from .ray_utils import auth_hint, configure_token_auth
 
 # never uploaded: data, weights, outputs, environments, VCS metadata
 EXCLUDES = [".git", ".venv", "venv", "**/__pycache__", "*.tar", "*.tar.gz", "*.tgz", "*.parquet",
@@ -33,7 +33,8 @@ def job_client(address: str):
     try:
         return JobSubmissionClient(address)
     except Exception as e:
-        raise UserError(f"cannot reach the Ray job API at {address}: {_first_line(e)}") from None
+        msg = _first_line(e)
+        raise UserError(f"cannot reach the Ray job API at {address}: {msg}{auth_hint(msg)}") from None
 
 
 def submit(address: str, args: list[str], wait: bool, out=sys.stdout) -> int:
@@ -47,7 +48,8 @@ def submit(address: str, args: list[str], wait: bool, out=sys.stdout) -> int:
     try:
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
     except Exception as e:
-        raise UserError(f"job submission to {address} failed: {_first_line(e)}") from None
+        msg = _first_line(e)
+        raise UserError(f"job submission to {address} failed: {msg}{auth_hint(msg)}") from None
     print(job_id, file=out, flush=True)
     if not wait:
         return 0

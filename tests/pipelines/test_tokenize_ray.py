@@ -272,3 +272,16 @@ def test_submit_wait_runs_the_job_on_the_cluster(tmp_path, tok_dir, shards, ray_
                         tok_dir, "--input", str(tmp_path / "nothing-*.tar"), "--output", out],
                        env=head_env(ray_head), timeout=300)
     assert failing.returncode == 1 and "no shard matches" in failing.stdout
+
+
+def test_submit_without_or_with_a_wrong_token_is_a_clear_error(tmp_path, ray_head):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(tmp_path)                 # no ~/.ray/auth_token either
+    args = [sys.executable, "-m", "pipelines", "submit", "--address", ray_head["dashboard"], "--", "tokenize"]
+    missing = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert "Missing authentication token" in missing.stderr and "RAY_AUTH_TOKEN" in missing.stderr
+    wrong = "0" * 32
+    bad = subprocess.run(args, env={**env, "RAY_AUTH_TOKEN": wrong}, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "Invalid authentication token" in bad.stderr
+    assert wrong not in bad.stdout + bad.stderr
