@@ -7,6 +7,8 @@ after its readable head was yielded.
 """
 from __future__ import annotations
 
+import gzip
+import lzma
 import tarfile
 import zlib
 from dataclasses import dataclass, field
@@ -14,7 +16,9 @@ from typing import Iterator
 
 import fsspec
 
-STREAM_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, ValueError)
+# damage in the bytes themselves: a shard error. Any other OSError (network, permissions) is a
+# storage failure and propagates, so that the attempt is retried rather than the data judged.
+DAMAGE_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError)
 
 
 @dataclass
@@ -71,7 +75,7 @@ class TarShardReader:
         except FileNotFoundError:
             self.error = "shard not found"
             return
-        except (OSError, ValueError) as e:
+        except ValueError as e:
             self.error = f"shard cannot be opened ({e})"
             return
         try:
@@ -82,7 +86,7 @@ class TarShardReader:
     def _samples(self, f) -> Iterator[Sample]:
         try:
             tar = tarfile.open(fileobj=f, mode="r|*", tarinfo=EndAwareTarInfo)
-        except STREAM_ERRORS as e:
+        except DAMAGE_ERRORS as e:
             self.error = f"not a tar archive ({e})"
             return
         sample: Sample | None = None
@@ -104,7 +108,7 @@ class TarShardReader:
                 end = getattr(tar, "vqtok_end", None)
                 if end != "marker":
                     self.error = f"truncated tar: {end or 'stream ended early'} after {tar.offset} bytes"
-        except STREAM_ERRORS as e:
+        except DAMAGE_ERRORS as e:
             self.error = f"truncated or corrupt tar after {self.bytes_read} bytes ({e})"
         if sample is not None:
             sample.complete = self.error is None

@@ -186,3 +186,55 @@ def test_config_validation_names_the_key():
     with pytest.raises(ConfigError, match="tokenize.max_error_rate"):
         TokenizeConfig(tokenizer="t", inputs=["a.tar"], output="o", max_error_rate=2)
     assert TokenizeConfig(tokenizer="t", inputs="a.tar", output="o", keep_fields="cls, json").keep_fields == ["cls", "json"]
+
+
+def test_pool_size_fits_the_cluster_and_never_oversubscribes_cpus():
+    from pipelines.tokenize.driver import pool_size
+    cfg = TokenizeConfig(tokenizer="t", inputs=["a.tar"], output="o")
+    assert pool_size({"CPU": 2.0}, cfg, shards=10) == (2, 1.0, 0.0)
+    assert pool_size({"CPU": 2.0}, cfg, shards=1) == (1, 1.0, 0.0)
+    assert pool_size({"CPU": 16.0, "GPU": 4.0}, cfg, shards=10) == (4, 4.0, 1.0)
+    big = TokenizeConfig(tokenizer="t", inputs=["a.tar"], output="o", cpus_per_worker=4)
+    with pytest.raises(UserError, match="lower --cpus-per-worker"):
+        pool_size({"CPU": 2.0}, big, shards=10)
+
+
+def test_token_auth_is_enabled_only_when_a_token_exists(tmp_path, monkeypatch):
+    from pipelines import ray_utils
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    ray_utils.configure_token_auth()
+    assert "RAY_AUTH_MODE" not in os.environ
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("secret-token")
+    ray_utils.configure_token_auth()
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")     # an explicit choice is respected
+    ray_utils.configure_token_auth()
+    assert os.environ["RAY_AUTH_MODE"] == "disabled"
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    (tmp_path / ".ray" / "auth_token").unlink()
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "secret-token")
+    ray_utils.configure_token_auth()
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+    assert ray_utils.cluster_address(None) is None and ray_utils.cluster_address("h:6379") == "h:6379"
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    assert ray_utils.cluster_address(None) == "head:6379"
+
+
+def test_storage_errors_propagate_but_damage_is_a_shard_error(tmp_path, monkeypatch):
+    import fsspec
+    td.write(tmp_path / "a.tar", td.tar_bytes([("k1", {"png": td.png(np.zeros((28, 28), np.uint8))})]))
+
+    class Flaky(io.BytesIO):
+        def read(self, *a):
+            raise ConnectionResetError("connection reset by peer")
+
+    real_open = fsspec.open
+    monkeypatch.setattr(fsspec, "open", lambda url, mode="rb", **kw: type("F", (), {"open": lambda self: Flaky()})()
+                        if url.endswith("flaky.tar") else real_open(url, mode, **kw))
+    with pytest.raises(ConnectionResetError):     # retried by the driver, not judged as data
+        list(TarShardReader(str(tmp_path / "flaky.tar")))
+    reader = TarShardReader(str(tmp_path / "a.tar"))
+    assert [s.key for s in reader] == ["k1"] and reader.error is None
