@@ -22,6 +22,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -99,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--num-classes", type=int, default=0, help="0 = 1 + the largest cls in the codes")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers")
     p.add_argument("--samples-per-class", type=int, default=8)
     p.add_argument("--temperature", type=float, default=1.0)
@@ -139,6 +142,22 @@ def batches(dataset: CodesDataset, args):
             raise UserError(f"{args.codes}: class id {int(cls.max())} outside "
                             f"[0, --num-classes {args.num_classes})")
         yield batch["codes"], cls.long()
+
+
+def count_classes(dataset: CodesDataset, url: str) -> int:
+    """1 + the largest class id in the `cls` column (only that column is read)."""
+    top = -1
+    for path in sorted({g.path for g in dataset.row_groups}):
+        with dataset.fs.open(path, "rb") as f:
+            column = pq.read_table(f, columns=["cls"]).column("cls")
+        if not pa.types.is_integer(column.type):
+            raise UserError(f"{path}: column 'cls' must hold integer class ids, found {column.type}")
+        if column.null_count:
+            raise UserError(f"{path}: {column.null_count} rows have no cls")
+        top = max(top, pc.max(column).as_py())
+    if top < 0:
+        raise UserError(f"{url}: no class ids (negative or no rows)")
+    return top + 1
 
 
 def train(prior: Prior, dataset: CodesDataset, args, log) -> list[float]:
@@ -199,6 +218,7 @@ def main(argv=None) -> dict:
     dataset = CodesDataset(args.codes, shuffle=True, seed=args.seed, fields=("cls",))
     tokenizer = load_tokenizer_for(args.tokenizer, dataset.metadata, args.codes, args.device)
     h, w = dataset.grid
+    args.num_classes = args.num_classes or count_classes(dataset, args.codes)
     cfg = PriorConfig(dataset.codebook_size, h * w, args.num_classes, args.d_model, args.layers,
                       args.heads, args.dropout)
     prior = Prior(cfg).to(args.device)

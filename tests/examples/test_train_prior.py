@@ -42,7 +42,7 @@ def run_example(tmp_path):
     return load_example().main([
         "--codes", str(tmp_path / "codes"), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "prior"),
         "--steps", "120", "--batch-size", "16", "--lr", "3e-3", "--d-model", "32", "--layers", "2",
-        "--heads", "2", "--dropout", "0", "--num-classes", "4", "--workers", "1", "--samples-per-class", "3",
+        "--heads", "2", "--dropout", "0", "--workers", "1", "--samples-per-class", "3",
         "--temperature", "0.5", "--log-every", "20"])
 
 
