@@ -91,6 +91,18 @@ class CodesDataset(IterableDataset):
         start, stop = _slice(self.num_rows, self.rank, self.world_size)
         return stop - start
 
+    def steps_per_epoch(self, batch_size: int, num_workers: int = 0) -> int:
+        """Full batches that EVERY rank gets from DataLoader(self, batch_size, num_workers): run
+        this many steps per epoch on all ranks to keep DDP in lock-step (each DataLoader worker
+        batches its own rows, so ranks can otherwise differ by a batch)."""
+        workers = max(1, num_workers)
+        counts = []
+        for rank in range(self.world_size):
+            start, stop = _slice(self.num_rows, rank, self.world_size)
+            counts.append(sum((b - a) // batch_size for a, b in
+                              (_slice(stop - start, w, workers) for w in range(workers))))
+        return min(counts)
+
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)

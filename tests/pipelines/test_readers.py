@@ -216,3 +216,15 @@ def test_contract_helpers():
     meta = fmt.OutputMetadata("f" * 64, 512, (7, 7), 1, 28, {"policy": "x"}, extra={"writer": "y"})
     again = fmt.OutputMetadata.from_json(meta.to_json(), "here")
     assert again == meta and again.num_codes == 49
+
+
+@pytest.mark.parametrize("world_size,num_workers,batch_size", [(2, 2, 3), (3, 0, 4), (4, 1, 5)])
+def test_steps_per_epoch_is_what_every_rank_can_run(output, world_size, num_workers, batch_size):
+    out, _ = output
+    batches = []
+    for rank in range(world_size):
+        ds = CodesDataset(out, rank=rank, world_size=world_size)
+        loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, drop_last=True)
+        batches.append(sum(1 for _ in loader))
+        steps = ds.steps_per_epoch(batch_size, num_workers)
+    assert steps == min(batches) and steps > 0
