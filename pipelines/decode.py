@@ -65,9 +65,13 @@ class PngWriter:
         self.fs.makedirs(self.root, exist_ok=True)
         self.written: dict[str, tuple[str, str]] = {}
         self.duplicates = 0
+        self._shard_dirs: dict[str, str] = {}
 
     def path_for(self, shard: str, key: str) -> str:
-        shard_dir = safe_output_path(self.out, shard)
+        shard_dir = self._shard_dirs.get(shard)
+        if shard_dir is None:
+            shard_dir = self._shard_dirs[shard] = safe_output_path(self.out, shard)
+            self.fs.makedirs(self.fs._strip_protocol(shard_dir), exist_ok=True)
         return safe_output_path(shard_dir, key, ".png")
 
     def write(self, shard: str, key: str, png: bytes) -> str | None:
@@ -76,9 +80,7 @@ class PngWriter:
             self.duplicates += 1
             return None
         self.written[path] = (shard, key)
-        fs_path = self.fs._strip_protocol(path)
-        self.fs.makedirs(fs_path.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.pipe_file(fs_path, png)
+        self.fs.pipe_file(self.fs._strip_protocol(path), png)
         return path
 
     def write_index(self) -> str:
