@@ -212,7 +212,8 @@ def main() -> None:
     ours["eval_images"] = len(x)
     train_x = train_images(a.dataset, train)
     ref = run_reference(train_x, x, a.ref_steps, threads=os.cpu_count() or 1) if a.ref_steps >= 3000 else {}
-    timing = timing_rounds(a, config, train, train_x, a.timing_rounds, a.timing_steps)
+    timing = (timing_rounds(a, config, train, train_x, a.timing_rounds, a.timing_steps)
+              if a.timing_rounds else {"ratio": float("nan")})
     result = {"dataset": a.dataset, "steps": a.steps, "nproc": a.nproc, "sets": a.sets, "vqtok": ours,
               "reference_measured": ref, "reference_issue": ISSUE_REFERENCE[a.dataset],
               "timing": timing, "time_ratio": timing["ratio"]}
