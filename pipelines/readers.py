@@ -1,12 +1,13 @@
 """CodesDataset: a tokenize output as a torch IterableDataset for training priors.
 
 The rows of all data files, in (file, row group) order, form one global sequence of N rows. Rank
-r of R takes the contiguous slice [r*N//R, (r+1)*N//R) of it (so ranks differ by at most one
-row: DDP steps stay in lock-step) and DataLoader worker w of W takes the same kind of slice of
-its rank's slice. Every row is therefore read by exactly one (rank, worker). Reading is by row
+r of R takes the contiguous slice [r*N//R, (r+1)*N//R) of it (ranks differ by at most one row;
+steps_per_epoch() gives a step count every rank can run) and DataLoader worker w of W takes the
+same kind of slice of its rank's slice. Every row is therefore read by exactly one (rank, worker). Reading is by row
 group: a worker opens only the row groups its slice touches. With shuffle=True the row-group
 order is permuted (seeded by seed + epoch, identical on all ranks) before slicing, and rows are
-mixed in a bounded shuffle buffer inside each worker.
+shuffled inside each worker in pools of >= shuffle_buffer rows (whole row-group slices,
+permuted together).
 """
 from __future__ import annotations
 
@@ -36,6 +37,23 @@ class RowGroup:
     num_rows: int
 
 
+@dataclass
+class Block:
+    """Rows read together: keys, codes (n, h, w) int64, passed-through fields."""
+    keys: list
+    codes: np.ndarray
+    extra: dict
+
+    @staticmethod
+    def permuted(blocks: list["Block"], rng: np.random.Generator) -> "Block":
+        keys = [k for b in blocks for k in b.keys]
+        order = rng.permutation(len(keys))
+        codes = np.concatenate([b.codes for b in blocks])[order]
+        extra = {name: [v for b in blocks for v in b.extra[name]] for name in blocks[0].extra}
+        return Block([keys[i] for i in order], codes,
+                     {name: [values[i] for i in order] for name, values in extra.items()})
+
+
 @dataclass(frozen=True)
 class Piece:
     """Rows [start, stop) of one row group."""
@@ -51,7 +69,8 @@ class CodesDataset(IterableDataset):
     rank / world_size: this process's data-parallel rank; default from RANK / WORLD_SIZE.
     shuffle / seed: deterministic shuffling; call set_epoch(e) before each epoch for a new order.
     fields: extra columns to pass through (the tokenize --keep-fields), e.g. ("cls",).
-    shuffle_buffer: rows mixed across row groups inside one worker when shuffling.
+    shuffle_buffer: when shuffling, each worker permutes pools of at least this many rows
+        (whole row-group slices, so a pool also spans row groups).
     """
 
     def __init__(self, url: str, rank: int | None = None, world_size: int | None = None,
@@ -106,11 +125,10 @@ class CodesDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        pieces = self.pieces(worker_id, num_workers)
-        rows = self._read(pieces)
+        blocks = self._read(self.pieces(worker_id, num_workers))
         if self.shuffle:
-            rows = _buffer_shuffle(rows, self.shuffle_buffer, self._rng(worker_id))
-        return rows
+            blocks = _pool_shuffle(blocks, self.shuffle_buffer, self._rng(worker_id))
+        return _rows(blocks, self.fields)
 
     def pieces(self, worker_id: int = 0, num_workers: int = 1) -> list[Piece]:
         """The row-group slices read by this rank's worker `worker_id` of `num_workers`."""
@@ -135,10 +153,10 @@ class CodesDataset(IterableDataset):
         state["_fs_pid"] = None
         return state
 
-    def _rng(self, worker_id: int) -> random.Random:
-        return random.Random(f"{self.seed}:{self.epoch}:{self.rank}:{worker_id}")
+    def _rng(self, worker_id: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, self.rank, worker_id])
 
-    def _read(self, pieces: list[Piece]) -> Iterator[dict]:
+    def _read(self, pieces: list[Piece]) -> Iterator["Block"]:
         columns = [KEY, CODES, *self.fields]
         h, w = self.metadata.grid
         fs = self._filesystem()
@@ -153,7 +171,9 @@ class CodesDataset(IterableDataset):
                     parquet = pq.ParquetFile(handle)
                 table = parquet.read_row_group(piece.group.index, columns=columns)
                 table = table.slice(piece.start, piece.stop - piece.start)
-                yield from _rows(table, self.fields, self.metadata, open_path, h, w)
+                codes = _codes_array(table.column(CODES), self.metadata, open_path, h * w)
+                yield Block(table.column(KEY).to_pylist(), codes.reshape(-1, h, w),
+                            {name: table.column(name).to_pylist() for name in self.fields})
         finally:
             if handle is not None:
                 handle.close()
@@ -213,17 +233,14 @@ def _pieces(groups: list[RowGroup], start: int, stop: int) -> list[Piece]:
     return out
 
 
-def _rows(table: pa.Table, fields: tuple[str, ...], meta: OutputMetadata, path: str,
-          h: int, w: int) -> Iterator[dict]:
-    codes = _codes_array(table.column(CODES), meta, path, h * w).reshape(-1, h, w)
-    keys = table.column(KEY).to_pylist()
-    extra = {name: table.column(name).to_pylist() for name in fields}
-    tensor = torch.from_numpy(codes)
-    for i, key in enumerate(keys):
-        row = {"key": key, "codes": tensor[i]}
-        for name in fields:
-            row[name] = extra[name][i]
-        yield row
+def _rows(blocks: Iterator["Block"], fields: tuple[str, ...]) -> Iterator[dict]:
+    for block in blocks:
+        grids = torch.from_numpy(block.codes).unbind(0)   # one C++ call; per-row indexing is slow
+        for i, key in enumerate(block.keys):
+            row = {"key": key, "codes": grids[i]}
+            for name in fields:
+                row[name] = block.extra[name][i]
+            yield row
 
 
 def _codes_array(column: pa.ChunkedArray, meta: OutputMetadata, path: str, size: int) -> np.ndarray:
@@ -242,15 +259,17 @@ def _codes_array(column: pa.ChunkedArray, meta: OutputMetadata, path: str, size:
     return values.reshape(len(array), size)
 
 
-def _buffer_shuffle(rows: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
-    """Reservoir-style shuffle buffer: holds at most `size` rows."""
-    buffer: list[dict] = []
-    for row in rows:
-        if len(buffer) < size:
-            buffer.append(row)
-            continue
-        i = rng.randrange(size)
-        yield buffer[i]
-        buffer[i] = row
-    rng.shuffle(buffer)
-    yield from buffer
+def _pool_shuffle(blocks: Iterator["Block"], size: int, rng: np.random.Generator) -> Iterator["Block"]:
+    """Pool whole row-group slices until they hold >= `size` rows, then emit the pool as one
+    randomly permuted block. Rows are shuffled as arrays (numpy), never as thousands of live
+    Python objects, which a classic row shuffle buffer would be (several times slower)."""
+    pool: list[Block] = []
+    pooled = 0
+    for block in blocks:
+        pool.append(block)
+        pooled += len(block.keys)
+        if pooled >= size:
+            yield Block.permuted(pool, rng)
+            pool, pooled = [], 0
+    if pool:
+        yield Block.permuted(pool, rng)

@@ -228,3 +228,14 @@ def test_steps_per_epoch_is_what_every_rank_can_run(output, world_size, num_work
         batches.append(sum(1 for _ in loader))
         steps = ds.steps_per_epoch(batch_size, num_workers)
     assert steps == min(batches) and steps > 0
+
+
+def test_shuffle_mixes_rows_across_row_groups_and_files(output):
+    out, rows = output
+    def neighbours_from_one_shard(keys):
+        return sum(rows[a]["shard"] == rows[b]["shard"] for a, b in zip(keys, keys[1:]))
+    in_order = keys_of(CodesDataset(out))
+    mixed = keys_of(CodesDataset(out, shuffle=True, seed=7, shuffle_buffer=10**6))
+    assert sorted(mixed) == sorted(in_order)
+    assert neighbours_from_one_shard(in_order) == len(in_order) - 3      # 3 non-empty shards
+    assert neighbours_from_one_shard(mixed) < 20
