@@ -13,7 +13,7 @@ from PIL import Image
 
 import tok_data as td
 from pipelines.errors import UserError
-from pipelines.output_format import OutputMetadata, read_metadata
+from pipelines.output_format import read_metadata
 from pipelines.tokenize import TokenizeConfig
 from pipelines.tokenize.encoder import CodeEncoder
 from pipelines.tokenize.outputs import OutputDir
