@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 _CACHE_BYTES = 4 << 20      # torch back end on CPU: target size of one score block (measured)
 _NATIVE_ROWS = 512          # native back end: rows per block (GEMM efficiency vs cache, measured)
 _NATIVE_TILE_BYTES = 16 << 20  # native back end: split K into column tiles beyond a 16 MiB block
+_FUSED_BLOCK_BYTES = 1 << 20  # fused path: per-thread score block (64 rows at K=4096, measured)
 BACKENDS = ("auto", "native", "torch")
 
 
@@ -104,12 +105,33 @@ def _nearest_torch(z: torch.Tensor, codebook: torch.Tensor, chunk_rows: int) -> 
 
 
 def _nearest_native(kernel, z: torch.Tensor, codebook: torch.Tensor, chunk_rows: int) -> torch.Tensor:
-    n, k = z.shape[0], codebook.shape[0]
-    rows = min(chunk_rows or _NATIVE_ROWS, n)
-    tile = k if chunk_rows else max(64, min(k, _NATIVE_TILE_BYTES // (4 * rows)))
     z = z.contiguous()
     code_sq = codebook.pow(2).sum(1).contiguous()          # (K,)
     book_t = (codebook * -2.0).t().contiguous()            # (D, K); *-2 is exact in fp32
+    if _fused is not None:
+        return _nearest_fused(z, book_t, code_sq, chunk_rows)
+    return _nearest_blocked(kernel, z, book_t, code_sq, chunk_rows)
+
+
+def _nearest_fused(z, book_t, code_sq, chunk_rows: int) -> torch.Tensor:
+    """One C call: per-thread sgemm on small row blocks + argmin from L2 (see _C_SOURCE)."""
+    n, d = z.shape
+    k = book_t.shape[1]
+    rows = min(chunk_rows or max(8, min(256, _FUSED_BLOCK_BYTES // (4 * k))), n)
+    threads = max(1, min(torch.get_num_threads(), -(-n // rows)))
+    work = torch.empty(threads * rows * k, dtype=torch.float32)   # one (rows, K) block per thread
+    out = torch.empty(n, dtype=torch.long)
+    fn, gemm, set_local = _fused
+    fn(gemm, set_local, z.data_ptr(), n, d, book_t.data_ptr(), k, code_sq.data_ptr(),
+       out.data_ptr(), rows, threads, work.data_ptr())
+    return out
+
+
+def _nearest_blocked(kernel, z, book_t, code_sq, chunk_rows: int) -> torch.Tensor:
+    """torch.mm per block (torch's threads) + the C bias/argmin pass; when no BLAS symbol."""
+    n, k = z.shape[0], book_t.shape[1]
+    rows = min(chunk_rows or _NATIVE_ROWS, n)
+    tile = k if chunk_rows else max(64, min(k, _NATIVE_TILE_BYTES // (4 * rows)))
     out = torch.empty(n, dtype=torch.long)
     best = torch.empty(rows, dtype=torch.float32)          # running minimum over column tiles
     scores = torch.empty(rows * tile, dtype=torch.float32)  # one (rows, cols) block, reused
@@ -129,6 +151,9 @@ def _nearest_native(kernel, z: torch.Tensor, codebook: torch.Tensor, chunk_rows:
 # ---- the native kernel: C source, compilation, cache ---------------------------------------------
 _C_SOURCE = r"""
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -196,17 +221,60 @@ void vqtok_argmin_update(const float *scores, int64_t rows, int64_t k, int64_t l
         row_update(scores + r * ld, bias, k, col0, best + r, idx + r);
     }
 }
+
+/* Fully fused search: ONE parallel region per call; each thread runs a single-threaded BLAS
+   sgemm (Fortran interface, LP64) on its own small row block into its own L2-sized buffer and
+   takes the argmin straight from cache. bookT: (D, K) row-major, pre-scaled by -2.
+   work: nthreads * rows * k floats. set_local: optional mkl_set_num_threads_local. */
+typedef void (*sgemm_t)(const char *, const char *, const int *, const int *, const int *,
+                        const float *, const float *, const int *, const float *, const int *,
+                        const float *, float *, const int *);
+typedef int (*set_local_t)(int);
+void vqtok_fused_nearest(void *gemm_ptr, void *set_local_ptr, const float *z, int64_t n, int d,
+                         const float *bookT, int64_t k, const float *bias, int64_t *out,
+                         int rows, int nthreads, float *work) {
+    sgemm_t gemm = (sgemm_t)gemm_ptr;
+    set_local_t set_local = (set_local_t)set_local_ptr;
+    int64_t nblocks = (n + rows - 1) / rows;
+    if (nthreads < 1) nthreads = 1;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        int t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        int prev = set_local ? set_local(1) : 0;   /* the BLAS call must not fork again */
+        float *buf = work + (int64_t)t * rows * k;
+        const float one = 1.0f, zero = 0.0f;
+        const int kk = (int)k, dd = d;
+        #pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < nblocks; blk++) {
+            int64_t r0 = blk * rows;
+            int m = (int)(n - r0 < rows ? n - r0 : rows);
+            /* column-major view: buf^T (K, m) = bookT^T (K, D) x z_blk^T (D, m) */
+            gemm("N", "N", &kk, &m, &dd, &one, bookT, &kk, z + r0 * d, &dd, &zero, buf, &kk);
+            for (int r = 0; r < m; r++) {
+                float best = __builtin_inff();
+                int64_t idx = 0;
+                row_update(buf + (int64_t)r * k, bias, k, 0, &best, &idx);
+                out[r0 + r] = idx;
+            }
+        }
+        if (set_local) set_local(prev);
+    }
+}
 """
 
 _lock = threading.Lock()
 _native = None          # the ctypes function once loaded
 _native_error = None    # why it could not be built (str), once tried
+_fused = None           # (fused ctypes function, sgemm_ address, mkl_set_num_threads_local or None)
 _tried = False
 
 
 def native_kernel():
     """The compiled C kernel (a ctypes function), or None when it cannot be built here."""
-    global _native, _native_error, _tried
+    global _native, _native_error, _tried, _fused
     if _tried:
         return _native
     with _lock:
@@ -215,7 +283,7 @@ def native_kernel():
                 _native_error = "disabled by VQTOK_NEAREST_BACKEND=torch"
             else:
                 try:
-                    _native = _load(_build())
+                    _native, _fused = _load(_build())
                 except Exception as exc:  # any failure here means "use the torch back end"
                     _native_error = f"{type(exc).__name__}: {exc}"
                     warnings.warn("vqtok: native nearest-code kernel unavailable, using the torch "
@@ -311,11 +379,55 @@ def _compile(compiler: str, flags: list[str], folder: Path, name: str) -> Path:
 def _load(path: Path):
     lib = ctypes.CDLL(str(path))   # ctypes releases the GIL during calls
     fn = lib.vqtok_argmin_update
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    fn.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, c_int]
     fn.restype = None
     _self_check(fn)
-    return fn
+    fused = lib.vqtok_fused_nearest
+    fused.argtypes = [ptr, ptr, ptr, i64, c_int, ptr, i64, ptr, ptr, c_int, c_int, ptr]
+    fused.restype = None
+    try:
+        gemm, set_local = _blas_symbols()
+        entry = (fused, gemm, set_local)
+        _self_check_fused(entry)
+    except Exception as exc:       # no usable BLAS symbol: the blocked path (torch.mm + pass)
+        log.info("vqtok: fused nearest kernel unavailable (%s); using GEMM + argmin pass", exc)
+        entry = None
+    return fn, entry
+
+
+def _blas_symbols():
+    """Address of the MKL sgemm_ (LP64 Fortran interface) that torch's CPU library exports and
+    uses for its own GEMMs. Only with MKL: another BLAS's ABI (e.g. ILP64) would crash, not fail.
+    Inside an OpenMP parallel region MKL runs sequentially (nested parallelism is off)."""
+    if not torch.backends.mkl.is_available():
+        raise RuntimeError("torch is not built with MKL")
+    lib_dir = Path(torch.__file__).parent / "lib"
+    names = [p for p in lib_dir.glob("libtorch_cpu.*") if p.suffix in (".so", ".dylib")]
+    if not names:
+        raise RuntimeError(f"no libtorch_cpu in {lib_dir}")
+    lib = ctypes.CDLL(str(names[0]))   # already loaded by torch: this only gets a handle
+    return ctypes.cast(lib.sgemm_, ctypes.c_void_p).value, None
+
+
+def _self_check_fused(entry) -> None:
+    """Small-integer data (exact in fp32, so exact ties): must equal the first brute-force
+    minimum, for several row counts, codebook widths and both 1 and 2 threads."""
+    fn, gemm, set_local = entry
+    gen = torch.Generator().manual_seed(1)
+    for n, k, d, rows, threads in ((7, 5, 3, 2, 1), (50, 70, 6, 8, 2), (33, 257, 64, 16, 2)):
+        z = torch.randint(-3, 4, (n, d), generator=gen).float()
+        book = torch.randint(-3, 4, (k, d), generator=gen).float()
+        dist = (z[:, None, :] - book[None, :, :]).pow(2).sum(-1)
+        expect = torch.argmin(dist, dim=1)
+        book_t = (book * -2.0).t().contiguous()
+        code_sq = book.pow(2).sum(1).contiguous()
+        work = torch.empty(threads * rows * k)
+        out = torch.empty(n, dtype=torch.long)
+        fn(gemm, set_local, z.data_ptr(), n, d, book_t.data_ptr(), k, code_sq.data_ptr(),
+           out.data_ptr(), rows, threads, work.data_ptr())
+        if not torch.equal(out, expect):
+            raise RuntimeError(f"fused self-check failed for N={n} K={k} D={d}")
 
 
 def _self_check(fn) -> None:

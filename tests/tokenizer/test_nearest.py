@@ -9,7 +9,23 @@ import torch
 from tokenizer import nearest as nm
 from tokenizer.nearest import nearest_codes
 
-BACKENDS = ["native", "torch"]
+BACKENDS = ["fused", "blocked", "torch"]
+
+
+def search(z, book, backend, **kw):
+    """nearest_codes through one back end: "fused" (one C call: per-thread sgemm + argmin),
+    "blocked" (torch.mm per block + the C argmin pass, used when no MKL symbol) or "torch"."""
+    if backend == "torch":
+        return nearest_codes(z, book, backend="torch", **kw)
+    assert nm.native_kernel() is not None, nm._native_error
+    saved = nm._fused
+    assert saved is not None, "the fused kernel is unavailable"
+    if backend == "blocked":
+        nm._fused = None
+    try:
+        return nearest_codes(z, book, backend="native", **kw)
+    finally:
+        nm._fused = saved
 
 
 def brute_sq_dist(z: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
@@ -47,7 +63,7 @@ def integer_data(n, k, d, seed=0):
 def test_matches_brute_force(backend, n, k, d):
     g = torch.Generator().manual_seed(n * 7919 + k)
     z, book = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
-    assert_as_near(z, book, nearest_codes(z, book, backend=backend))
+    assert_as_near(z, book, search(z, book, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -56,7 +72,7 @@ def test_far_from_origin(backend):
     g = torch.Generator().manual_seed(3)
     book = torch.randn(300, 16, generator=g) + 50.0
     z = torch.randn(700, 16, generator=g) + 50.0
-    assert_as_near(z, book, nearest_codes(z, book, backend=backend))
+    assert_as_near(z, book, search(z, book, backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -65,16 +81,16 @@ def test_exact_ties_pick_first_index(backend, n, k, d):
     z, book = integer_data(n, k, d)
     book[k // 2:] = book[: k - k // 2].clone()            # every code appears twice
     expect = brute_sq_dist(z, book).argmin(1)              # exact, first minimum
-    assert torch.equal(nearest_codes(z, book, backend=backend), expect)
+    assert torch.equal(search(z, book, backend), expect)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("chunk_rows", [1, 3, 64, 511, 512, 1000, 5000])
 def test_chunked_equals_unchunked(backend, chunk_rows):
     z, book = integer_data(1037, 4133, 5, seed=1)
-    whole = nearest_codes(z, book, chunk_rows=z.shape[0], backend=backend)
+    whole = search(z, book, backend, chunk_rows=z.shape[0])
     assert torch.equal(whole, brute_sq_dist(z, book).argmin(1))
-    assert torch.equal(nearest_codes(z, book, chunk_rows=chunk_rows, backend=backend), whole)
+    assert torch.equal(search(z, book, backend, chunk_rows=chunk_rows), whole)
 
 
 @pytest.mark.parametrize("chunk_rows", [0, 7, 129])
@@ -86,7 +102,7 @@ def test_chunked_random_data_as_near(chunk_rows):
 
 @pytest.mark.parametrize("tile_cols", [1000, 4096, None])
 def test_column_tiles_across_codebook(monkeypatch, tile_cols):
-    """The automatic blocking splits a large codebook into column tiles; the running minimum
+    """The blocked path splits a large codebook into column tiles; the running minimum
     must carry across tiles (nearest codes planted at the start, tile edges and end)."""
     if tile_cols:
         monkeypatch.setattr(nm, "_NATIVE_TILE_BYTES", 4 * nm._NATIVE_ROWS * tile_cols)
@@ -95,7 +111,7 @@ def test_column_tiles_across_codebook(monkeypatch, tile_cols):
     planted = [0, 999, 1000, 4095, 4096, 8999, 5000]
     for i, j in enumerate(planted):
         book[j] = z[i]                                     # ... except these exact hits
-    idx = nearest_codes(z, book, backend="native")
+    idx = search(z, book, "blocked")
     assert idx[: len(planted)].tolist() == planted
     assert torch.equal(idx, brute_sq_dist(z, book).argmin(1))
 
@@ -104,22 +120,22 @@ def test_column_tiles_across_codebook(monkeypatch, tile_cols):
 def test_fp32_under_bf16_autocast(backend):
     g = torch.Generator().manual_seed(6)
     z, book = torch.randn(500, 64, generator=g), torch.randn(512, 64, generator=g)
-    expect = nearest_codes(z, book, backend=backend)
+    expect = search(z, book, backend)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         # fp32 input: the GEMM must not run in bf16 (that would change many indices)
-        assert torch.equal(nearest_codes(z, book, backend=backend), expect)
+        assert torch.equal(search(z, book, backend), expect)
         # bf16 input is upcast: same as searching its fp32 value
         zb = z.bfloat16()
-        assert torch.equal(nearest_codes(zb, book, backend=backend),
-                           nearest_codes(zb.float(), book, backend=backend))
+        assert torch.equal(search(zb, book, backend),
+                           search(zb.float(), book, backend))
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
-        assert torch.equal(nearest_codes(z, book.bfloat16(), backend=backend),
-                           nearest_codes(z, book.bfloat16().float(), backend=backend))
+        assert torch.equal(search(z, book.bfloat16(), backend),
+                           search(z, book.bfloat16().float(), backend))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_input(backend):
-    out = nearest_codes(torch.empty(0, 8), torch.randn(4, 8), backend=backend)
+    out = search(torch.empty(0, 8), torch.randn(4, 8), backend)
     assert out.shape == (0,) and out.dtype == torch.int64
 
 
@@ -144,9 +160,17 @@ def test_shape_and_argument_errors():
 
 
 def test_native_kernel_builds_here():
-    """The fast path must exist on the supported platform (CPU + a C compiler), or the
-    performance target silently degrades to the torch fallback."""
+    """The fast path must exist on the supported platform (CPU + a C compiler, torch with MKL),
+    or the performance target silently degrades to a slower path."""
     assert nm.native_kernel() is not None, nm._native_error
+    assert nm._fused is not None
+
+
+@pytest.mark.parametrize("chunk_rows", [0, 1, 5, 300])
+def test_fused_more_threads_than_blocks(chunk_rows):
+    z, book = integer_data(9, 40, 4, seed=8)
+    expect = brute_sq_dist(z, book).argmin(1)
+    assert torch.equal(search(z, book, "fused", chunk_rows=chunk_rows), expect)
 
 
 def test_deterministic_and_thread_safe():
@@ -218,4 +242,14 @@ def test_fresh_build_and_cache_reuse(fresh_kernel, tmp_path):
     assert nm.native_kernel() is not None
     assert built[0].stat().st_mtime_ns == stamp           # loaded from the cache, not rebuilt
     z, book = integer_data(123, 45, 3, seed=5)
+    assert torch.equal(nearest_codes(z, book, backend="native"), brute_sq_dist(z, book).argmin(1))
+
+
+def test_blocked_path_when_no_blas_symbol(fresh_kernel):
+    """Without MKL's sgemm_ the native back end still works, through torch.mm + the C pass."""
+    def no_blas():
+        raise RuntimeError("no sgemm_")
+    fresh_kernel.setattr(nm, "_blas_symbols", no_blas)
+    assert nm.native_kernel() is not None and nm._fused is None
+    z, book = integer_data(700, 300, 5, seed=9)
     assert torch.equal(nearest_codes(z, book, backend="native"), brute_sq_dist(z, book).argmin(1))
