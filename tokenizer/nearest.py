@@ -123,7 +123,7 @@ def _nearest_fused(z, book_t, code_sq, chunk_rows: int) -> torch.Tensor:
     out = torch.empty(n, dtype=torch.long)
     fn, gemm, set_local = _fused
     fn(gemm, set_local, z.data_ptr(), n, d, book_t.data_ptr(), k, code_sq.data_ptr(),
-       out.data_ptr(), rows, threads, work.data_ptr())
+       out.data_ptr(), rows, threads, work.data_ptr(), 1)
     return out
 
 
@@ -225,14 +225,15 @@ void vqtok_argmin_update(const float *scores, int64_t rows, int64_t k, int64_t l
 /* Fully fused search: ONE parallel region per call; each thread runs a single-threaded BLAS
    sgemm (Fortran interface, LP64) on its own small row block into its own L2-sized buffer and
    takes the argmin straight from cache. bookT: (D, K) row-major, pre-scaled by -2.
-   work: nthreads * rows * k floats. set_local: optional mkl_set_num_threads_local. */
+   work: nthreads * rows * k floats (with_argmin = 0 skips the argmin: the benchmark's
+   arithmetic limit of this very blocking). set_local: optional mkl_set_num_threads_local. */
 typedef void (*sgemm_t)(const char *, const char *, const int *, const int *, const int *,
                         const float *, const float *, const int *, const float *, const int *,
                         const float *, float *, const int *);
 typedef int (*set_local_t)(int);
 void vqtok_fused_nearest(void *gemm_ptr, void *set_local_ptr, const float *z, int64_t n, int d,
                          const float *bookT, int64_t k, const float *bias, int64_t *out,
-                         int rows, int nthreads, float *work) {
+                         int rows, int nthreads, float *work, int with_argmin) {
     sgemm_t gemm = (sgemm_t)gemm_ptr;
     set_local_t set_local = (set_local_t)set_local_ptr;
     int64_t nblocks = (n + rows - 1) / rows;
@@ -253,7 +254,7 @@ void vqtok_fused_nearest(void *gemm_ptr, void *set_local_ptr, const float *z, in
             int m = (int)(n - r0 < rows ? n - r0 : rows);
             /* column-major view: buf^T (K, m) = bookT^T (K, D) x z_blk^T (D, m) */
             gemm("N", "N", &kk, &m, &dd, &one, bookT, &kk, z + r0 * d, &dd, &zero, buf, &kk);
-            for (int r = 0; r < m; r++) {
+            for (int r = 0; r < m && with_argmin; r++) {   /* with_argmin = 0: GEMM-only timing */
                 float best = __builtin_inff();
                 int64_t idx = 0;
                 row_update(buf + (int64_t)r * k, bias, k, 0, &best, &idx);
@@ -384,7 +385,7 @@ def _load(path: Path):
     fn.restype = None
     _self_check(fn)
     fused = lib.vqtok_fused_nearest
-    fused.argtypes = [ptr, ptr, ptr, i64, c_int, ptr, i64, ptr, ptr, c_int, c_int, ptr]
+    fused.argtypes = [ptr, ptr, ptr, i64, c_int, ptr, i64, ptr, ptr, c_int, c_int, ptr, c_int]
     fused.restype = None
     try:
         gemm, set_local = _blas_symbols()
@@ -425,7 +426,7 @@ def _self_check_fused(entry) -> None:
         work = torch.empty(threads * rows * k)
         out = torch.empty(n, dtype=torch.long)
         fn(gemm, set_local, z.data_ptr(), n, d, book_t.data_ptr(), k, code_sq.data_ptr(),
-           out.data_ptr(), rows, threads, work.data_ptr())
+           out.data_ptr(), rows, threads, work.data_ptr(), 1)
         if not torch.equal(out, expect):
             raise RuntimeError(f"fused self-check failed for N={n} K={k} D={d}")
 
