@@ -4,14 +4,16 @@ argmin_k ||z - e_k||^2 = argmin_k (||e_k||^2 - 2 z.e_k): the ||z||^2 term is con
 one GEMM per block gives the ranking. Rows are processed in blocks sized so the (rows, K) score
 block stays in cache; memory is O(rows x K), never O(N x K). All arithmetic is fp32.
 
-Two back ends, same semantics (first index among equal minima, like torch.argmin):
-- "native" (CPU): the GEMM stays in torch (MKL/oneDNN, near peak) against a codebook pre-scaled
-  by -2 (exact: a power of two), and a small C kernel (AVX2 when the CPU has it) adds ||e||^2 and
-  takes the running argmin of each cache-resident block in one pass. torch.argmin over the block
-  costs ~70% of the GEMM time on a 2-core AVX2 machine; this pass costs ~10-20%. The kernel runs
-  on torch's own OpenMP pool (it links the libgomp torch already loaded), so it adds no threads
-  that would fight torch's spinning workers. It is compiled with the system C compiler on first
-  use and cached; if that fails (no compiler, exotic platform) the "torch" back end is used.
+Back ends, same semantics (first index among equal minima, like torch.argmin):
+- "native" (CPU), fused: one C call, ONE OpenMP parallel region; each thread runs MKL's
+  single-threaded sgemm_ (exported by libtorch_cpu, the routine torch's own GEMMs use) on its own
+  small row block into an L2-sized buffer, against the codebook pre-scaled by -2 (exact), then
+  adds ||e||^2 and takes the row argmin from cache in one AVX2 pass. torch.argmin over a block
+  costs ~70% of the GEMM on a 2-core AVX2 machine; this pass a few %, and one region per call
+  means one barrier (busy machines stall every barrier). Without MKL: "blocked", torch.mm per
+  block + the same C pass. The C code links the libgomp torch already loaded, so it runs on
+  torch's own worker threads. It is compiled with the system C compiler on first use, cached,
+  and checked against brute force; if any of that fails the "torch" back end is used.
 - "torch" (any device, and CPU fallback): addmm with the norms folded in, then torch.argmin.
 Set VQTOK_NEAREST_BACKEND=torch to skip the compiler altogether.
 """
