@@ -9,6 +9,8 @@ extra="${1:-dev}"
 need_apt=()
 [ -d /usr/share/datasets/fashion-mnist ] || need_apt+=(dataset-fashion-mnist)
 compgen -G "/usr/share/wallpapers/*/contents/images/*.jpg" >/dev/null || need_apt+=(plasma-workspace-wallpapers)
+# a C compiler builds the fused nearest-code kernel on first use (without one: a slower torch path)
+command -v cc >/dev/null || need_apt+=(gcc libc6-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "[setup] apt-get install ${need_apt[*]}"
