@@ -24,17 +24,17 @@ class QuantizerConfig:
     chunk_size: int = 0               # rows per nearest() chunk; 0 = automatic
 
     def __post_init__(self):
-        _check(self.codebook_size >= 2, "quantizer.codebook_size", self.codebook_size, "must be >= 2")
-        _check(self.codebook_size <= 2**31 - 1, "quantizer.codebook_size", self.codebook_size, "is too large")
-        _check(self.codebook_dim is None or self.codebook_dim >= 1, "quantizer.codebook_dim",
+        _check(self.codebook_size >= 2, "model.quantizer.codebook_size", self.codebook_size, "must be >= 2")
+        _check(self.codebook_size <= 2**31 - 1, "model.quantizer.codebook_size", self.codebook_size, "is too large")
+        _check(self.codebook_dim is None or self.codebook_dim >= 1, "model.quantizer.codebook_dim",
                self.codebook_dim, "must be a positive integer or null")
-        _check(self.beta >= 0, "quantizer.beta", self.beta, "must be >= 0")
-        _check(0.0 < self.decay < 1.0, "quantizer.decay", self.decay, "must be in (0, 1)")
-        _check(self.eps > 0, "quantizer.eps", self.eps, "must be > 0")
-        _check(self.dead_code_threshold >= 0, "quantizer.dead_code_threshold",
+        _check(self.beta >= 0, "model.quantizer.beta", self.beta, "must be >= 0")
+        _check(0.0 < self.decay < 1.0, "model.quantizer.decay", self.decay, "must be in (0, 1)")
+        _check(self.eps > 0, "model.quantizer.eps", self.eps, "must be > 0")
+        _check(self.dead_code_threshold >= 0, "model.quantizer.dead_code_threshold",
                self.dead_code_threshold, "must be >= 0 (0 disables restarts)")
-        _check(self.kmeans_iters >= 1, "quantizer.kmeans_iters", self.kmeans_iters, "must be >= 1")
-        _check(self.chunk_size >= 0, "quantizer.chunk_size", self.chunk_size, "must be >= 0 (0 = automatic)")
+        _check(self.kmeans_iters >= 1, "model.quantizer.kmeans_iters", self.kmeans_iters, "must be >= 1")
+        _check(self.chunk_size >= 0, "model.quantizer.chunk_size", self.chunk_size, "must be >= 0 (0 = automatic)")
 
 
 @dataclass

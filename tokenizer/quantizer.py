@@ -228,7 +228,8 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _record_usage(self, idx: torch.Tensor) -> None:
         counts = torch.bincount(idx.reshape(-1), minlength=self.codebook_size).float()
-        self.all_reduce_fn(counts)
+        if self.training:  # eval may run on one rank alone: a collective there would hang
+            self.all_reduce_fn(counts)
         probs = counts / counts.sum().clamp_min(1)
         entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
         self.metrics["usage"] = (counts > 0).float().mean()

@@ -222,3 +222,14 @@ def test_usage_and_perplexity_are_reported():
     q(z)
     assert float(q.metrics["usage"]) == 0.5
     assert abs(float(q.metrics["perplexity"]) - 2.0) < 1e-5
+
+
+def test_eval_forward_never_calls_the_hook():
+    calls = []
+    q = VectorQuantizer(8, 4, ema=True, kmeans_init=False, all_reduce_fn=lambda t: calls.append(t.shape))
+    q.eval()
+    q(torch.randn(10, 4))          # a rank evaluating alone must not enter a collective
+    assert calls == []
+    q.train()
+    q(torch.randn(10, 4))
+    assert calls
