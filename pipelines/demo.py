@@ -18,7 +18,7 @@ class DemoOptions:
     out: str = "demo_out"
     source: str = "/usr/share/datasets/fashion-mnist"
     config: str = str(REPO_CONFIGS / "fashion_mnist.yaml")
-    steps: int = 400
+    steps: int = 1200
     nproc: int = 2
     decode_limit: int = 64
 

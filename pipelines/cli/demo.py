@@ -6,7 +6,7 @@ import click
 
 @click.command("demo")
 @click.option("--out", default="demo_out", show_default=True, help="Where everything is written.")
-@click.option("--steps", default=400, show_default=True, type=int, help="DDP training steps (short run).")
+@click.option("--steps", default=1200, show_default=True, type=int, help="DDP training steps (short run).")
 @click.option("--nproc", default=2, show_default=True, type=int, help="Training processes.")
 @click.option("--source", default="/usr/share/datasets/fashion-mnist", show_default=True,
               help="Folder with the Fashion-MNIST IDX files.")
