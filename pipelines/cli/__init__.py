@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -56,6 +57,15 @@ class LazyGroup(click.Group):
 def main():
     """vqtok: train a VQ-VAE image tokenizer with DDP and turn image datasets into discrete codes
     (Parquet) with Ray."""
+    quiet_progress_in_logs()
+
+
+def quiet_progress_in_logs() -> None:
+    """Progress bars redraw many times a second; in a log file (a Ray job, SLURM, CI) that is
+    megabytes of carriage returns, so off a terminal they update every 30 s (tqdm reads
+    TQDM_MININTERVAL; the training ranks inherit it). A user's own setting wins."""
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
 
 
 if __name__ == "__main__":

@@ -36,3 +36,14 @@ def test_user_errors_are_one_line_not_tracebacks():
     assert result.exit_code == 1
     assert result.output.strip() == "Error: data/x.tar: no such shard"
     assert "Traceback" not in result.output
+
+
+def test_progress_bars_are_throttled_off_a_terminal(monkeypatch):
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    result = CliRunner().invoke(main, ["inspect", "--help"])   # CliRunner's stderr is no TTY
+    assert result.exit_code == 0
+    import os
+    assert os.environ.get("TQDM_MININTERVAL") == "30"
+    monkeypatch.setenv("TQDM_MININTERVAL", "2")                 # the user's choice is kept
+    CliRunner().invoke(main, ["inspect", "--help"])
+    assert os.environ["TQDM_MININTERVAL"] == "2"
