@@ -2,13 +2,16 @@
 output contract (pipelines/output_format.py), with codes from the real model's encode."""
 from __future__ import annotations
 
+import io
 import json
 import os
+import tarfile
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from PIL import Image
 
 from pipelines import output_format as fmt
 from tokenizer import VQVAE, VQVAEConfig
@@ -89,3 +92,18 @@ def _write_manifest(out: str, shard: str, ok: int, errors: list, meta) -> None:
                 "durations_s": {"read": 0.1, "decode": 0.2, "encode": 0.3, "write": 0.05}}
     with open(fmt.manifest_path(out, shard), "w") as f:
         json.dump(manifest, f)
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_tar(path, members) -> None:
+    """members: [(member name, bytes)] -> a tar shard at `path`."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))

@@ -3,7 +3,6 @@ import io
 import json
 import math
 import os
-import tarfile
 
 import numpy as np
 import pyarrow as pa
@@ -13,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from codes_output import save_tiny_model, write_output
+from codes_output import png_bytes, save_tiny_model, write_output, write_tar
 from pipelines import output_format as fmt
 from pipelines.cli import main
 from pipelines.evaluate import load_image
@@ -116,27 +115,15 @@ def test_decode_refuses_a_different_tokenizer(tmp_path, tok):
     assert "Traceback" not in result.output and not (tmp_path / "png").exists()
 
 
-def _png_bytes(arr):
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 def test_eval_reports_exact_metrics_and_draws_pngs(tmp_path, tok):
     tok_dir, model = tok
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 256, (8, 8), dtype=np.uint8) for _ in range(7)]
-    _tar(tmp_path / "shard-000000.tar", [(f"{i:04d}.png", _png_bytes(a)) for i, a in enumerate(arrays[:4])]
+    write_tar(tmp_path / "shard-000000.tar", [(f"{i:04d}.png", png_bytes(a)) for i, a in enumerate(arrays[:4])]
          + [("bad.png", b"not an image"), ("text.txt", b"no image here")])
-    _tar(tmp_path / "shard-000001.tar", [(f"{i:04d}.png", _png_bytes(a)) for i, a in enumerate(arrays[4:], 4)])
+    write_tar(tmp_path / "shard-000001.tar", [(f"{i:04d}.png", png_bytes(a)) for i, a in enumerate(arrays[4:], 4)])
     result = run("eval", "--tokenizer", tok_dir, "--input", tmp_path / "shard-{000000..000001}.tar",
                  "--out", tmp_path / "report", "--batch-size", 3)
     assert result.exit_code == 0, result.output
@@ -162,7 +149,7 @@ def test_eval_reports_exact_metrics_and_draws_pngs(tmp_path, tok):
 
 def test_eval_without_readable_images_is_a_clear_error(tmp_path, tok):
     tok_dir, _ = tok
-    _tar(tmp_path / "s.tar", [("a.png", b"garbage")])
+    write_tar(tmp_path / "s.tar", [("a.png", b"garbage")])
     result = run("eval", "--tokenizer", tok_dir, "--input", tmp_path / "s.tar", "--out", tmp_path / "r")
     assert result.exit_code == 1 and "no decodable image" in result.output
     result = run("eval", "--tokenizer", tok_dir, "--input", tmp_path / "missing-*.tar", "--out", tmp_path / "r")

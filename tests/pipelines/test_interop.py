@@ -1,18 +1,15 @@
 """The real `vqtok tokenize` output, read unchanged by CodesDataset, decode, inspect, pandas,
 polars, duckdb, Hugging Face datasets and Ray Data: each sees exactly the code rows (never the
 _errors / _manifest files) with their codes, keys and kept `cls`."""
-import io
 import json
 import os
-import tarfile
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from PIL import Image
 
-from codes_output import save_tiny_model
+from codes_output import png_bytes, save_tiny_model, write_tar
 from pipelines import CodesDataset
 from pipelines.cli import main
 from pipelines.tokenize.preprocess import ImagePreprocessor
@@ -21,18 +18,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")   # the parquet builder is loc
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _png(arr):
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _tar(path, members):
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +29,10 @@ def real(tmp_path_factory):
     images = {f"img-{i:04d}": rng.integers(0, 256, (8 + i, 8), dtype=np.uint8) for i in range(11)}
     members = [[], []]
     for i, (key, arr) in enumerate(images.items()):
-        members[i // 6] += [(f"{key}.png", _png(arr)), (f"{key}.cls", str(i % 3).encode())]
+        members[i // 6] += [(f"{key}.png", png_bytes(arr)), (f"{key}.cls", str(i % 3).encode())]
     members[0] += [("bad.png", b"not a png"), ("bad.cls", b"1"), ("textonly.txt", b"hello")]
     for i, m in enumerate(members):
-        _tar(root / f"in-{i:06d}.tar", m)
+        write_tar(root / f"in-{i:06d}.tar", m)
     out = root / "codes"
     result = CliRunner().invoke(main, ["tokenize", "--tokenizer", str(root / "tok"), "--input",
                                        str(root / "in-{000000..000001}.tar"), "--output", str(out),
@@ -55,7 +40,7 @@ def real(tmp_path_factory):
                                        "--max-error-rate", "0.5"])
     assert result.exit_code == 0, result.output
     prep = ImagePreprocessor(1, model.config.resolution)
-    x = torch.stack([torch.from_numpy(np.array(prep(_png(a), "png"))).float() / 255 for a in images.values()])
+    x = torch.stack([torch.from_numpy(np.array(prep(png_bytes(a), "png"))).float() / 255 for a in images.values()])
     codes = model.encode(x).numpy()
     expected = {key: {"codes": codes[i].reshape(-1).tolist(), "cls": i % 3, "shard": f"in-{i // 6:06d}"}
                 for i, key in enumerate(images)}
