@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-import fsspec
 import pyarrow.parquet as pq
 
 from .errors import UserError

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 
 import fsspec
 import torch
@@ -40,22 +41,24 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    if _is_local(fs):
+    if is_local_fs(fs):
         tmp = f"{path}.tmp-{_token()}"
-        with fs.open(tmp, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
-        fs.mv(tmp, path)
+            f.flush()
+            os.fsync(f.fileno())   # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
     else:
         fs.pipe_file(path, data)
 
 
-def _is_local(fs) -> bool:
+def is_local_fs(fs) -> bool:
+    """True for the local filesystem, where atomicity needs temp + rename (object stores: one PUT)."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")
 
 
 def _token() -> str:
-    import os
     return f"{os.getpid()}-{os.urandom(4).hex()}"
 
 

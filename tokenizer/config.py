@@ -24,17 +24,17 @@ class QuantizerConfig:
     chunk_size: int = 0               # rows per nearest() chunk; 0 = automatic
 
     def __post_init__(self):
-        _check(self.codebook_size >= 2, "model.quantizer.codebook_size", self.codebook_size, "must be >= 2")
-        _check(self.codebook_size <= 2**31 - 1, "model.quantizer.codebook_size", self.codebook_size, "is too large")
-        _check(self.codebook_dim is None or self.codebook_dim >= 1, "model.quantizer.codebook_dim",
+        check(self.codebook_size >= 2, "model.quantizer.codebook_size", self.codebook_size, "must be >= 2")
+        check(self.codebook_size <= 2**31 - 1, "model.quantizer.codebook_size", self.codebook_size, "is too large")
+        check(self.codebook_dim is None or self.codebook_dim >= 1, "model.quantizer.codebook_dim",
                self.codebook_dim, "must be a positive integer or null")
-        _check(self.beta >= 0, "model.quantizer.beta", self.beta, "must be >= 0")
-        _check(0.0 < self.decay < 1.0, "model.quantizer.decay", self.decay, "must be in (0, 1)")
-        _check(self.eps > 0, "model.quantizer.eps", self.eps, "must be > 0")
-        _check(self.dead_code_threshold >= 0, "model.quantizer.dead_code_threshold",
+        check(self.beta >= 0, "model.quantizer.beta", self.beta, "must be >= 0")
+        check(0.0 < self.decay < 1.0, "model.quantizer.decay", self.decay, "must be in (0, 1)")
+        check(self.eps > 0, "model.quantizer.eps", self.eps, "must be > 0")
+        check(self.dead_code_threshold >= 0, "model.quantizer.dead_code_threshold",
                self.dead_code_threshold, "must be >= 0 (0 disables restarts)")
-        _check(self.kmeans_iters >= 1, "model.quantizer.kmeans_iters", self.kmeans_iters, "must be >= 1")
-        _check(self.chunk_size >= 0, "model.quantizer.chunk_size", self.chunk_size, "must be >= 0 (0 = automatic)")
+        check(self.kmeans_iters >= 1, "model.quantizer.kmeans_iters", self.kmeans_iters, "must be >= 1")
+        check(self.chunk_size >= 0, "model.quantizer.chunk_size", self.chunk_size, "must be >= 0 (0 = automatic)")
 
 
 @dataclass
@@ -51,12 +51,12 @@ class VQVAEConfig:
     def __post_init__(self):
         if isinstance(self.quantizer, dict):
             self.quantizer = from_dict(QuantizerConfig, self.quantizer, prefix="model.quantizer")
-        _check(self.in_channels in (1, 3), "model.in_channels", self.in_channels, "must be 1 (grey) or 3 (RGB)")
+        check(self.in_channels in (1, 3), "model.in_channels", self.in_channels, "must be 1 (grey) or 3 (RGB)")
         for key in ("resolution", "hidden", "res_hidden", "code_dim", "num_downsamples"):
-            _check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "must be >= 1")
-        _check(self.num_res_blocks >= 0, "model.num_res_blocks", self.num_res_blocks, "must be >= 0")
+            check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "must be >= 1")
+        check(self.num_res_blocks >= 0, "model.num_res_blocks", self.num_res_blocks, "must be >= 0")
         factor = 2 ** self.num_downsamples
-        _check(self.resolution % factor == 0, "model.resolution", self.resolution,
+        check(self.resolution % factor == 0, "model.resolution", self.resolution,
                f"must be divisible by 2**num_downsamples = {factor}")
 
     @property
@@ -72,7 +72,8 @@ class VQVAEConfig:
         return from_dict(cls, data, prefix=prefix)
 
 
-def _check(ok: bool, key: str, value, why: str) -> None:
+def check(ok: bool, key: str, value, why: str) -> None:
+    """Raise ConfigError('<dotted key> = <value> <why>') unless ok; shared by every stage config."""
     if not ok:
         raise ConfigError(f"{key} = {value!r} {why}")
 

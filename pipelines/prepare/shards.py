@@ -8,6 +8,8 @@ import tempfile
 
 import fsspec
 
+from tokenizer.checkpoint import is_local_fs
+
 
 class ShardWriter:
     """Write samples ({"__key__": str, ext: bytes}) into `pattern % index` tars of at most
@@ -21,7 +23,7 @@ class ShardWriter:
         self.out = out
         self.pattern = pattern
         self.shard_size = shard_size
-        self.local = _is_local(self.fs)
+        self.local = is_local_fs(self.fs)
         self.fs.makedirs(self.root, exist_ok=True)
         self.index = 0
         self.count = 0
@@ -91,8 +93,3 @@ class ShardWriter:
             self.close()
         else:
             self.abort()
-
-
-def _is_local(fs) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")

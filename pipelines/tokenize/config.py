@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tokenizer import ConfigError
+from tokenizer.config import check
 
 
 @dataclass
@@ -27,26 +27,22 @@ class TokenizeConfig:
             self.inputs = [self.inputs]
         if isinstance(self.keep_fields, str):
             self.keep_fields = [f.strip() for f in self.keep_fields.split(",") if f.strip()]
-        _check(bool(self.tokenizer), "tokenize.tokenizer", self.tokenizer, "is required (a tokenizer directory or URL)")
-        _check(bool(self.inputs), "tokenize.inputs", self.inputs, "needs at least one shard URL")
-        _check(bool(self.output), "tokenize.output", self.output, "is required (an output directory URL)")
-        _check(self.workers >= 0, "tokenize.workers", self.workers, "must be >= 0 (0 = automatic)")
-        _check(self.gpus_per_worker is None or self.gpus_per_worker >= 0, "tokenize.gpus_per_worker",
+        check(bool(self.tokenizer), "tokenize.tokenizer", self.tokenizer, "is required (a tokenizer directory or URL)")
+        check(bool(self.inputs), "tokenize.inputs", self.inputs, "needs at least one shard URL")
+        check(bool(self.output), "tokenize.output", self.output, "is required (an output directory URL)")
+        check(self.workers >= 0, "tokenize.workers", self.workers, "must be >= 0 (0 = automatic)")
+        check(self.gpus_per_worker is None or self.gpus_per_worker >= 0, "tokenize.gpus_per_worker",
                self.gpus_per_worker, "must be >= 0")
-        _check(self.cpus_per_worker is None or self.cpus_per_worker > 0, "tokenize.cpus_per_worker",
+        check(self.cpus_per_worker is None or self.cpus_per_worker > 0, "tokenize.cpus_per_worker",
                self.cpus_per_worker, "must be > 0")
-        _check(self.batch_size >= 1, "tokenize.batch_size", self.batch_size, "must be >= 1")
-        _check(0.0 <= self.max_error_rate <= 1.0, "tokenize.max_error_rate", self.max_error_rate,
+        check(self.batch_size >= 1, "tokenize.batch_size", self.batch_size, "must be >= 1")
+        check(0.0 <= self.max_error_rate <= 1.0, "tokenize.max_error_rate", self.max_error_rate,
                "must be in [0, 1]")
-        _check(self.max_attempts >= 1, "tokenize.max_attempts", self.max_attempts, "must be >= 1")
+        check(self.max_attempts >= 1, "tokenize.max_attempts", self.max_attempts, "must be >= 1")
         reserved = {"key", "shard", "codes"} & set(self.keep_fields)
-        _check(not reserved, "tokenize.keep_fields", self.keep_fields,
+        check(not reserved, "tokenize.keep_fields", self.keep_fields,
                f"must not name an output column ({', '.join(sorted(reserved))})")
         for name in self.keep_fields:
-            _check(name.replace(".", "").replace("_", "").replace("-", "").isalnum(),
+            check(name.replace(".", "").replace("_", "").replace("-", "").isalnum(),
                    "tokenize.keep_fields", name, "must be a WebDataset field name such as cls or json")
 
-
-def _check(ok: bool, key: str, value, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key} = {value!r} {why}")

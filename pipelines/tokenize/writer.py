@@ -16,6 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tokenizer.checkpoint import is_local_fs
+
 from ..output_format import OutputMetadata, data_schema, errors_path, errors_schema, join, manifest_path
 
 TMP_DIR = "_tmp"
@@ -35,14 +37,9 @@ def kept_field_value(name: str, raw: bytes | None):
     return int(text.strip()) if kept_field_type(name) == pa.int64() else text
 
 
-def is_local(fs) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
-
-
 def put_atomic(url: str, data: bytes, output: str) -> None:
     fs, path = fsspec.core.url_to_fs(url)
-    if not is_local(fs):
+    if not is_local_fs(fs):
         fs.pipe_file(path, data)            # one PUT: readers see all or nothing
         return
     _, root = fsspec.core.url_to_fs(output)

@@ -4,13 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tokenizer import ConfigError, VQVAEConfig
+from tokenizer.config import check
 
 from ..config import build, load_yaml, merge, parse_overrides
 
-
-def _check(ok: bool, key: str, value, why: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key} = {value!r} {why}")
 
 
 @dataclass
@@ -23,10 +20,10 @@ class DataConfig:
     val_samples: int = 1024        # validation images (rank 0)
 
     def __post_init__(self):
-        _check(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
-        _check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
-        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, "must be >= 1")
-        _check(self.val_samples >= 1, "data.val_samples", self.val_samples, "must be >= 1")
+        check(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
+        check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        check(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, "must be >= 1")
+        check(self.val_samples >= 1, "data.val_samples", self.val_samples, "must be >= 1")
 
 
 @dataclass
@@ -41,15 +38,15 @@ class OptimConfig:
     grad_clip: float = 0.0         # max global grad norm; 0 = off
 
     def __post_init__(self):
-        _check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
-        _check(0 <= self.beta1 < 1, "optim.beta1", self.beta1, "must be in [0, 1)")
-        _check(0 <= self.beta2 < 1, "optim.beta2", self.beta2, "must be in [0, 1)")
-        _check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
-        _check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
-        _check(self.schedule in ("cosine", "constant"), "optim.schedule", self.schedule,
+        check(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        check(0 <= self.beta1 < 1, "optim.beta1", self.beta1, "must be in [0, 1)")
+        check(0 <= self.beta2 < 1, "optim.beta2", self.beta2, "must be in [0, 1)")
+        check(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "must be >= 0")
+        check(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
+        check(self.schedule in ("cosine", "constant"), "optim.schedule", self.schedule,
                "must be 'cosine' or 'constant'")
-        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
-        _check(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
+        check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        check(self.grad_clip >= 0, "optim.grad_clip", self.grad_clip, "must be >= 0 (0 = off)")
 
 
 @dataclass
@@ -67,10 +64,10 @@ class LoopConfig:
 
     def __post_init__(self):
         for key in ("max_steps", "log_every", "val_every", "checkpoint_every", "keep_checkpoints"):
-            _check(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "must be >= 1")
-        _check(self.device in ("auto", "cpu", "cuda"), "train.device", self.device,
+            check(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "must be >= 1")
+        check(self.device in ("auto", "cpu", "cuda"), "train.device", self.device,
                "must be auto, cpu or cuda")
-        _check(self.timeout_s > 0, "train.timeout_s", self.timeout_s, "must be > 0")
+        check(self.timeout_s > 0, "train.timeout_s", self.timeout_s, "must be > 0")
 
 
 @dataclass

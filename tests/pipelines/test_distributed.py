@@ -3,7 +3,6 @@ launchers form one two-node job, and a failing rank stops the job with one error
 from __future__ import annotations
 
 import io
-import json
 import os
 import socket
 import subprocess

@@ -173,8 +173,11 @@ def test_sigkill_mid_run_then_resume_reaches_max_step(tmp_path):
                                                          for a in ("--set", s)]]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while time.time() < deadline and not (out / "checkpoints" / "step-00000006.pt").exists():
-        time.sleep(0.2)
+    def newest_step():  # only the last k checkpoints are kept: step 6 itself may be gone already
+        names = [n for n in os.listdir(out / "checkpoints") if n.endswith(".pt")] if (out / "checkpoints").is_dir() else []
+        return max((int(n[5:13]) for n in names), default=0)
+    while time.time() < deadline and newest_step() < 6:
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     ckpts = sorted(os.listdir(out / "checkpoints"))

@@ -1,7 +1,6 @@
 import threading
 
 import torch
-import torch.nn.functional as F
 
 from tokenizer import VectorQuantizer
 from tokenizer.nearest import nearest_codes
