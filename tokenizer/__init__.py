@@ -1,13 +1,23 @@
 """vqtok's model: a VQ-VAE image tokenizer (encoder, vector quantiser, decoder, checkpoints).
 
-Pure model code: nothing here imports ray, torch.distributed or pipelines.
+Pure model code: nothing here imports ray, torch.distributed or pipelines. The torch-backed names
+are imported on first use, so that `from tokenizer import ConfigError` (CLIs, the tokenize
+driver) costs no torch import.
 """
-from .checkpoint import CheckpointError
 from .config import ConfigError, QuantizerConfig, VQVAEConfig
-from .model import VQVAE
-from .nearest import nearest_codes
-from .quantizer import VectorQuantizer
+from .storage import CheckpointError
 
 __version__ = "0.1.0"
 __all__ = ["VQVAE", "VectorQuantizer", "VQVAEConfig", "QuantizerConfig", "ConfigError",
            "CheckpointError", "nearest_codes", "__version__"]
+
+_LAZY = {"VQVAE": ".model", "VectorQuantizer": ".quantizer", "nearest_codes": ".nearest"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tokenizer' has no attribute {name!r}")

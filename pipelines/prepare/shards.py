@@ -8,7 +8,7 @@ import tempfile
 
 import fsspec
 
-from tokenizer.checkpoint import is_local_fs
+from tokenizer.storage import is_local_fs
 
 
 class ShardWriter:

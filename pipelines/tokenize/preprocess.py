@@ -123,7 +123,13 @@ class ImagePreprocessor:
         return img
 
 
+# where Pillow's getexif() looks for an orientation; an image with none of them has none
+ORIENTATION_SOURCES = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
+
+
 def _exif_transpose(img: Image.Image) -> Image.Image:
+    if not hasattr(img, "tag_v2") and not any(k in img.info for k in ORIENTATION_SOURCES):
+        return img    # the common case, without exif_transpose's parse and copy
     try:
         return ImageOps.exif_transpose(img)
     except Exception:   # malformed EXIF: keep the stored orientation

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from tokenizer import CheckpointError, VQVAEConfig
-from tokenizer.checkpoint import CONFIG_NAME, join_url, read_bytes
+from tokenizer.storage import CONFIG_NAME, join_url, read_bytes
 
 from ..output_format import OutputMetadata
 from .preprocess import PREPROCESSING

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tokenizer.checkpoint import is_local_fs
+from tokenizer.storage import is_local_fs
 
 from ..output_format import OutputMetadata, data_schema, errors_path, errors_schema, join, manifest_path
 

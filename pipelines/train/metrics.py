@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tokenizer.checkpoint import write_bytes_atomic
+from tokenizer.storage import write_bytes_atomic
 
 
 def psnr(mse: float) -> float:

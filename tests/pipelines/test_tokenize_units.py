@@ -238,3 +238,14 @@ def test_storage_errors_propagate_but_damage_is_a_shard_error(tmp_path, monkeypa
         list(TarShardReader(str(tmp_path / "flaky.tar")))
     reader = TarShardReader(str(tmp_path / "a.tar"))
     assert [s.key for s in reader] == ["k1"] and reader.error is None
+
+
+def test_tokenize_driver_does_not_import_torch():
+    # the driver only reads configs and schedules; torch's import (~1.5 s) belongs to the workers
+    import subprocess
+    import sys
+    code = ("import sys, pipelines.cli, pipelines.cli.tokenize, pipelines.tokenize.driver; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,249 @@
+"""A streaming tar member parser for WebDataset shards, ~5x cheaper per member than tarfile's
+stream mode (which costs ~80 us of Python per small member: a third of a Fashion-MNIST
+sample's CPU budget outside the encoder).
+
+It reads big blocks (decompressing gzip/bz2/xz on the fly), parses ustar/GNU/pax headers the
+way tarfile does (checksum, base-256 sizes, ustar prefix, GNU long names, pax path/size) and
+reports how the stream ended: the zero-block end-of-archive marker, or the damage that stopped
+it. Storage errors (OSError from the file object) propagate; damage never raises.
+"""
+from __future__ import annotations
+
+import bz2
+import lzma
+import zlib
+from typing import Iterator
+
+BLOCK = 512
+READ_SIZE = 4 << 20
+END_MARKER = "marker"
+FILE_TYPES = (b"0", b"\0", b"7")          # regular, old regular, contiguous
+GNU_TYPES = (b"L", b"K", b"S")             # long name, long link, sparse: no ustar prefix
+LINK_AND_DIR_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")
+
+
+class TarDamage(Exception):
+    """The bytes are not (or no longer) a readable tar stream."""
+
+
+class _Decompressed:
+    """File object -> its bytes, transparently decompressed when gzip, bz2 or xz."""
+
+    def __init__(self, f):
+        self.f = f
+        self.pending = f.read(READ_SIZE)
+        head = self.pending[:6]
+        if head[:2] == b"\x1f\x8b":
+            self.new = lambda: zlib.decompressobj(wbits=31)
+        elif head[:3] == b"BZh":
+            self.new = bz2.BZ2Decompressor
+        elif head == b"\xfd7zXZ\x00":
+            self.new = lzma.LZMADecompressor
+        else:
+            self.new = None
+        self.codec = self.new() if self.new else None
+        self.raw_eof = False
+
+    def read(self) -> bytes:
+        """The next piece of decompressed bytes; b'' at the end."""
+        while True:
+            raw = self.pending if self.pending else (b"" if self.raw_eof else self.f.read(READ_SIZE))
+            self.pending = b""
+            if not raw:
+                self.raw_eof = True
+                if self.codec is not None and not _finished(self.codec):
+                    raise TarDamage("compressed stream ends early")
+                return b""
+            if self.codec is None:
+                return raw
+            out = self._decompress(raw)
+            if out:
+                return out
+
+    def _decompress(self, raw: bytes) -> bytes:
+        try:
+            out = self.codec.decompress(raw)
+            rest = self.codec.unused_data if _finished(self.codec) else b""
+            if rest:                      # concatenated streams (e.g. multi-member gzip)
+                self.codec = self.new()
+                self.pending = rest
+        except (zlib.error, OSError, EOFError, lzma.LZMAError, ValueError) as e:
+            raise TarDamage(f"invalid compressed data ({e})") from None
+        return out
+
+
+def _finished(codec) -> bool:
+    return bool(getattr(codec, "eof", False))
+
+
+class TarMembers:
+    """Iterate (member name, data) of regular files in stored order; data is None for a last
+    member cut short. Afterwards `end` is END_MARKER for a proper end-of-archive or a reason, and
+    `offset` the bytes consumed."""
+
+    def __init__(self, f):
+        self.f = f
+        self.end: str | None = None
+        self.offset = 0
+        self.members = 0
+        self._buf = bytearray()
+        self._pos = 0
+        self._source: _Decompressed | None = None
+
+    # ---- buffer ---------------------------------------------------------------------------------
+    def _fill(self, n: int) -> bool:
+        """Make n unread bytes available; False when the stream ends first."""
+        while len(self._buf) - self._pos < n:
+            if self._pos > READ_SIZE:
+                del self._buf[:self._pos]
+                self._pos = 0
+            piece = self._source.read()
+            if not piece:
+                return False
+            self._buf += piece
+        return True
+
+    def _take(self, n: int) -> bytes:
+        out = bytes(self._buf[self._pos:self._pos + n])
+        self._pos += n
+        self.offset += n
+        return out
+
+    def _skip(self, n: int) -> None:
+        self._pos += n
+        self.offset += n
+
+    def _available(self) -> int:
+        return len(self._buf) - self._pos
+
+    # ---- members --------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[tuple[str, bytes]]:
+        try:
+            self._source = _Decompressed(self.f)
+            yield from self._members()
+        except TarDamage as e:
+            self.end = str(e)
+
+    def _members(self) -> Iterator[tuple[str, bytes]]:
+        long_name: str | None = None
+        pax: dict[str, str] = {}
+        while True:
+            header = self._header()
+            if header is None:
+                return
+            name, size, kind = header
+            if "size" in pax and kind not in (b"x", b"X", b"g"):
+                size = _pax_size(pax["size"], size)
+            if not self._fill(_padded(size)):
+                self.end = (f"unexpected end of data in member {name!r} "
+                            f"({self._available()} of {size} bytes)")
+                if kind in FILE_TYPES:
+                    yield pax.get("path", long_name or name), None   # its sample is damaged
+                return
+            data = self._take(size)
+            self._skip(_padded(size) - size)
+            if kind == b"L":
+                long_name = _text(data.split(b"\0", 1)[0])
+                continue
+            if kind in (b"x", b"X"):
+                pax = _pax_records(data)
+                continue
+            if kind == b"g":
+                continue
+            name = pax.get("path", long_name or name)
+            long_name, pax = None, {}
+            self.members += 1
+            if kind in FILE_TYPES and not name.endswith("/"):
+                yield name, data
+
+    def _header(self) -> tuple[str, int, bytes] | None:
+        """Parse the next header; None at the end (self.end says why)."""
+        if not self._fill(BLOCK):
+            left = self._available()
+            self.end = ("no end-of-archive marker (file ends at a block boundary)" if left == 0
+                        else "truncated member header")
+            if left == 0 and self.offset == 0:
+                self.end = "empty file"
+            return None
+        block = bytes(self._buf[self._pos:self._pos + BLOCK])
+        if block.count(0) == BLOCK:
+            self.end = END_MARKER
+            return None
+        try:
+            stored = _number(block[148:156])
+        except ValueError:
+            stored = -1
+        if not _checksum_ok(block, stored):
+            self.end = "bad checksum"
+            return None
+        try:
+            size = _number(block[124:136])
+        except ValueError:
+            self.end = "bad size field"
+            return None
+        kind = block[156:157]
+        name = _text(block[:100].split(b"\0", 1)[0])
+        prefix = _text(block[345:500].split(b"\0", 1)[0])
+        if prefix and kind not in GNU_TYPES:
+            name = prefix + "/" + name
+        self._skip(BLOCK)
+        if kind in LINK_AND_DIR_TYPES:   # tarfile skips no data for these whatever the size field says
+            size = 0
+        return name, size, kind
+
+
+def _checksum_ok(block: bytes, stored: int) -> bool:
+    """tarfile accepts the unsigned or the signed byte sum, the checksum field counted as spaces."""
+    rest = block[:148] + block[156:]
+    unsigned = 256 + sum(rest)
+    return stored == unsigned or stored == unsigned - 256 * sum(1 for b in rest if b > 127)
+
+
+def _pax_size(value: str, default: int) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise TarDamage(f"invalid pax size {value!r}") from None
+
+
+def _padded(size: int) -> int:
+    return -(-size // BLOCK) * BLOCK
+
+
+def _number(field: bytes) -> int:
+    """tarfile's nti: octal text, or base-256 when the first byte is 0x80/0xff."""
+    if field[:1] in (b"\x80", b"\xff"):
+        n = 0
+        for byte in field[1:]:
+            n = (n << 8) + byte
+        if field[:1] == b"\xff":
+            n = -(256 ** (len(field) - 1) - n)
+        return n
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text or b"0", 8)
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """'<len> <key>=<value>\\n' records; malformed ones are ignored like unknown keys."""
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            break
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            break
+        if length <= 0:
+            break
+        record = data[space + 1:pos + length - 1]
+        key, eq, value = record.partition(b"=")
+        if eq:
+            out[key.decode("utf-8", "replace")] = _text(value)
+        pos += length
+    return out

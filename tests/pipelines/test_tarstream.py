@@ -1,0 +1,94 @@
+"""The streaming tar parser against Python's tarfile on every header flavour it must read."""
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import lzma
+import tarfile
+
+import pytest
+
+from pipelines.tokenize.tarstream import END_MARKER, TarMembers
+
+LONG = "d/" + "x" * 150 + "/sample-0001.png"      # > 100 chars: ustar prefix, GNU 'L' or pax path
+
+
+def make_tar(fmt: int, members: list[tuple[str, bytes]], extra_dirs: bool = True) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        if extra_dirs:
+            d = tarfile.TarInfo("d")
+            d.type = tarfile.DIRTYPE
+            tar.addfile(d)
+            link = tarfile.TarInfo("d/link.png")
+            link.type = tarfile.SYMTYPE
+            link.linkname = "a.png"
+            tar.addfile(link)
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def tarfile_files(data: bytes) -> list[tuple[str, bytes]]:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r|*") as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+
+
+def parse(data: bytes) -> tuple[list[tuple[str, bytes]], TarMembers]:
+    members = TarMembers(io.BytesIO(data))
+    return list(members), members
+
+
+MEMBERS = [("s0.png", b"\x89PNG" * 100), ("s0.cls", b"3"), (LONG, bytes(range(256)) * 7),
+           ("s1.json", "{\"caption\": \"caf\u00e9\"}".encode()), ("empty.txt", b""),
+           ("\u00fcnicode/\u00e9t\u00e9.png", b"x" * 513)]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_same_members_as_tarfile_for_every_format(fmt):
+    members = MEMBERS if fmt != tarfile.USTAR_FORMAT else [m for m in MEMBERS if m[0] != LONG] + [
+        ("p" * 90 + "/" + "q" * 60 + ".png", b"prefix")]           # ustar prefix field
+    data = make_tar(fmt, members)
+    got, reader = parse(data)
+    assert got == tarfile_files(data)
+    assert [n for n, _ in got] == [n for n, _ in members]
+    assert reader.end == END_MARKER
+
+
+@pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress])
+def test_compressed_shards_and_their_truncation(compress):
+    data = make_tar(tarfile.PAX_FORMAT, MEMBERS)
+    packed = compress(data)
+    got, reader = parse(packed)
+    assert got == tarfile_files(data) and reader.end == END_MARKER
+    got, reader = parse(packed[: len(packed) // 2])
+    assert reader.end != END_MARKER
+    whole = [(n, d) for n, d in got if d is not None]
+    assert whole == tarfile_files(data)[: len(whole)]             # a clean head, nothing invented
+    assert all(d is not None for _, d in got[:-1])
+
+
+def test_large_member_across_read_blocks():
+    big = bytes(range(251)) * 40000                               # ~10 MB: spans several reads
+    data = make_tar(tarfile.GNU_FORMAT, [("big.bin", big), ("after.txt", b"ok")], extra_dirs=False)
+    got, reader = parse(data)
+    assert got == [("big.bin", big), ("after.txt", b"ok")] and reader.end == END_MARKER
+
+
+def test_damage_is_reported_not_raised():
+    data = make_tar(tarfile.GNU_FORMAT, MEMBERS, extra_dirs=False)
+    got, reader = parse(data[:700])                              # inside the first member's data
+    assert got == [("s0.png", None)] and reader.end.startswith("unexpected end of data in member 's0.png'")
+    got, reader = parse(data[:300])
+    assert got == [] and reader.end == "truncated member header"
+    garbage = bytearray(data)
+    garbage[2048 + 10] ^= 0xFF                                   # third header (after 2 x 1024 bytes)
+    got, reader = parse(bytes(garbage))
+    assert [n for n, _ in got] == ["s0.png", "s0.cls"] and reader.end == "bad checksum"
+    got, reader = parse(b"")
+    assert got == [] and reader.end == "empty file"
+    got, reader = parse(b"\0" * 10240)
+    assert got == [] and reader.end == END_MARKER
