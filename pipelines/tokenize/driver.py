@@ -40,8 +40,9 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
     outcome, startup = None, 0.0
     if todo:
         out.clear_success()
+        ray_t0 = time.perf_counter()
         with ray_session(cfg.address) as ray:
-            outcome, startup = _run_on_ray(ray, cfg, meta, todo, len(shards), len(done))
+            outcome, startup = _run_on_ray(ray, cfg, meta, todo, len(shards), len(done), ray_t0)
     manifests = {**done, **(outcome.manifests if outcome else {})}
     summary = summarize(shards, manifests, outcome, len(done), time.perf_counter() - t0, startup)
     if not summary["failed_shards"]:
@@ -49,10 +50,10 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
     return summary
 
 
-def _run_on_ray(ray, cfg: TokenizeConfig, meta, todo, total: int, skipped: int):
+def _run_on_ray(ray, cfg: TokenizeConfig, meta, todo, total: int, skipped: int, ray_t0: float):
+    """(outcome, seconds from Ray's start or join to every worker ready)."""
     from .worker import TokenizeWorker
 
-    t0 = time.perf_counter()
     workers, cpus, gpus = pool_size(ray.cluster_resources(), cfg, len(todo))
     actor_cls = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0)(TokenizeWorker)
 
@@ -73,7 +74,7 @@ def _run_on_ray(ray, cfg: TokenizeConfig, meta, todo, total: int, skipped: int):
     scheduler = ShardScheduler(ray, make_actor, workers, cfg.max_attempts, on_done)
     try:
         actors = scheduler.start()
-        startup = time.perf_counter() - t0
+        startup = time.perf_counter() - ray_t0
         outcome = scheduler.run(actors, todo)
     finally:
         if bar is not None:

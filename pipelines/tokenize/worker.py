@@ -1,16 +1,20 @@
-"""The Ray actor: loads the tokenizer once, then tokenizes one shard per call."""
+"""The Ray actor: loads the tokenizer once, then tokenizes one shard per call.
+
+torch is imported in the actor, not here: the driver imports this module to define the actor
+class and must not pay torch's import (~1.5 s of a 2-core machine's start-up)."""
 from __future__ import annotations
 
 import os
 
 from ..output_format import OutputMetadata
-from .encoder import CodeEncoder
-from .shard_job import ShardTokenizer
 
 
 class TokenizeWorker:
     def __init__(self, tokenizer: str, meta_json: str, output: str, keep_fields: list[str],
                  batch_size: int, cpus: float):
+        from .encoder import CodeEncoder
+        from .shard_job import ShardTokenizer
+
         threads = max(1, int(cpus))
         self.encoder = CodeEncoder(tokenizer, threads=threads)
         meta = OutputMetadata.from_json(meta_json, where=tokenizer)
