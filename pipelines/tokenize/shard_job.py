@@ -91,7 +91,10 @@ class ShardTokenizer:
         self.keep_fields = list(keep_fields)
         self.batch_size = max(batch_size, 1)
         self.decoder = ChunkDecoder(ImagePreprocessor(encoder.channels, encoder.resolution), self.keep_fields)
-        self.pool = ThreadPoolExecutor(max(1, decode_threads), thread_name_prefix="vqtok-decode")
+        # decode_threads=0: decode in the encoding thread (a one-CPU CPU worker, where a decode
+        # thread could only time-share the core with the encoder)
+        self.pool = (ThreadPoolExecutor(decode_threads, thread_name_prefix="vqtok-decode")
+                     if decode_threads > 0 else None)
         self.depth = max(1, decode_threads) + 1      # chunks in flight ahead of the encoder
         self.committer = ShardCommitter(output)
 
@@ -142,7 +145,10 @@ class ShardTokenizer:
                     done = True
                     break
                 res["read_samples"] += len(item)
-                pending.append(self.pool.submit(self.decoder, item))
+                if self.pool is None:
+                    self._encode(self.decoder(item), res)
+                else:
+                    pending.append(self.pool.submit(self.decoder, item))
             if pending:
                 self._encode(pending.popleft().result(), res)
         return res
