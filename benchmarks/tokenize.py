@@ -1,6 +1,6 @@
 """Benchmark `vqtok tokenize` against the machine limit and a naive loop, in one run.
 
-    python benchmarks/tokenize.py [--images 60000] [--per-shard 5000] [--workdir DIR]
+    python benchmarks/tokenize.py [--images 60000] [--per-shard 5000] [--workdir DIR] [--repeat K]
 
 1. shards: the first N Fashion-MNIST train images as PNG WebDataset shards (+ cls);
    tokenizer: the default VQVAEConfig (28x28 grey, hidden 128), codebook k-means-initialised.
@@ -9,7 +9,9 @@
 3. naive loop: one process, shard by shard: read, decode, encode (torch defaults), write Parquet;
 4. `vqtok tokenize` (subprocess, embedded local Ray), start-up included; steady state from the
    manifests' per-shard wall times.
-Prints the figures and the ratios (higher = faster).
+Prints the figures and the ratios (higher = faster). --repeat K runs naive loop and pipeline
+over the same shards K times under new names (the same images; the limit is scaled by K), to
+show how the fixed start-up cost amortises on a bigger job.
 """
 from __future__ import annotations
 
@@ -62,6 +64,18 @@ def make_shards(directory: str, n: int, per_shard: int) -> list[str]:
                     tar.addfile(info, io.BytesIO(data))
         paths.append(path)
     return paths
+
+
+def repeat_shards(paths: list[str], work: str, k: int) -> str:
+    """Symlinks naming each shard k times (train-R-XXXXXX.tar); returns their glob pattern."""
+    folder = os.path.join(work, f"shards_x{k}")
+    os.makedirs(folder, exist_ok=True)
+    for r in range(k):
+        for path in paths:
+            link = os.path.join(folder, f"train-{r}-{os.path.basename(path)[6:]}")
+            if not os.path.lexists(link):
+                os.symlink(path, link)
+    return f"{folder}/train-*.tar"
 
 
 def make_tokenizer(path: str) -> None:
@@ -150,6 +164,7 @@ def main():
     ap.add_argument("--per-shard", type=int, default=5000)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--pipeline-args", default="", help="extra `vqtok tokenize` arguments")
+    ap.add_argument("--repeat", type=int, default=1, help="the shards K times (same images, new names)")
     args = ap.parse_args()
     work = args.workdir or tempfile.mkdtemp(prefix="vqtok-bench-")
     cores = os.cpu_count() or 1
@@ -162,6 +177,13 @@ def main():
         make_tokenizer(tok)
 
     lim = machine_limit(paths, tok)
+    pattern = f"{shards_dir}/train-*.tar"
+    if args.repeat > 1:
+        pattern = repeat_shards(paths, work, args.repeat)
+        paths = sorted(glob.glob(pattern))
+        lim = {k: v * args.repeat for k, v in lim.items()}
+        print(f"--repeat {args.repeat}: {len(paths)} shards, {lim['images']} samples (the same images "
+              f"{args.repeat} times); limit scaled by {args.repeat}", flush=True)
     n = lim["images"]
     limit_s = (lim["decode_cpu_s"] + lim["encode_cpu_s"]) / cores
     print(f"limit: decode {lim['decode_cpu_s']:.1f} core-s + encode {lim['encode_cpu_s']:.1f} core-s over "
@@ -171,7 +193,7 @@ def main():
     print(f"naive loop: {naive_s:.1f} s ({n / naive_s:.0f} img/s)  [load {load_average()}]", flush=True)
     out = os.path.join(work, "pipeline_out")
     subprocess.run(["rm", "-rf", out])
-    wall, summary, manifests = pipeline(f"{shards_dir}/train-*.tar", tok, out, args.pipeline_args.split())
+    wall, summary, manifests = pipeline(pattern, tok, out, args.pipeline_args.split())
     assert summary["samples"]["ok"] == n, summary
     workers = len({m["worker"]["pid"] for m in manifests})
     busy = sum(m["durations_s"]["wall"] for m in manifests) / max(workers, 1)
