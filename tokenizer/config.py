@@ -43,6 +43,7 @@ class VQVAEConfig:
     resolution: int = 28              # input H = W
     hidden: int = 128                 # encoder/decoder width
     res_hidden: int = 64              # width inside residual blocks
+    outer_hidden: int | None = None   # width at the finer resolutions; None = hidden // 2 (paper)
     num_res_blocks: int = 2
     num_downsamples: int = 2          # stride-2 4x4 convs: 28->7, 32->8, 128->32
     code_dim: int = 64                # D
@@ -54,10 +55,16 @@ class VQVAEConfig:
         check(self.in_channels in (1, 3), "model.in_channels", self.in_channels, "must be 1 (grey) or 3 (RGB)")
         for key in ("resolution", "hidden", "res_hidden", "code_dim", "num_downsamples"):
             check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "must be >= 1")
+        check(self.outer_hidden is None or self.outer_hidden >= 1, "model.outer_hidden",
+              self.outer_hidden, "must be >= 1 or null (hidden // 2)")
         check(self.num_res_blocks >= 0, "model.num_res_blocks", self.num_res_blocks, "must be >= 0")
         factor = 2 ** self.num_downsamples
         check(self.resolution % factor == 0, "model.resolution", self.resolution,
                f"must be divisible by 2**num_downsamples = {factor}")
+
+    @property
+    def outer_width(self) -> int:
+        return self.outer_hidden or max(self.hidden // 2, 1)
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -30,7 +30,7 @@ class Encoder(nn.Module):
         layers: list[nn.Module] = []
         channels = cfg.in_channels
         for i in range(cfg.num_downsamples):
-            width = cfg.hidden if i == cfg.num_downsamples - 1 else max(cfg.hidden // 2, 1)
+            width = cfg.hidden if i == cfg.num_downsamples - 1 else cfg.outer_width
             layers += [nn.Conv2d(channels, width, 4, stride=2, padding=1), nn.ReLU()]
             channels = width
         layers += [nn.Conv2d(channels, cfg.hidden, 3, padding=1)]
@@ -53,7 +53,7 @@ class Decoder(nn.Module):
         channels = cfg.hidden
         for i in range(cfg.num_downsamples):
             last = i == cfg.num_downsamples - 1
-            width = cfg.in_channels if last else max(cfg.hidden // 2, 1)
+            width = cfg.in_channels if last else cfg.outer_width
             layers += [nn.ConvTranspose2d(channels, width, 4, stride=2, padding=1)]
             if not last:
                 layers += [nn.ReLU()]

@@ -137,6 +137,7 @@ def test_tampered_weights_fail_the_sha_check(tmp_path):
     (dict(in_channels=2), "model.in_channels = 2 must be 1 .grey. or 3 .RGB."),
     (dict(resolution=30), "model.resolution = 30 must be divisible by 2\\*\\*num_downsamples = 4"),
     (dict(code_dim=0), "model.code_dim = 0 must be >= 1"),
+    (dict(outer_hidden=0), "model.outer_hidden = 0 must be >= 1 or null"),
     (dict(quantizer={"codebook_size": 1}), "quantizer.codebook_size = 1 must be >= 2"),
     (dict(quantizer={"decay": 1.5}), "quantizer.decay = 1.5 must be in"),
     (dict(quantizer={"codebok_size": 8}), "unknown key model.quantizer.codebok_size"),
@@ -144,3 +145,11 @@ def test_tampered_weights_fail_the_sha_check(tmp_path):
 def test_config_validation_messages_name_the_key(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         VQVAEConfig(**kwargs)
+
+
+def test_outer_hidden_sets_the_width_of_the_finer_resolutions():
+    paper = VQVAE(VQVAEConfig(hidden=64))
+    wide = VQVAE(VQVAEConfig(hidden=64, outer_hidden=48))
+    assert paper.encoder.net[0].out_channels == 32 and wide.encoder.net[0].out_channels == 48
+    assert wide.decoder.net[-1].in_channels == 48
+    assert wide(torch.rand(2, 1, 28, 28))[0].shape == (2, 1, 28, 28)
