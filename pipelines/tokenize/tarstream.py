@@ -85,7 +85,6 @@ class TarMembers:
         self.f = f
         self.end: str | None = None
         self.offset = 0
-        self.members = 0
         self._buf = bytearray()
         self._pos = 0
         self._source: _Decompressed | None = None
@@ -104,9 +103,9 @@ class TarMembers:
         return True
 
     def _take(self, n: int) -> bytes:
-        out = bytes(self._buf[self._pos:self._pos + n])
-        self._pos += n
-        self.offset += n
+        with memoryview(self._buf) as view:          # one copy, not slice + bytes()
+            out = bytes(view[self._pos:self._pos + n])
+        self._skip(n)
         return out
 
     def _skip(self, n: int) -> None:
@@ -152,20 +151,21 @@ class TarMembers:
                 continue
             name = pax.get("path", long_name or name)
             long_name, pax = None, {}
-            self.members += 1
             if kind in FILE_TYPES and not name.endswith("/"):
                 yield name, data
 
     def _header(self) -> tuple[str, int, bytes] | None:
         """Parse the next header; None at the end (self.end says why)."""
         if not self._fill(BLOCK):
-            left = self._available()
-            self.end = ("no end-of-archive marker (file ends at a block boundary)" if left == 0
-                        else "truncated member header")
-            if left == 0 and self.offset == 0:
+            if self._available():
+                self.end = "truncated member header"
+            elif self.offset == 0:
                 self.end = "empty file"
+            else:
+                self.end = "no end-of-archive marker (file ends at a block boundary)"
             return None
-        block = bytes(self._buf[self._pos:self._pos + BLOCK])
+        with memoryview(self._buf) as view:          # peek: a bad header is not consumed
+            block = bytes(view[self._pos:self._pos + BLOCK])
         if block.count(0) == BLOCK:
             self.end = END_MARKER
             return None
