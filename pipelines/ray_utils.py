@@ -79,7 +79,30 @@ def ray_session(address: str | None, runtime_env: dict | None = None, num_cpus: 
     try:
         yield ray
     finally:
+        if not address:
+            stop_autoscaler_monitor()
         ray.shutdown()
+
+
+# the embedded cluster's autoscaler monitor: it has nothing to scale, and it ignores SIGTERM, so
+# ray.shutdown() waits a full second for it before killing it (measured: 1.4 s -> 0.2-0.4 s)
+MONITOR_SCRIPT = "autoscaler/_private/monitor.py"
+
+
+def stop_autoscaler_monitor() -> int:
+    """SIGKILL the autoscaler monitor among this process's descendants; returns how many.
+    Only for a cluster this process started itself."""
+    import psutil
+
+    killed = 0
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if any(arg.endswith(MONITOR_SCRIPT) for arg in proc.cmdline()):
+                proc.kill()
+                killed += 1
+        except psutil.Error:   # gone already, or not ours to inspect
+            continue
+    return killed
 
 
 def auth_hint(message: str) -> str:
