@@ -90,12 +90,12 @@ MONITOR_SCRIPT = "autoscaler/_private/monitor.py"
 
 
 def stop_autoscaler_monitor() -> int:
-    """SIGKILL the autoscaler monitor among this process's descendants; returns how many.
+    """SIGKILL the autoscaler monitor among this process's children; returns how many.
     Only for a cluster this process started itself."""
     import psutil
 
     killed = 0
-    for proc in psutil.Process().children(recursive=True):
+    for proc in psutil.Process().children():    # ray.init starts it as our own child
         try:
             if any(arg.endswith(MONITOR_SCRIPT) for arg in proc.cmdline()):
                 proc.kill()

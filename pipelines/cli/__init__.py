@@ -9,7 +9,7 @@ import click
 
 from tokenizer import CheckpointError, ConfigError, __version__
 
-from ..errors import UserError
+from ..errors import Stopped, UserError
 
 # name -> module under pipelines.cli that defines `command`
 SUBCOMMANDS = {
@@ -50,6 +50,9 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except USER_ERRORS as e:
             raise click.ClickException(str(e)) from None
+        except Stopped as e:       # a signal stopped training after a checkpoint: not an error
+            click.echo(f"[vqtok train] {e}", err=True)
+            ctx.exit(e.exit_code)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

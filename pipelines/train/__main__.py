@@ -1,11 +1,14 @@
 """`torchrun ... -m pipelines.train ARGS`: one training rank (also what `vqtok train` launches)."""
 import os
+import signal
 import sys
 
 import torch.distributed as dist
 
+from ..errors import Stopped
 from .launch import PEER_FAILED_EXIT, USER_ERROR_EXIT, USER_ERRORS, parse_rank_argv, run_rank
 from .loop import SharedError
+from .stop import STOP_SIGNALS
 
 PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo", "NCCL")
 
@@ -15,6 +18,12 @@ def main() -> int:
     rank = os.environ.get("RANK", "0")
     try:
         run_rank(args)
+    except Stopped as e:
+        for sig in STOP_SIGNALS:   # the checkpoint is saved: a late signal must not kill the exit
+            signal.signal(sig, signal.SIG_IGN)
+        if rank == "0":
+            print(f"[vqtok train] {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     except USER_ERRORS as e:
         # a decision shared by all ranks is printed once (by rank 0)
         if not isinstance(e, SharedError) or rank == "0":

@@ -157,9 +157,11 @@ class ShardStream(IterableDataset):
 
 
 def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
+    from .stop import shield_data_worker
     return DataLoader(stream, batch_size=None, num_workers=num_workers,
                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None,
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=shield_data_worker if num_workers else None)
 
 
 def load_images(urls: list[str], channels: int, resolution: int, limit: int) -> torch.Tensor:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -106,6 +107,31 @@ def torchrun_argv(a: TrainArgs) -> list[str]:
     return argv + ["-m", "pipelines.train"] + rank_argv(a)
 
 
+def run_forwarding_signals(cmd: list[str], env: dict) -> int:
+    """Run torchrun in its own session and pass it the first SIGTERM/SIGINT we get, once: its
+    agent hands it to the ranks, which checkpoint and exit. (In our process group, a Ctrl-C would
+    reach the agent twice, and a second signal cuts short the agent's wait for the ranks.)"""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    forwarded = []
+
+    def forward(signum, frame):
+        if not forwarded:
+            forwarded.append(signum)
+            proc.send_signal(signum)
+            print(f"[vqtok train] {signal.Signals(signum).name}: the ranks stop after this step and "
+                  "save a checkpoint", file=sys.stderr, flush=True)
+
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:      # we are leaving on an exception: do not orphan the job
+            proc.kill()
+            proc.wait()
+
+
 def launch(a: TrainArgs) -> str | None:
     if a.nproc_per_node < 1 or a.nnodes < 1 or not 0 <= a.node_rank < a.nnodes:
         raise UserError(f"need --nproc-per-node >= 1, --nnodes >= 1 and 0 <= --node-rank < --nnodes "
@@ -122,7 +148,7 @@ def launch(a: TrainArgs) -> str | None:
     env = {"PYTHONUNBUFFERED": "1", **os.environ}
     # torchrun would force 1 thread per rank (with a warning); share this node's cores instead
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // a.nproc_per_node)))
-    rc = subprocess.call(cmd, env=env)
+    rc = run_forwarding_signals(cmd, env)
     if rc != 0:
         sys.exit(rc)    # the failing rank already printed its one-line error
     return f"{a.out.rstrip('/')}/final"

@@ -20,6 +20,7 @@ from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_check
 from .config import TrainConfig
 from .data import ShardStream, load_images, make_loader
 from .metrics import MetricsLog, code_stats, psnr, save_grid
+from .stop import StopSignals, Stopped
 
 
 class SharedError(UserError):
@@ -163,26 +164,33 @@ class Trainer:
         sums: dict[str, float] = {}
         count, t0 = 0, time.perf_counter()
         self.ddp.train()
-        for batch in self.loader():
-            self.positions[batch["worker"]] = (batch["epoch"], batch["offset"])
-            self.bad[batch["worker"]] = batch["bad"]
-            for k, v in self.train_step(batch["images"]).items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
-            self.step += 1
-            bar.update(1)
-            last = self.step >= c.max_steps
-            if self.step % c.log_every == 0 or last:
-                record = self.log_train(sums, count, time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", psnr=f"{record['psnr']:.2f}",
-                                usage=f"{record['usage']:.2f}")
-                sums, count, t0 = {}, 0, time.perf_counter()
-            if self.val_urls and (self.step % c.val_every == 0 or last):
-                self.validate()
-            if self.step % c.checkpoint_every == 0 or last:
-                self.checkpoint()
-            if last:
-                break
+        with StopSignals() as stop:
+            for batch in self.loader():
+                self.positions[batch["worker"]] = (batch["epoch"], batch["offset"])
+                self.bad[batch["worker"]] = batch["bad"]
+                for k, v in self.train_step(batch["images"]).items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+                self.step += 1
+                bar.update(1)
+                last = self.step >= c.max_steps
+                if self.step % c.log_every == 0 or last:
+                    record = self.log_train(sums, count, time.perf_counter() - t0)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", psnr=f"{record['psnr']:.2f}",
+                                    usage=f"{record['usage']:.2f}")
+                    sums, count, t0 = {}, 0, time.perf_counter()
+                if self.val_urls and (self.step % c.val_every == 0 or last):
+                    self.validate()
+                if self.step % c.checkpoint_every == 0 or last:
+                    self.checkpoint()
+                if last:
+                    break
+                signum = stop.agreed(self.info.device)
+                if signum:
+                    if self.step % c.checkpoint_every:
+                        self.checkpoint()
+                    bar.close()
+                    raise Stopped(signum, self.step, self.run_dir)
         bar.close()
         return self.finish()
 

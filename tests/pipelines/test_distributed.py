@@ -1,9 +1,12 @@
 """DDP with gloo on CPU: replicas stay bitwise identical, 2 ranks x b == 1 rank x 2b, two
-launchers form one two-node job, and a failing rank stops the job with one error line."""
+launchers form one two-node job, a failing rank stops the job with one error line, and SIGTERM
+stops both ranks after one step with a checkpoint that --resume continues from."""
 from __future__ import annotations
 
 import io
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -149,3 +152,67 @@ def test_a_failing_rank_stops_the_job_with_one_error_line(tmp_path):
     assert len(errors) == 1, r.stderr[-3000:]
     assert "3 channel(s)" in errors[0] and "model.in_channels = 1" in errors[0]
     assert "Traceback" not in r.stderr
+
+
+def wait_for_step(out, step: int, proc, timeout: float = 120) -> None:
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any(f'"step": {step},' in line for line in open(metrics)):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"step {step} not reached; exit {proc.poll()}")
+
+
+def rank_processes(launcher_pid: int) -> list:
+    """The ranks: the torchrun agent's children (their DataLoader workers are grandchildren)."""
+    import psutil
+    (agent,) = psutil.Process(launcher_pid).children()
+    return [p for p in agent.children() if "pipelines.train" in " ".join(p.cmdline())]
+
+
+def stop_and_check(tmp_path, send_signal) -> int:
+    """Start a 2-rank run (a DataLoader worker each), signal it, check the stop; -> the step."""
+    import psutil
+    train = shards(tmp_path / "d")
+    out = tmp_path / "run"
+    cmd = vqtok_train(train, out, "--max-steps", "100000", "--nproc-per-node", "2",
+                      "--set", "data.num_workers=1", "--set", "train.log_every=2",
+                      "--set", "train.checkpoint_every=100000")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_for_step(out, 6, proc)
+        family = psutil.Process(proc.pid).children(recursive=True)
+        assert len(rank_processes(proc.pid)) == 2
+        send_signal(proc)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    assert proc.returncode == 143, err[-3000:]
+    lines = [line for line in err.splitlines() if "stopped by SIGTERM after step" in line]
+    assert len(lines) == 1 and "--resume" in lines[0] and "Traceback" not in err, err[-3000:]
+    step = int(lines[0].split("after step ")[1].split(";")[0])
+    assert os.listdir(out / "checkpoints") == [f"step-{step:08d}.pt"]
+    state = torch.load(out / "checkpoints" / f"step-{step:08d}.pt", weights_only=True)
+    assert state["step"] == step >= 6 and len(state["ranks"]) == 2
+    assert not (out / "final").exists()
+    time.sleep(0.5)
+    assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    # and the run continues from there
+    done = subprocess.run(cmd[:cmd.index("100000")] + [str(step + 4)] + cmd[cmd.index("100000") + 1:]
+                          + ["--resume"], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [json.loads(x)["step"] for x in open(out / "metrics.jsonl") if '"train"' in x]
+    assert steps[-1] == step + 4 and (out / "final" / "model.safetensors").exists()
+    return step
+
+
+def test_sigterm_to_the_launcher_group_checkpoints_then_resume_finishes(tmp_path):
+    # what `kill -TERM -PGID`, a scheduler or Ctrl-C's group signal does to `vqtok train`
+    stop_and_check(tmp_path, lambda proc: os.killpg(proc.pid, signal.SIGTERM))
+
+
+def test_sigterm_to_one_rank_stops_both_ranks_after_the_same_step(tmp_path):
+    stop_and_check(tmp_path, lambda proc: rank_processes(proc.pid)[1].send_signal(signal.SIGTERM))

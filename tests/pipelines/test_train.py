@@ -193,3 +193,26 @@ def test_sigkill_mid_run_then_resume_reaches_max_step(tmp_path):
     assert steps[-1] == target
     assert torch.load(out / "checkpoints" / f"step-{target:08d}.pt", weights_only=True)["step"] == target
     assert VQVAE.from_pretrained(str(out / "final")).codebook_size == 32
+
+
+def test_ctrl_c_in_one_process_saves_a_checkpoint_and_exits_130(tmp_path):
+    train = write_shards(tmp_path / "d", 64, 16)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "pipelines", "train", "--train-data", train, "--out", str(out),
+           "--batch-size", "8", "--max-steps", "100000",
+           *[a for s in TINY + ["data.num_workers=1", "train.log_every=2", "train.checkpoint_every=100000"]
+             for a in ("--set", s)]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (
+            metrics.exists() and '"step": 4,' in metrics.read_text()):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)         # the terminal's Ctrl-C: process and DataLoader worker
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert "stopped by SIGINT after step" in err and "Traceback" not in err, err[-3000:]
+    step = int(err.split("after step ")[1].split(";")[0])
+    assert os.listdir(out / "checkpoints") == [f"step-{step:08d}.pt"] and step >= 4
+    assert torch.load(out / "checkpoints" / f"step-{step:08d}.pt", weights_only=True)["step"] == step
