@@ -178,8 +178,8 @@ def test_corrupt_inputs_become_error_rows_and_exit_status(tmp_path, tok_dir, ray
 
 
 def _many_shards(tmp_path, tok_dir, n=8, per=1500):
-    # enough work per shard (0.3-0.5 s with the tiny tokenizer, measured) that the job is still running when a
-    # test kills something after the first manifest, even on a loaded machine
+    # enough work per shard (0.3-0.5 s with the tiny tokenizer, measured) that the job is still
+    # running when a test kills something after the first manifest, even on a loaded machine
     d = tmp_path / "many"
     d.mkdir()
     truth = td.write_fmnist_shards(d, n, per)
