@@ -61,26 +61,30 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> None:
     """In-place SUM across ranks; the quantiser's hook for codebook statistics (no-op alone)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
 def all_reduce_max(tensor: torch.Tensor) -> None:
     """In-place MAX across ranks (no-op alone)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         dist.barrier()
 
 
 def all_gather_object(obj):
     """List of `obj` from every rank (rank order); [obj] when alone."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         out = [None] * dist.get_world_size()
         dist.all_gather_object(out, obj)
         return out
@@ -88,7 +92,7 @@ def all_gather_object(obj):
 
 
 def broadcast_object(obj, src: int = 0):
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         box = [obj]
         dist.broadcast_object_list(box, src=src)
         return box[0]

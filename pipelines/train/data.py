@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..data import expand_urls, iter_tar_samples, sample_image_bytes
 from ..errors import UserError
+from .stop import shield_data_worker
 
 GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "La"}
 
@@ -157,7 +158,6 @@ class ShardStream(IterableDataset):
 
 
 def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
-    from .stop import shield_data_worker
     return DataLoader(stream, batch_size=None, num_workers=num_workers,
                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None,
                       pin_memory=torch.cuda.is_available(),

@@ -15,6 +15,7 @@ from ..data import expand_urls
 from ..errors import UserError
 from .config import TrainConfig, resolve_config
 from .data import check_first_sample
+from .stop import STOP_SIGNALS
 
 USER_ERROR_EXIT = 3   # a rank exits with this after printing its one-line "Error: ..."
 PEER_FAILED_EXIT = 4  # a rank whose collective broke because another rank failed
@@ -121,7 +122,7 @@ def run_forwarding_signals(cmd: list[str], env: dict) -> int:
             print(f"[vqtok train] {signal.Signals(signum).name}: the ranks stop after this step and "
                   "save a checkpoint", file=sys.stderr, flush=True)
 
-    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    old = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
     try:
         return proc.wait()
     finally:

@@ -20,7 +20,8 @@ from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_check
 from .config import TrainConfig
 from .data import ShardStream, load_images, make_loader
 from .metrics import MetricsLog, code_stats, psnr, save_grid
-from .stop import StopSignals, Stopped
+from ..errors import Stopped
+from .stop import StopSignals
 
 
 class SharedError(UserError):
@@ -181,14 +182,12 @@ class Trainer:
                     sums, count, t0 = {}, 0, time.perf_counter()
                 if self.val_urls and (self.step % c.val_every == 0 or last):
                     self.validate()
-                if self.step % c.checkpoint_every == 0 or last:
+                signum = None if last else stop.agreed(self.info.device)
+                if self.step % c.checkpoint_every == 0 or last or signum:
                     self.checkpoint()
                 if last:
                     break
-                signum = stop.agreed(self.info.device)
                 if signum:
-                    if self.step % c.checkpoint_every:
-                        self.checkpoint()
                     bar.close()
                     raise Stopped(signum, self.step, self.run_dir)
         bar.close()

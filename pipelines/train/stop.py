@@ -14,7 +14,6 @@ import threading
 import torch
 
 from .. import distributed as D
-from ..errors import Stopped  # noqa: F401  (re-exported: raised by the loop)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -44,6 +43,8 @@ class StopSignals:
 
     def agreed(self, device: torch.device) -> int | None:
         """The signal to stop on if any rank got one, else None; a collective on every rank."""
+        if not D.is_distributed():
+            return self.signum           # alone: no tensor, no device sync
         flag = torch.tensor([float(self.signum or 0)], device=device)
         D.all_reduce_max(flag)
         return int(flag.item()) or None
