@@ -50,13 +50,17 @@ class ShardScheduler:
         load = collections.Counter()
 
         def fill():
-            for slot, actor in enumerate(actors):
-                while queue and load[slot] < PER_ACTOR:
-                    url, shard = queue.popleft()
-                    attempts[shard] += 1
-                    ref = actor.process.remote(url, shard, attempts[shard])
-                    inflight[ref] = (slot, actor, url, shard)
-                    load[slot] += 1
+            # breadth first: every actor gets its first shard before any gets a second, so that
+            # a job of as many shards as workers runs them all at once
+            while queue:
+                slot = min(range(len(actors)), key=lambda i: (load[i], i))
+                if load[slot] >= PER_ACTOR:
+                    return
+                url, shard = queue.popleft()
+                attempts[shard] += 1
+                ref = actors[slot].process.remote(url, shard, attempts[shard])
+                inflight[ref] = (slot, actors[slot], url, shard)
+                load[slot] += 1
 
         fill()
         while inflight:

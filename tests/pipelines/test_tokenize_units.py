@@ -277,3 +277,43 @@ def test_stop_autoscaler_monitor_kills_only_the_monitor(tmp_path):
         for proc in (monitor, other):
             proc.kill()
             proc.wait()
+
+
+class _Calls:
+    """Just enough of Ray's actor-call surface for ShardScheduler: calls finish in submit order."""
+
+    class exceptions:
+        RayError = RuntimeError
+        RayActorError = RuntimeError
+
+    def __init__(self):
+        self.log = []                                  # (actor, shard) in submission order
+
+    def actor(self, name):
+        calls = self
+
+        class Method:
+            @staticmethod
+            def remote(url, shard, attempt):
+                calls.log.append((name, shard))
+                return (name, shard)
+
+        return type("Actor", (), {"process": Method})()
+
+    def wait(self, refs, num_returns):
+        return [refs[0]], refs[1:]
+
+    def get(self, ref):
+        return {"counts": {"ok": 1, "failed": 0, "shard_errors": 0}}
+
+
+@pytest.mark.parametrize("shards", [2, 5])
+def test_scheduler_gives_every_worker_a_shard_before_any_a_second(shards):
+    from pipelines.tokenize.scheduler import ShardScheduler
+    ray = _Calls()
+    sched = ShardScheduler(ray, None, workers=2, max_attempts=1)
+    todo = [(f"u{i}", f"s{i}") for i in range(shards)]
+    out = sched.run([ray.actor("a"), ray.actor("b")], todo)
+    assert sorted(out.manifests) == [s for _, s in todo]
+    assert ray.log[:4] == [("a", "s0"), ("b", "s1"), ("a", "s2"), ("b", "s3")][:shards]
+    assert {a for a, _ in ray.log} == {"a", "b"}
