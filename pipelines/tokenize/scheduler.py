@@ -1,4 +1,4 @@
-"""Shards onto a pool of Ray actors: two calls queued per actor (no idle gap between shards),
+"""Shards onto a pool of Ray actors: up to two calls queued per actor (no idle gap between shards),
 a dead actor replaced and its shards retried, each shard attempted at most `max_attempts` times.
 
 Exactly once: a shard counts as done only when its call returned, which happens after its
@@ -51,10 +51,13 @@ class ShardScheduler:
 
         def fill():
             # breadth first: every actor gets its first shard before any gets a second, so that
-            # a job of as many shards as workers runs them all at once
+            # a job of as many shards as workers runs them all at once. A second shard is queued
+            # behind a running one only while there is work for every actor; the last few go to
+            # whichever actor frees up first (a shard queued early could wait behind a slower
+            # one while another actor idles)
             while queue:
                 slot = min(range(len(actors)), key=lambda i: (load[i], i))
-                if load[slot] >= PER_ACTOR:
+                if load[slot] >= PER_ACTOR or (load[slot] > 0 and len(queue) < len(actors)):
                     return
                 url, shard = queue.popleft()
                 attempts[shard] += 1

@@ -280,14 +280,15 @@ def test_stop_autoscaler_monitor_kills_only_the_monitor(tmp_path):
 
 
 class _Calls:
-    """Just enough of Ray's actor-call surface for ShardScheduler: calls finish in submit order."""
+    """Just enough of Ray's actor-call surface for ShardScheduler: calls finish in submit order.
+    `log` records ("a", "s0") for a submission to actor a and ("done", "s0") for a finished call."""
 
     class exceptions:
         RayError = RuntimeError
         RayActorError = RuntimeError
 
     def __init__(self):
-        self.log = []                                  # (actor, shard) in submission order
+        self.log = []
 
     def actor(self, name):
         calls = self
@@ -296,7 +297,7 @@ class _Calls:
             @staticmethod
             def remote(url, shard, attempt):
                 calls.log.append((name, shard))
-                return (name, shard)
+                return shard
 
         return type("Actor", (), {"process": Method})()
 
@@ -304,16 +305,27 @@ class _Calls:
         return [refs[0]], refs[1:]
 
     def get(self, ref):
+        self.log.append(("done", ref))
         return {"counts": {"ok": 1, "failed": 0, "shard_errors": 0}}
 
 
-@pytest.mark.parametrize("shards", [2, 5])
-def test_scheduler_gives_every_worker_a_shard_before_any_a_second(shards):
+def _schedule(shards: int) -> list:
     from pipelines.tokenize.scheduler import ShardScheduler
     ray = _Calls()
-    sched = ShardScheduler(ray, None, workers=2, max_attempts=1)
     todo = [(f"u{i}", f"s{i}") for i in range(shards)]
-    out = sched.run([ray.actor("a"), ray.actor("b")], todo)
+    out = ShardScheduler(ray, None, workers=2, max_attempts=1).run([ray.actor("a"), ray.actor("b")], todo)
     assert sorted(out.manifests) == [s for _, s in todo]
-    assert ray.log[:4] == [("a", "s0"), ("b", "s1"), ("a", "s2"), ("b", "s3")][:shards]
-    assert {a for a, _ in ray.log} == {"a", "b"}
+    return ray.log
+
+
+def test_scheduler_gives_every_worker_a_shard_before_any_a_second():
+    assert _schedule(2) == [("a", "s0"), ("b", "s1"), ("done", "s0"), ("done", "s1")]
+    assert _schedule(6)[:4] == [("a", "s0"), ("b", "s1"), ("a", "s2"), ("b", "s3")]
+
+
+def test_scheduler_gives_the_last_shards_to_whichever_worker_frees_up():
+    # 3 shards, 2 workers: s2 is not queued behind a running shard; it goes to the first free actor
+    assert _schedule(3) == [("a", "s0"), ("b", "s1"), ("done", "s0"), ("a", "s2"),
+                            ("done", "s1"), ("done", "s2")]
+    log = _schedule(5)   # a: s0 s2, b: s1 s3 queued; s4 waits for an actor with nothing queued
+    assert log.index(("a", "s4")) > log.index(("done", "s2"))
