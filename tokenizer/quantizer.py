@@ -68,13 +68,16 @@ class VectorQuantizer(nn.Module):
                    chunk_size=config.chunk_size, **kw)
 
     # ---- search -------------------------------------------------------------------------------
-    def _project(self, z: torch.Tensor) -> torch.Tensor:
-        """(..., dim) -> (N, code_dim) fp32, normalised when cosine codes are on."""
+    # search_vectors and search_codebook are the space `nearest` searches in; an exact search of
+    # its own (e.g. the tokenize stage's batch-independent one) uses the same two
+    def search_vectors(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., dim) -> (N, code_dim) fp32: projected, and normalised when cosine codes are on."""
         with torch.autocast(device_type=z.device.type, enabled=False):
             flat = self.in_proj(z.reshape(-1, self.dim).float())
         return F.normalize(flat, dim=-1) if self.config.l2_normalize else flat
 
-    def _search_codebook(self) -> torch.Tensor:
+    def search_codebook(self) -> torch.Tensor:
+        """(K, code_dim) fp32 codebook as searched (normalised when cosine codes are on)."""
         book = self.codebook.detach().float()
         return F.normalize(book, dim=-1) if self.config.l2_normalize else book
 
@@ -83,13 +86,13 @@ class VectorQuantizer(nn.Module):
         """z: (..., dim) -> (...) int64, exact argmin of squared L2 (cosine when l2-normalised)."""
         if z.shape[-1] != self.dim:
             raise ValueError(f"nearest: last dim of z is {z.shape[-1]}, the quantiser expects {self.dim}")
-        flat = self._project(z)
-        idx = nearest_codes(flat, self._search_codebook(), self.config.chunk_size)
+        flat = self.search_vectors(z)
+        idx = nearest_codes(flat, self.search_codebook(), self.config.chunk_size)
         return idx.reshape(z.shape[:-1])
 
     def lookup(self, idx: torch.Tensor) -> torch.Tensor:
         """(...) int64 -> (..., dim) quantised vectors."""
-        codes = F.embedding(idx, self._search_codebook() if self.config.ema else self._codebook_for_grad())
+        codes = F.embedding(idx, self.search_codebook() if self.config.ema else self._codebook_for_grad())
         return self.out_proj(codes)
 
     def _codebook_for_grad(self) -> torch.Tensor:
@@ -101,13 +104,13 @@ class VectorQuantizer(nn.Module):
         """z: (..., dim) -> (z_q straight-through (..., dim), idx (...), losses dict)."""
         lead_shape = z.shape[:-1]
         with torch.autocast(device_type=z.device.type, enabled=False):
-            flat = self._project(z)                                    # (N, d) fp32
+            flat = self.search_vectors(z)                                    # (N, d) fp32
             if self.training and not bool(self.initialized):
                 self._kmeans_init(flat.detach())
-            idx = nearest_codes(flat.detach(), self._search_codebook(), self.config.chunk_size)
+            idx = nearest_codes(flat.detach(), self.search_codebook(), self.config.chunk_size)
             losses = {}
             if self.config.ema:
-                quantized = F.embedding(idx, self._search_codebook())  # no grad into codebook
+                quantized = F.embedding(idx, self.search_codebook())  # no grad into codebook
                 if self.training:
                     self._ema_update(flat.detach(), idx)
             else:

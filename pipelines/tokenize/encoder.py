@@ -61,8 +61,8 @@ class CodeEncoder:
     def _codes(self, x: torch.Tensor) -> torch.Tensor:
         q = self.model.quantizer
         z = self.model.encode_latents(x)                      # (m, h, w, D)
-        flat = q._project(z)                                  # (m*h*w, d) fp32, as the quantiser
-        return stable_nearest(flat, q._search_codebook()).reshape(x.shape[0], -1)
+        flat = q.search_vectors(z)                            # (m*h*w, d) fp32, as the quantiser
+        return stable_nearest(flat, q.search_codebook()).reshape(x.shape[0], -1)
 
 
 FP32_EPS = 2.0 ** -24
