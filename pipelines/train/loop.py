@@ -96,14 +96,30 @@ class Trainer:
         self.sched.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         per_rank = state.get("ranks", [])
+        note = ""
         if len(per_rank) == self.info.world_size:
+            set_rng_state(per_rank[self.info.rank]["rng"])
+        if self._same_data_layout(per_rank):
             mine = per_rank[self.info.rank]
-            set_rng_state(mine["rng"])
-            if mine.get("num_workers") == self.cfg.data.num_workers:
-                self.positions = {int(w): tuple(p) for w, p in mine["positions"].items()}
-                self.bad = {int(w): int(b) for w, b in mine["bad"].items()}
+            self.positions = {int(w): tuple(p) for w, p in mine["positions"].items()}
+            self.bad = {int(w): int(b) for w, b in mine["bad"].items()}
+        elif per_rank:
+            # the epoch's split over ranks x workers changed, so no slot's position carries
+            # over: every slot starts the next epoch from its beginning (no sample of the epoch
+            # in progress is seen twice, and the rest of it is skipped)
+            epoch = 1 + max((int(p[0]) for r in per_rank for p in r.get("positions", {}).values()),
+                            default=-1)
+            self.positions = {w: (epoch, 0) for w in range(max(1, self.cfg.data.num_workers))}
+            was = f"{len(per_rank)} ranks x {per_rank[0].get('num_workers')} data workers"
+            now = f"{self.info.world_size} x {self.cfg.data.num_workers}"
+            note = (f"; the checkpoint was written by {was}, this run has {now}, so the data "
+                    f"stream starts epoch {epoch} from its beginning")
         if self.info.is_main:
-            print(f"resumed from {url} at step {self.step}", flush=True)
+            print(f"resumed from {url} at step {self.step}{note}", flush=True)
+
+    def _same_data_layout(self, per_rank: list[dict]) -> bool:
+        return (len(per_rank) == self.info.world_size
+                and all(r.get("num_workers") == self.cfg.data.num_workers for r in per_rank))
 
     def checkpoint(self) -> None:
         mine = {"rng": rng_state(), "num_workers": self.cfg.data.num_workers,

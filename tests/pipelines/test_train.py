@@ -165,6 +165,22 @@ def test_user_mistakes_are_one_line(tmp_path, args, message):
     assert len(r.output.strip().splitlines()) == 1
 
 
+def test_resume_with_another_data_layout_starts_the_next_epoch(tmp_path):
+    train = write_shards(tmp_path / "d", 64, 16)      # 8 steps of 8 per epoch on one slot
+    out = tmp_path / "run"
+    sets = [a for s in TINY + ["train.checkpoint_every=10"] for a in ("--set", s)]
+    base = ["train", "--train-data", train, "--out", str(out), "--batch-size", "8", *sets]
+    assert run_cli(base + ["--max-steps", "20"]).exit_code == 0
+    before = torch.load(out / "checkpoints" / "step-00000020.pt", weights_only=True)["ranks"][0]
+    assert before["positions"]["0"][0] == 2             # step 20 is inside epoch 2
+    r = run_cli(base + ["--max-steps", "22", "--resume", "--set", "data.num_workers=2"])
+    assert r.exit_code == 0, r.output
+    assert "1 ranks x 0 data workers, this run has 1 x 2, so the data stream starts epoch 3" in r.output
+    after = torch.load(out / "checkpoints" / "step-00000022.pt", weights_only=True)["ranks"][0]
+    assert after["num_workers"] == 2 and after["positions"]
+    assert all(epoch == 3 and offset <= 32 for epoch, offset in after["positions"].values())
+
+
 def test_sigkill_mid_run_then_resume_reaches_max_step(tmp_path):
     train = write_shards(tmp_path / "d", 64, 16)
     out = tmp_path / "run"
