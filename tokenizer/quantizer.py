@@ -104,13 +104,13 @@ class VectorQuantizer(nn.Module):
         """z: (..., dim) -> (z_q straight-through (..., dim), idx (...), losses dict)."""
         lead_shape = z.shape[:-1]
         with torch.autocast(device_type=z.device.type, enabled=False):
-            flat = self.search_vectors(z)                                    # (N, d) fp32
+            flat = self.search_vectors(z)                              # (N, d) fp32
             if self.training and not bool(self.initialized):
                 self._kmeans_init(flat.detach())
             idx = nearest_codes(flat.detach(), self.search_codebook(), self.config.chunk_size)
             losses = {}
             if self.config.ema:
-                quantized = F.embedding(idx, self.search_codebook())  # no grad into codebook
+                quantized = F.embedding(idx, self.search_codebook())   # no grad into codebook
                 if self.training:
                     self._ema_update(flat.detach(), idx)
             else:
