@@ -133,28 +133,38 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _is_leader(self, ref: torch.Tensor) -> bool:
-        """Elect one replica using only the sum hook: each draws a private random number and a
-        bisection over all-reduced counts of 'mine is above t' isolates the largest. Cached."""
+        """Elect one replica using only the sum hook; cached. Each replica draws from the torch
+        RNG, so a run whose replicas are seeded differently (as `vqtok train` seeds its ranks)
+        elects the same one every time; replicas seeded alike tie, and a private random draw
+        from the OS decides instead."""
         if self._leader is None:
             if self.all_reduce_fn is _noop_all_reduce:
                 self._leader = True
             else:
-                mine = int.from_bytes(os.urandom(6), "little") / 2.0**48
-                low, high = 0.0, 1.0
-                for _ in range(64):
-                    mid = (low + high) / 2
-                    above = torch.tensor([float(mine > mid)], device=ref.device)
-                    self.all_reduce_fn(above)
-                    if above.item() >= 1:
-                        low = mid
-                    else:
-                        high = mid
-                    count = torch.tensor([float(mine > low)], device=ref.device)
-                    self.all_reduce_fn(count)
-                    if count.item() == 1:
-                        break
-                self._leader = mine > low
+                leader = self._elect(torch.rand((), dtype=torch.float64).item(), ref)
+                if leader is None:
+                    leader = self._elect(int.from_bytes(os.urandom(6), "little") / 2.0**48, ref)
+                self._leader = bool(leader)
         return self._leader
+
+    def _elect(self, mine: float, ref: torch.Tensor) -> bool | None:
+        """True on the one replica with the largest `mine`, False on the others, None on all if
+        the largest is tied: a bisection over all-reduced counts of 'mine > t'. Every replica
+        sees the same counts, so all take the same number of collective calls."""
+        low, high = 0.0, 1.0
+        for _ in range(64):
+            mid = (low + high) / 2
+            above = torch.tensor([float(mine > mid)], device=ref.device)
+            self.all_reduce_fn(above)
+            if above.item() >= 1:
+                low = mid
+            else:
+                high = mid
+            count = torch.tensor([float(mine > low)], device=ref.device)
+            self.all_reduce_fn(count)
+            if count.item() == 1:
+                return mine > low
+        return None
 
     def _from_leader(self, tensor: torch.Tensor) -> torch.Tensor:
         """Every replica gets the leader's `tensor` (a broadcast built from the sum hook)."""

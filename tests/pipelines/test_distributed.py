@@ -35,6 +35,8 @@ WORKER = textwrap.dedent('''
     torch.manual_seed(0)
     model = VQVAE(cfg, all_reduce_fn=D.all_reduce_sum)
     ddp = parallelize(model, info)
+    if mode == "reseeded":            # per-rank streams for the quantiser's choices, as vqtok train
+        torch.manual_seed(1000 + info.rank)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(123)
     restarted = 0
@@ -64,7 +66,7 @@ def torchrun(script, args, nproc=2, timeout=120):
 def test_codebooks_stay_bitwise_equal_across_ranks_with_kmeans_and_restarts(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    torchrun(script, ["equal", str(tmp_path), "6"])
+    torchrun(script, ["equal", str(tmp_path), "6"])   # ranks seeded alike: the election ties first
     r0 = torch.load(tmp_path / "equal-w2-r0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "equal-w2-r1.pt", weights_only=True)
     assert r0["restarted"] > 0                      # dead-code restarts did happen
@@ -73,6 +75,22 @@ def test_codebooks_stay_bitwise_equal_across_ranks_with_kmeans_and_restarts(tmp_
         assert torch.equal(tensor, r1["state"][name]), name
     # and training moved the codebook away from its random init
     assert not torch.equal(r0["state"]["quantizer.codebook"], r0["state"]["quantizer.ema_sum"] * 0)
+
+
+def test_a_run_with_per_rank_seeds_is_reproducible(tmp_path):
+    """k-means seeding and dead-code restarts take one elected replica's rows; with per-rank
+    seeds the election, and so the whole run, is the same every time."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    runs = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        torchrun(script, ["reseeded", str(tmp_path / name), "6"])
+        runs.append([torch.load(tmp_path / name / f"reseeded-w2-r{r}.pt", weights_only=True) for r in (0, 1)])
+    assert runs[0][0]["restarted"] > 0
+    for name, tensor in runs[0][0]["state"].items():
+        assert torch.equal(tensor, runs[1][0]["state"][name]), name     # run a == run b
+        assert torch.equal(tensor, runs[0][1]["state"][name]), name     # rank 0 == rank 1
 
 
 def test_one_step_on_two_ranks_matches_one_rank_with_the_double_batch(tmp_path):

@@ -232,3 +232,17 @@ def test_eval_forward_never_calls_the_hook():
     q.train()
     q(torch.randn(10, 4))
     assert calls
+
+
+def test_election_picks_the_largest_draw_and_reports_a_tie():
+    for draws, expected in (((0.3, 0.7), [False, True]), ((0.5, 0.5), [None, None])):
+        replicas = ThreadReplicas(2)
+        qs = [VectorQuantizer(8, 4, all_reduce_fn=replicas.hook(r)) for r in range(2)]
+        got = [None, None]
+
+        def elect(r):
+            def fn():
+                got[r] = qs[r]._elect(draws[r], torch.zeros(1))
+            return fn
+        replicas.run([elect(0), elect(1)])
+        assert got == expected, draws
