@@ -55,7 +55,9 @@ def _run_on_ray(ray, cfg: TokenizeConfig, meta, todo, total: int, skipped: int, 
     from .worker import TokenizeWorker
 
     workers, cpus, gpus = pool_size(ray.cluster_resources(), cfg, len(todo))
-    actor_cls = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0)(TokenizeWorker)
+    # a threaded actor: one thread per shard in flight (it runs `slots` of them at once)
+    actor_cls = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0,
+                           max_concurrency=int(cpus) + 2)(TokenizeWorker)
 
     def make_actor():
         return actor_cls.remote(cfg.tokenizer, meta.to_json(), out_url(cfg), cfg.keep_fields,

@@ -18,7 +18,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 MAX_PIXELS = 1 << 28      # 268 M pixels (e.g. 16k x 16k); larger images are error rows
@@ -71,6 +71,9 @@ class ImagePreprocessor:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageError("image_too_large", f"image in '{ext}' is too large ({e})") from None
+        except UnidentifiedImageError:   # its message holds a memory address: not reproducible
+            raise ImageError("undecodable_image", f"undecodable image in '{ext}': not a known "
+                             "image format") from None
         except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, struct.error...
             raise ImageError("undecodable_image", f"undecodable image in '{ext}': {e}") from None
         try:

@@ -1,12 +1,21 @@
-"""The Ray actor: loads the tokenizer once, then tokenizes one shard per call.
+"""The Ray actor: loads the tokenizer once, then tokenizes shards, several at once.
 
-torch is imported in the actor, not here: the driver imports this module to define the actor
-class and must not pay torch's import (~1.5 s of a 2-core machine's start-up)."""
+It is a threaded actor: each `process` call runs in its own thread and takes one of the worker's
+decode processes for its shard (calls beyond `slots` wait for one), and all of them share the one
+encoder. torch is imported in the actor, not here: the driver imports this module to define the
+actor class and must not pay torch's import (~1.5 s of a 2-core machine's start-up)."""
 from __future__ import annotations
 
 import os
 
 from ..output_format import OutputMetadata
+
+
+def decode_processes(cpus: float, accelerator: bool) -> int:
+    """Decode processes for a worker with `cpus` CPUs: one per CPU. A one-CPU CPU worker decodes
+    inline (0): a second process could only time-share its core with the encoder."""
+    n = max(1, int(cpus))
+    return n if (n > 1 or accelerator) else 0
 
 
 class TokenizeWorker:
@@ -24,14 +33,17 @@ class TokenizeWorker:
         # round the batch up to whole micro-batches so no encode call pads in the middle
         micro = self.encoder.micro_batch
         batch = -(-batch_size // micro) * micro
-        # a one-CPU CPU worker decodes inline: a decode thread would only time-share its core
-        # with the encoder (measured: 5% slower per shard); GPU workers decode in a pool
-        inline = self.encoder.device.type == "cpu" and threads == 1
+        accelerator = self.encoder.device.type != "cpu"
         self.job = ShardTokenizer(self.encoder, meta, output, keep_fields, batch,
-                                  decode_threads=0 if inline else threads)
+                                  decode_processes=decode_processes(cpus, accelerator))
 
     def ready(self) -> dict:
-        return {"pid": os.getpid(), "device": str(self.encoder.device)}
+        return {"pid": os.getpid(), "device": str(self.encoder.device), "slots": self.job.slots}
 
     def process(self, url: str, shard: str, attempt: int) -> dict:
         return self.job.run(url, shard, attempt)
+
+    def __del__(self):
+        job = getattr(self, "job", None)
+        if job is not None:
+            job.close()

@@ -120,15 +120,18 @@ def test_codes_do_not_depend_on_batch_composition(tok_dir):
     assert np.array_equal(full, enc2.encode(x))
 
 
-@pytest.mark.parametrize("decode_threads", [0, 2])     # inline (one-CPU CPU worker) and a pool
-def test_one_shard_end_to_end_rows_errors_manifest(tmp_path, tok_dir, decode_threads):
+@pytest.mark.parametrize("decode_processes", [0, 2])   # inline (one-CPU CPU worker) and processes
+def test_one_shard_end_to_end_rows_errors_manifest(tmp_path, tok_dir, decode_processes):
     samples, expected_ok, reasons = td.odd_samples()
     td.write(tmp_path / "odd.tar", td.tar_bytes(samples))
     meta = tokenizer_metadata(tok_dir)
     enc = CodeEncoder(tok_dir, threads=1)
     job = ShardTokenizer(enc, meta, str(tmp_path / "out"), ["cls"], batch_size=4,
-                         decode_threads=decode_threads)
-    manifest = job.run(str(tmp_path / "odd.tar"), "odd")
+                         decode_processes=decode_processes)
+    try:
+        manifest = job.run(str(tmp_path / "odd.tar"), "odd")
+    finally:
+        job.close()
     table = pq.read_table(tmp_path / "out" / "odd.parquet")
     assert sorted(table.column("key").to_pylist()) == sorted(expected_ok)
     assert set(table.column("shard").to_pylist()) == {"odd"}

@@ -1,0 +1,174 @@
+"""Does a tokenize worker keep its accelerator fed? Delivered images/s over the decode limit.
+
+    python benchmarks/feed.py [--images 60000] [--cpus 1 2] [--batch-ms 0 5] [--workdir DIR]
+
+The worker's own CPU side (`ShardTokenizer`: decode processes, shared-memory batches, encoder
+lock, Parquet writes) runs with a stand-in accelerator instead of the model, so that what is
+measured is how fast the CPUs can feed it:
+- `free`: an encoder that costs nothing (it copies the batch, as a host-to-device copy would);
+- `--batch-ms T`: one that also sleeps T ms per batch, releasing the interpreter lock as a GPU
+  kernel launch and wait do.
+The decode limit of the same CPUs: N plain processes, each reading and decoding whole shards one
+after another (TarShardReader + ImagePreprocessor, nothing else), all the images over the wall
+time. Both sides run in this one run, over the same Fashion-MNIST PNG shards (`vqtok prepare`).
+
+Projection for more CPUs per accelerator: each decode process delivers what one process decodes
+(measured) times the efficiency measured at the largest N here, until the worker process itself
+is the limit: its CPU seconds per image (receiving batches, the stand-in encode, writing
+Parquet; measured) cap it at 1 / that.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+# benchmarks/tokenize.py is named like the stdlib module: this folder must not be on the path
+# (spawned processes inherit it); the repo root is
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
+sys.path.insert(0, os.path.dirname(HERE))
+
+import argparse
+import glob
+import multiprocessing
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+
+from pipelines.output_format import OutputMetadata  # noqa: E402
+from pipelines.tokenize.preprocess import ImagePreprocessor, find_image  # noqa: E402
+from pipelines.tokenize.shard_job import ShardTokenizer  # noqa: E402
+from pipelines.tokenize.shards import TarShardReader  # noqa: E402
+
+
+class StandInEncoder:
+    """The CodeEncoder interface with a free (or fixed-time, lock-releasing) accelerator."""
+    channels, resolution, grid, codebook_size = 1, 28, (7, 7), 512
+    sha256 = "0" * 64
+    code_dtype = np.int16
+    micro_batch = 256
+
+    def __init__(self, batch_ms: float):
+        self.batch_s = batch_ms / 1000.0
+        self.device = "stand-in"
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        staged = np.array(images, copy=True)                     # the host-to-device copy
+        if self.batch_s:
+            time.sleep(self.batch_s)
+        return np.zeros((staged.shape[0], 49), np.int16)
+
+
+def decode_only(paths: list[str]) -> int:
+    pre = ImagePreprocessor(1, 28)
+    n = 0
+    for path in paths:
+        for sample in TarShardReader(path):
+            found = find_image(sample.fields)
+            pre(found[1], found[0])
+            n += 1
+    return n
+
+
+def decode_limit(paths: list[str], procs: int) -> float:
+    """Images/s of `procs` plain decode processes, each taking whole shards."""
+    parts = [paths[i::procs] for i in range(procs)]
+    with multiprocessing.get_context("spawn").Pool(procs) as pool:
+        pool.map(len, [[]] * procs)                                 # started and imported
+        t0 = time.perf_counter()
+        n = sum(pool.map(decode_only, parts))
+        return n / (time.perf_counter() - t0)
+
+
+def delivered(paths: list[str], procs: int, batch_ms: float, out: str) -> tuple[float, float]:
+    """(images/s through ShardTokenizer with `procs` decode processes, worker CPU s per image)."""
+    enc = StandInEncoder(batch_ms)
+    meta = OutputMetadata(tokenizer_sha256=enc.sha256, codebook_size=512, grid=(7, 7), channels=1,
+                          resolution=28)
+    job = ShardTokenizer(enc, meta, out, ["cls"], batch_size=256, decode_processes=procs)
+    todo = list(enumerate(paths))
+    lock = threading.Lock()
+    count = [0]
+
+    def shard_loop():                       # as the actor's threads: one call per slot (+1 queued)
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i, path = todo.pop(0)
+            manifest = job.run(path, f"s{i:04d}")
+            with lock:
+                count[0] += manifest["counts"]["ok"]
+
+    try:
+        time.sleep(1.0)                     # decode processes started and imported
+        threads = [threading.Thread(target=shard_loop) for _ in range(job.slots + 1)]
+        c0, t0 = time.process_time(), time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        job.close()
+    return count[0] / wall, cpu / count[0]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=60000)
+    ap.add_argument("--cpus", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--batch-ms", type=float, nargs="+", default=[0.0, 5.0])
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best of each is kept")
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+    work = args.workdir or tempfile.mkdtemp(prefix="vqtok-feed-")
+    shards = os.path.join(work, "shards")
+    if not glob.glob(f"{shards}/train-*.tar"):
+        from pipelines.prepare.fashion import prepare_fashion_mnist
+        prepare_fashion_mnist(shards, shard_size=5000, splits=("train",), limit=args.images, progress=False)
+    paths = sorted(glob.glob(f"{shards}/train-*.tar"))
+    images = sum(1 for p in paths for _ in TarShardReader(p))
+    print(f"{len(paths)} shards, {images} images; {os.cpu_count()} cores; load {os.getloadavg()[0]:.2f}",
+          flush=True)
+
+    best: dict = {}
+    for rep in range(args.repeats):
+        for procs in args.cpus:
+            key = ("limit", procs)
+            best[key] = max(best.get(key, 0.0), decode_limit(paths, procs))
+            for ms in args.batch_ms:
+                rate, cpu = delivered(paths, procs, ms, os.path.join(work, f"out-{procs}-{ms}"))
+                key = ("feed", procs, ms)
+                if rate > best.get(key, (0.0, 0.0))[0]:
+                    best[key] = (rate, cpu)
+                print(f"  repeat {rep}: {procs} CPU, stand-in {ms:g} ms/batch: {rate:,.0f} img/s "
+                      f"(limit {best[('limit', procs)]:,.0f}); load {os.getloadavg()[0]:.2f}", flush=True)
+
+    print("\nCPUs | stand-in accelerator | delivered img/s | decode limit img/s | ratio | worker CPU us/img")
+    for procs in args.cpus:
+        for ms in args.batch_ms:
+            rate, cpu = best[("feed", procs, ms)]
+            limit = best[("limit", procs)]
+            what = "free" if not ms else f"{ms:g} ms/batch"
+            print(f"{procs:4d} | {what:20s} | {rate:15,.0f} | {limit:18,.0f} | {rate / limit:5.2f}x | "
+                  f"{cpu * 1e6:6.1f}")
+
+    top = max(args.cpus)
+    per_proc = best[("limit", 1)] if ("limit", 1) in best else best[("limit", top)] / top
+    rate, cpu = best[("feed", top, 0.0 if 0.0 in args.batch_ms else args.batch_ms[0])]
+    efficiency = rate / best[("limit", top)]
+    ceiling = 1.0 / cpu
+    print(f"\nprojection (per decode process {per_proc:,.0f} img/s x efficiency {efficiency:.2f} at {top} CPUs; "
+          f"worker-process ceiling 1 / {cpu * 1e6:.1f} us = {ceiling:,.0f} img/s):")
+    for n in (8, 16, 32):
+        projected = min(n * per_proc * efficiency, ceiling)
+        print(f"  {n:2d} CPUs per accelerator: {projected:,.0f} img/s "
+              f"({projected / (n * per_proc):.2f}x the decode limit)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Read and decode one shard into whole batches of images: the CPU side of a tokenize worker.
+
+`decode_shard` is the one implementation, run either inline in the worker (a one-CPU CPU worker,
+where a second process could only time-share its core with the encoder) or inside a decode
+process (decode_pool.py) that writes its batches straight into shared memory. A reader thread
+streams the tar (storage latency overlaps decoding); every sample becomes either one image in
+the batch array or one error row.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .preprocess import ImageError, ImagePreprocessor, find_image
+from .shards import Sample, TarShardReader
+from .writer import kept_field_value
+
+
+@dataclass(frozen=True)
+class DecodeSpec:
+    """What a decoder needs to know; small and picklable (sent to decode processes)."""
+    channels: int
+    resolution: int
+    keep_fields: tuple[str, ...]
+    batch_size: int
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.resolution, self.resolution)
+
+    @property
+    def batch_bytes(self) -> int:
+        c, r, _ = self.image_shape
+        return self.batch_size * c * r * r
+
+
+@dataclass
+class DecodedBatch:
+    """One batch after decoding: `count` images were written to the batch array's first rows, in
+    the order of `keys`. Small: it crosses the process boundary pickled, the images do not."""
+    count: int = 0
+    keys: list[str] = field(default_factory=list)
+    kept: dict[str, list] = field(default_factory=dict)
+    errors: list[tuple[str, str, str]] = field(default_factory=list)   # (key, reason, message)
+    samples: int = 0                  # samples read into this batch (images + errors)
+    read_s: float = 0.0               # wall seconds the reader spent getting these samples
+    decode_s: float = 0.0             # CPU seconds of decoding
+
+
+@dataclass
+class ShardEnd:
+    """How a shard's stream ended: `error` is a shard-level error row (damaged, not a tar);
+    `failure` a storage error that fails the attempt (it is retried)."""
+    error: str | None = None
+    bytes_read: int = 0
+    failure: str | None = None
+
+
+class SampleDecoder:
+    """Samples -> a DecodedBatch whose images are written into `out` (B, C, R, R) uint8."""
+
+    def __init__(self, spec: DecodeSpec):
+        self.preprocess = ImagePreprocessor(spec.channels, spec.resolution)
+        self.keep_fields = list(spec.keep_fields)
+
+    def __call__(self, samples: list[Sample], out: np.ndarray) -> DecodedBatch:
+        t0 = time.thread_time()
+        batch = DecodedBatch(kept={name: [] for name in self.keep_fields}, samples=len(samples))
+        for sample in samples:
+            self._one(sample, out, batch)
+        batch.decode_s = time.thread_time() - t0
+        return batch
+
+    def _one(self, sample: Sample, out: np.ndarray, batch: DecodedBatch) -> None:
+        if sample.duplicate:
+            batch.errors.append((sample.key, "duplicate_key",
+                                 "duplicate key: an earlier sample of this shard has the same key; skipped"))
+            return
+        if not sample.complete:
+            batch.errors.append((sample.key, "incomplete_sample",
+                                 "sample may be incomplete: the tar is damaged inside or right after it"))
+            return
+        found = find_image(sample.fields)
+        if found is None:
+            have = ", ".join(sorted(sample.fields)) or "nothing"
+            batch.errors.append((sample.key, "no_image", f"no image in sample (found: {have})"))
+            return
+        try:
+            image = self.preprocess(found[1], found[0])                      # (C, R, R) uint8
+            values = {name: kept_field_value(name, sample.fields.get(name)) for name in self.keep_fields}
+        except ImageError as e:
+            batch.errors.append((sample.key, e.reason, str(e)))
+            return
+        except (ValueError, UnicodeDecodeError) as e:
+            batch.errors.append((sample.key, "bad_kept_field", f"a kept field cannot be stored: {e}"))
+            return
+        out[batch.count] = image
+        batch.count += 1
+        batch.keys.append(sample.key)
+        for name, value in values.items():
+            batch.kept[name].append(value)
+
+
+_END = object()
+
+
+class ChunkReader:
+    """A reader thread: the shard's samples in chunks of `size` (keys seen twice are marked
+    duplicate), a few chunks ahead of the decoder. After iteration `end` says how it ended."""
+
+    def __init__(self, url: str, size: int, ahead: int = 2):
+        self.reader = TarShardReader(url)
+        self.size = size
+        self.chunks: queue.Queue = queue.Queue(maxsize=ahead)
+        self.failure: BaseException | None = None
+        self.read_s: list[float] = []
+        self.thread = threading.Thread(target=self._read, daemon=True, name="vqtok-read")
+        self.thread.start()
+
+    def _read(self) -> None:
+        seen: set[str] = set()
+        chunk: list[Sample] = []
+        t0 = time.perf_counter()
+        try:
+            for sample in self.reader:
+                sample.duplicate = sample.key in seen   # a second row for one key: refused
+                seen.add(sample.key)
+                chunk.append(sample)
+                if len(chunk) >= self.size:
+                    self.chunks.put((chunk, time.perf_counter() - t0))
+                    chunk = []
+                    t0 = time.perf_counter()
+            if chunk:
+                self.chunks.put((chunk, time.perf_counter() - t0))
+        except BaseException as e:   # storage errors: the attempt fails and is retried
+            self.failure = e
+        finally:
+            self.chunks.put(_END)
+
+    def __iter__(self) -> Iterator[tuple[list[Sample], float]]:
+        while (item := self.chunks.get()) is not _END:
+            yield item
+        self.thread.join()
+
+    @property
+    def end(self) -> ShardEnd:
+        failure = f"{type(self.failure).__name__}: {self.failure}" if self.failure else None
+        return ShardEnd(self.reader.error, self.reader.bytes_read, failure)
+
+
+def decode_shard(url: str, spec: DecodeSpec, decoder: SampleDecoder,
+                 next_buffer: Callable[[], tuple[int, np.ndarray]]) -> Iterator[tuple[int, DecodedBatch]]:
+    """Yield (buffer id, batch) per chunk of spec.batch_size samples, the images written into the
+    buffer `next_buffer()` handed out; returns the ShardEnd (StopIteration.value)."""
+    chunks = ChunkReader(url, spec.batch_size)
+    for samples, read_s in chunks:
+        slot, out = next_buffer()
+        batch = decoder(samples, out)
+        batch.read_s = read_s
+        yield slot, batch
+    return chunks.end
+
+
+class InlineDecoder:
+    """Decodes in the calling thread, into one reused buffer (the encoder is done with a batch
+    before the next is decoded)."""
+
+    def __init__(self, spec: DecodeSpec):
+        self.spec = spec
+        self.decoder = SampleDecoder(spec)
+        self.buffer = np.empty((spec.batch_size, *spec.image_shape), dtype=np.uint8)
+
+    def batches(self, url: str) -> Iterator[tuple[np.ndarray, DecodedBatch]]:
+        """Yield (images (n, C, R, R) uint8 view, batch); returns the ShardEnd."""
+        gen = decode_shard(url, self.spec, self.decoder, lambda: (0, self.buffer))
+        while True:
+            try:
+                _, batch = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            yield self.buffer[:batch.count], batch
