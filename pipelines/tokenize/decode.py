@@ -16,8 +16,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .preprocess import ImageError, ImagePreprocessor, find_image
-from .shards import Sample, TarShardReader
+from .preprocess import ImageError, ImagePreprocessor, find_image, is_image_field
+from .shards import MAX_MEMBER_BYTES, Sample, TarShardReader
 from .writer import kept_field_value
 
 
@@ -28,6 +28,11 @@ class DecodeSpec:
     resolution: int
     keep_fields: tuple[str, ...]
     batch_size: int
+    max_member_bytes: int = MAX_MEMBER_BYTES
+
+    def wants(self, ext: str) -> bool:
+        """The fields decoding reads; every other field is streamed past unread."""
+        return is_image_field(ext) or ext in self.keep_fields
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -67,6 +72,7 @@ class SampleDecoder:
     def __init__(self, spec: DecodeSpec):
         self.preprocess = ImagePreprocessor(spec.channels, spec.resolution)
         self.keep_fields = list(spec.keep_fields)
+        self.max_member_bytes = spec.max_member_bytes
 
     def __call__(self, samples: list[Sample], out: np.ndarray) -> DecodedBatch:
         t0 = time.thread_time()
@@ -85,9 +91,15 @@ class SampleDecoder:
             batch.errors.append((sample.key, "incomplete_sample",
                                  "sample may be incomplete: the tar is damaged inside or right after it"))
             return
+        large = [ext for ext in sample.too_large if is_image_field(ext) or ext in self.keep_fields]
+        if large:
+            sizes = ", ".join(f"'{ext}' {sample.too_large[ext]:,} bytes" for ext in large)
+            batch.errors.append((sample.key, "member_too_large",
+                                 f"field too large: {sizes} (limit {self.max_member_bytes:,} bytes); not read"))
+            return
         found = find_image(sample.fields)
         if found is None:
-            have = ", ".join(sorted(sample.fields)) or "nothing"
+            have = ", ".join(sorted([*sample.fields, *sample.skipped])) or "nothing"
             batch.errors.append((sample.key, "no_image", f"no image in sample (found: {have})"))
             return
         try:
@@ -113,8 +125,9 @@ class ChunkReader:
     """A reader thread: the shard's samples in chunks of `size` (keys seen twice are marked
     duplicate), a few chunks ahead of the decoder. After iteration `end` says how it ended."""
 
-    def __init__(self, url: str, size: int, ahead: int = 2):
-        self.reader = TarShardReader(url)
+    def __init__(self, url: str, spec: DecodeSpec, ahead: int = 2):
+        self.reader = TarShardReader(url, spec.wants, spec.max_member_bytes)
+        size = spec.batch_size
         self.size = size
         self.chunks: queue.Queue = queue.Queue(maxsize=ahead)
         self.failure: BaseException | None = None
@@ -157,7 +170,7 @@ def decode_shard(url: str, spec: DecodeSpec, decoder: SampleDecoder,
                  next_buffer: Callable[[], tuple[int, np.ndarray]]) -> Iterator[tuple[int, DecodedBatch]]:
     """Yield (buffer id, batch) per chunk of spec.batch_size samples, the images written into the
     buffer `next_buffer()` handed out; returns the ShardEnd (StopIteration.value)."""
-    chunks = ChunkReader(url, spec.batch_size)
+    chunks = ChunkReader(url, spec)
     for samples, read_s in chunks:
         slot, out = next_buffer()
         batch = decoder(samples, out)

@@ -39,6 +39,11 @@ class ImageError(ValueError):
         self.reason = reason
 
 
+def is_image_field(ext: str) -> bool:
+    """'png', 'left.png' -> True: a field find_image may pick."""
+    return ext in IMAGE_EXTS or ext.rsplit(".", 1)[-1] in IMAGE_EXTS
+
+
 def find_image(fields: dict[str, bytes]) -> tuple[str, bytes] | None:
     """The image member of a sample: the first of IMAGE_EXTS present (also 'left.png'-style)."""
     for ext in IMAGE_EXTS:

@@ -8,11 +8,13 @@ error after its readable head was yielded.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import fsspec
 
-from .tarstream import END_MARKER, TarMembers
+from .tarstream import END_MARKER, SKIPPED, TOO_LARGE, TarMembers
+
+MAX_MEMBER_BYTES = 256 << 20    # default: a larger member becomes an error, never held in memory
 
 
 @dataclass
@@ -21,6 +23,8 @@ class Sample:
     fields: dict[str, bytes] = field(default_factory=dict)   # extension (lower case) -> bytes
     complete: bool = True                      # False when the tar broke inside this sample
     duplicate: bool = False                    # the key was already seen in this shard
+    skipped: list[str] = field(default_factory=list)        # fields present but not asked for
+    too_large: dict[str, int] = field(default_factory=dict)  # field -> size, over the limit
 
 
 def split_member_name(name: str) -> tuple[str, str] | None:
@@ -35,10 +39,17 @@ def split_member_name(name: str) -> tuple[str, str] | None:
 class TarShardReader:
     """Iterate `Sample`s of one shard in stored order. After iteration, `error` is None for a
     clean shard or a readable reason (not a tar, truncated, unreadable), and `bytes_read` says
-    how far it got. Samples whose members were split by the damage come out with complete=False."""
+    how far it got. Samples whose members were split by the damage come out with complete=False.
 
-    def __init__(self, url: str):
+    want_field(ext) -> bool: fields it refuses are streamed past, never held (their names are
+    listed in `Sample.skipped`); a field over max_member_bytes is not read either and is listed
+    in `Sample.too_large`. Memory per sample is thus bounded by what the caller asked for."""
+
+    def __init__(self, url: str, want_field: Callable[[str], bool] | None = None,
+                 max_member_bytes: int | None = MAX_MEMBER_BYTES):
         self.url = url
+        self.want_field = want_field
+        self.max_member_bytes = max_member_bytes
         self.error: str | None = None
         self.bytes_read = 0
 
@@ -57,7 +68,12 @@ class TarShardReader:
             f.close()
 
     def _samples(self, f) -> Iterator[Sample]:
-        members = TarMembers(f)
+        want = None
+        if self.want_field is not None:
+            def want(name: str) -> bool:
+                parts = split_member_name(name)
+                return parts is not None and self.want_field(parts[1])
+        members = TarMembers(f, want, self.max_member_bytes)
         sample: Sample | None = None
         for name, data in members:
             self.bytes_read = members.offset
@@ -70,7 +86,11 @@ class TarShardReader:
                 sample = None
             if sample is None:
                 sample = Sample(key)
-            if data is not None:
+            if data is SKIPPED:
+                sample.skipped.append(ext)
+            elif data is TOO_LARGE:
+                sample.too_large[ext] = members.last_size
+            elif data is not None:
                 sample.fields[ext] = data
         self.bytes_read = members.offset
         if members.end != END_MARKER:

@@ -6,6 +6,10 @@ It reads big blocks (decompressing gzip/bz2/xz on the fly), parses ustar/GNU/pax
 way tarfile does (checksum, base-256 sizes, ustar prefix, GNU long names, pax path/size) and
 reports how the stream ended: the zero-block end-of-archive marker, or the damage that stopped
 it. Storage errors (OSError from the file object) propagate; damage never raises.
+
+Memory stays bounded by the members a caller wants: a member `want(name)` refuses is streamed
+past without being held (SKIPPED), and one larger than `max_member_bytes` likewise (TOO_LARGE),
+so a shard that inflates to gigabytes of unwanted or oversized fields costs CPU, not memory.
 """
 from __future__ import annotations
 
@@ -20,6 +24,20 @@ END_MARKER = "marker"
 FILE_TYPES = (b"0", b"\0", b"7")          # regular, old regular, contiguous
 GNU_TYPES = (b"L", b"K", b"S")             # long name, long link, sparse: no ustar prefix
 LINK_AND_DIR_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")
+
+
+class _Marker:
+    """Stands for a member's data that was not read into memory."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+SKIPPED = _Marker("SKIPPED")        # not wanted by the caller
+TOO_LARGE = _Marker("TOO_LARGE")    # over max_member_bytes; `last_size` holds its size
 
 
 class TarDamage(Exception):
@@ -45,8 +63,15 @@ class _Decompressed:
         self.raw_eof = False
 
     def read(self) -> bytes:
-        """The next piece of decompressed bytes; b'' at the end."""
+        """The next piece of decompressed bytes, at most READ_SIZE of them (a stream that
+        inflates a thousandfold must not inflate in memory); b'' at the end."""
         while True:
+            if self.codec is not None and not getattr(self.codec, "needs_input", True) \
+                    and not _finished(self.codec):
+                out = self._decompress(b"")      # bz2/lzma still hold output for their input
+                if out:
+                    return out
+                continue
             raw = self.pending if self.pending else (b"" if self.raw_eof else self.f.read(READ_SIZE))
             self.pending = b""
             if not raw:
@@ -62,7 +87,11 @@ class _Decompressed:
 
     def _decompress(self, raw: bytes) -> bytes:
         try:
-            out = self.codec.decompress(raw)
+            if isinstance(self.codec, _ZLIB_TYPE):
+                out = self.codec.decompress(raw, READ_SIZE)
+                self.pending = self.codec.unconsumed_tail   # input left for the next call
+            else:
+                out = self.codec.decompress(raw, max_length=READ_SIZE)
             rest = self.codec.unused_data if _finished(self.codec) else b""
             if rest:                      # concatenated streams (e.g. multi-member gzip)
                 self.codec = self.new()
@@ -72,17 +101,24 @@ class _Decompressed:
         return out
 
 
+_ZLIB_TYPE = type(zlib.decompressobj())
+
+
 def _finished(codec) -> bool:
     return bool(getattr(codec, "eof", False))
 
 
 class TarMembers:
     """Iterate (member name, data) of regular files in stored order; data is None for a last
-    member cut short. Afterwards `end` is END_MARKER for a proper end-of-archive or a reason, and
-    `offset` the bytes consumed."""
+    member cut short, SKIPPED for a member `want` refuses, TOO_LARGE for one over
+    `max_member_bytes` (its size in `last_size`). Afterwards `end` is END_MARKER for a proper
+    end-of-archive or a reason, and `offset` the bytes consumed."""
 
-    def __init__(self, f):
+    def __init__(self, f, want=None, max_member_bytes: int | None = None):
         self.f = f
+        self.want = want
+        self.max_member_bytes = max_member_bytes
+        self.last_size = 0
         self.end: str | None = None
         self.offset = 0
         self._buf = bytearray()
@@ -115,6 +151,21 @@ class TarMembers:
     def _available(self) -> int:
         return len(self._buf) - self._pos
 
+    def _discard(self, n: int) -> bool:
+        """Consume n bytes without holding them; False when the stream ends first."""
+        while n > 0:
+            if not self._available():
+                del self._buf[:]
+                self._pos = 0
+                piece = self._source.read()
+                if not piece:
+                    return False
+                self._buf += piece
+            step = min(n, self._available())
+            self._skip(step)
+            n -= step
+        return True
+
     # ---- members --------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[str, bytes]]:
         try:
@@ -133,6 +184,18 @@ class TarMembers:
             name, size, kind = header
             if "size" in pax and kind not in (b"x", b"X", b"g"):
                 size = _pax_size(pax["size"], size)
+            if kind in FILE_TYPES:
+                marker = self._not_held(pax.get("path", long_name or name), size)
+                if marker is not None:
+                    full = pax.get("path", long_name or name)
+                    long_name, pax = None, {}
+                    if not self._discard(_padded(size)):
+                        self.end = f"unexpected end of data in member {full!r} (of {size} bytes)"
+                        yield full, None
+                        return
+                    if not full.endswith("/"):
+                        yield full, marker
+                    continue
             if not self._fill(_padded(size)):
                 self.end = (f"unexpected end of data in member {name!r} "
                             f"({self._available()} of {size} bytes)")
@@ -153,6 +216,15 @@ class TarMembers:
             long_name, pax = None, {}
             if kind in FILE_TYPES and not name.endswith("/"):
                 yield name, data
+
+    def _not_held(self, name: str, size: int):
+        """SKIPPED / TOO_LARGE when this file member's data is not to be held, else None."""
+        if self.want is not None and not self.want(name):
+            return SKIPPED
+        if self.max_member_bytes is not None and size > self.max_member_bytes:
+            self.last_size = size
+            return TOO_LARGE
+        return None
 
     def _header(self) -> tuple[str, int, bytes] | None:
         """Parse the next header; None at the end (self.end says why)."""

@@ -1,0 +1,81 @@
+"""Reading and decoding one shard (pipelines/tokenize/decode.py): memory stays bounded by the
+fields decoding asked for, however far a shard inflates."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+
+import tok_data as td
+
+MiB = 1 << 20
+
+
+class Zeros:
+    """A file object of n zero bytes, never held whole."""
+
+    def __init__(self, n: int):
+        self.left = n
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.left if size < 0 else min(size, self.left)
+        self.left -= size
+        return bytes(size)
+
+
+def _gzip_shard(path, members: list[tuple[str, int | bytes]]) -> None:
+    with tarfile.open(path, "w:gz", compresslevel=1) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = data if isinstance(data, int) else len(data)
+            tar.addfile(info, Zeros(data) if isinstance(data, int) else __import__("io").BytesIO(data))
+
+
+MEASURE = r"""
+import json, resource, sys
+from pipelines.tokenize.decode import DecodeSpec, InlineDecoder
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+dec = InlineDecoder(DecodeSpec(1, 28, ("cls",), 8, max_member_bytes=int(sys.argv[2])))
+gen = dec.batches(sys.argv[1])
+keys, errors = [], []
+while True:
+    try:
+        _, batch = next(gen)
+    except StopIteration as stop:
+        end = stop.value
+        break
+    keys += batch.keys
+    errors += batch.errors
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(json.dumps({"keys": keys, "errors": errors, "end_error": end.error, "grown_kib": grown}))
+"""
+
+
+def test_a_shard_inflating_to_gigabytes_keeps_its_images_and_bounded_memory(tmp_path):
+    images, labels = td.fashion_mnist(3)
+    path = tmp_path / "bomb.tar.gz"
+    _gzip_shard(path, [
+        ("a.png", td.png(images[0])), ("a.cls", b"1"), ("a.blob", 900 * MiB),   # unwanted field
+        ("b.png", 300 * MiB), ("b.cls", b"2"),                                  # image over the limit
+        ("c.png", td.png(images[2])), ("c.cls", b"3"),
+    ])
+    assert path.stat().st_size < 8 * MiB
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(path), str(256 * MiB)], check=True,
+                         capture_output=True, text=True, timeout=300)
+    result = json.loads(out.stdout)
+    assert result["keys"] == ["a", "c"] and result["end_error"] is None
+    assert len(result["errors"]) == 1
+    key, reason, message = result["errors"][0]
+    assert (key, reason) == ("b", "member_too_large")
+    assert "'png' 314,572,800 bytes" in message and "limit 268,435,456" in message
+    assert result["grown_kib"] < 200 * 1024, result["grown_kib"]      # 1.2 GiB inflated, < 200 MiB held
+
+
+def test_no_image_error_names_the_fields_that_were_streamed_past(tmp_path):
+    path = tmp_path / "text.tar"
+    td.write(path, td.tar_bytes([("t", {"txt": b"hello", "json": b"{}"})]))
+    from pipelines.tokenize.decode import DecodeSpec, InlineDecoder
+    gen = InlineDecoder(DecodeSpec(1, 28, (), 8)).batches(str(path))
+    _, batch = next(gen)
+    assert batch.errors == [("t", "no_image", "no image in sample (found: json, txt)")]
