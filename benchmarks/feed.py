@@ -22,11 +22,7 @@ from __future__ import annotations
 import os
 import sys
 
-# benchmarks/tokenize.py is named like the stdlib module: this folder must not be on the path
-# (spawned processes inherit it); the repo root is
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repo root
 
 import argparse
 import glob

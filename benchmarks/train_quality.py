@@ -14,18 +14,12 @@ them as JSON to WORK/<dataset>-result.json.
 """
 from __future__ import annotations
 
-import os
-import sys
-
-# run as a script, benchmarks/ is sys.path[0]: keep its modules from shadowing the standard
-# library (benchmarks/tokenize.py vs the stdlib tokenize that linecache imports)
-if sys.path and os.path.basename(os.path.abspath(sys.path[0])) == "benchmarks":
-    sys.path.pop(0)
-
 import argparse
 import json
 import math
+import os
 import subprocess
+import sys
 import time
 
 import numpy as np

@@ -1,6 +1,6 @@
 """Benchmark `vqtok tokenize` against the machine limit and a naive loop, in one run.
 
-    python benchmarks/tokenize.py [--images 60000] [--per-shard 5000] [--workdir DIR] [--repeat K]
+    python benchmarks/tokenize_throughput.py [--images 60000] [--per-shard 5000] [--workdir DIR] [--repeat K]
 
 1. shards: the first N Fashion-MNIST train images as PNG WebDataset shards (+ cls);
    tokenizer: the default VQVAEConfig (28x28 grey, hidden 128), codebook k-means-initialised.
@@ -17,19 +17,14 @@ show how the fixed start-up cost amortises on a bigger job.
 """
 from __future__ import annotations
 
-import os
-import sys
-
-# this file is named like the stdlib `tokenize` module: keep its folder off sys.path
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
 import argparse
 import glob
 import gzip
 import io
 import json
+import os
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
