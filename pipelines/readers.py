@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .errors import UserError
-from .output_format import (CODES, KEY, OutputMetadata, list_data_files, metadata_from_schema,
+from .output_format import (CODES, KEY, SHARD, OutputMetadata, list_data_files, metadata_from_schema,
                             require_same_tokenizer, success_path)
 
 
@@ -68,19 +68,19 @@ class CodesDataset(IterableDataset):
     url: a `vqtok tokenize` output directory (local path or fsspec URL).
     rank / world_size: this process's data-parallel rank; default from RANK / WORLD_SIZE.
     shuffle / seed: deterministic shuffling; call set_epoch(e) before each epoch for a new order.
-    fields: extra columns to pass through (the tokenize --keep-fields), e.g. ("cls",).
+    fields: extra columns to pass through (the tokenize --keep-fields), e.g. ("cls",); None (the
+        default) passes every kept field the output has, () none; naming a missing one is an error.
     shuffle_buffer: when shuffling, each worker permutes pools of at least this many rows
         (whole row-group slices, so a pool also spans row groups).
     """
 
     def __init__(self, url: str, rank: int | None = None, world_size: int | None = None,
-                 shuffle: bool = False, seed: int = 0, fields: tuple[str, ...] | list[str] = ("cls",),
+                 shuffle: bool = False, seed: int = 0, fields: tuple[str, ...] | list[str] | None = None,
                  shuffle_buffer: int = 8192):
         super().__init__()
         self.url = url
         self.rank, self.world_size = _rank_and_world(rank, world_size)
         self.shuffle, self.seed, self.epoch = bool(shuffle), int(seed), 0
-        self.fields = tuple(fields)
         self.shuffle_buffer = max(1, int(shuffle_buffer))
         self.fs, paths = list_data_files(url)
         self._fs_pid = os.getpid()
@@ -88,7 +88,8 @@ class CodesDataset(IterableDataset):
             warnings.warn(f"{url}: no _SUCCESS, the tokenize run is unfinished: rows of unfinished "
                           "shards are missing, and ranks that list the directory at different times "
                           "could disagree on the files", UserWarning, stacklevel=2)
-        self.metadata, self.row_groups = _scan(self.fs, paths, self.fields)
+        self.metadata, self.row_groups, self.fields = _scan(
+            self.fs, paths, None if fields is None else tuple(fields))
         self.num_rows = sum(g.num_rows for g in self.row_groups)
 
     # ---- public --------------------------------------------------------------------------------
@@ -190,9 +191,10 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
     return rank, world_size
 
 
-def _scan(fs, paths: list[str], fields: tuple[str, ...]) -> tuple[OutputMetadata, list[RowGroup]]:
+def _scan(fs, paths: list[str], fields: tuple[str, ...] | None
+          ) -> tuple[OutputMetadata, list[RowGroup], tuple[str, ...]]:
     """Read every file's footer (in parallel: object stores are latency-bound); check they all
-    name one tokenizer and carry the requested fields."""
+    name one tokenizer and carry the requested fields (None: the kept fields all files have)."""
     def one(path):
         try:
             with fs.open(path, "rb") as f:
@@ -202,18 +204,21 @@ def _scan(fs, paths: list[str], fields: tuple[str, ...]) -> tuple[OutputMetadata
         schema = md.schema.to_arrow_schema()
         meta = metadata_from_schema(schema, path)
         names = set(schema.names)
-        for name in fields:
+        for name in fields or ():
             if name not in names:
                 raise UserError(f"{path}: no column {name!r} to pass through (columns: "
                                 f"{', '.join(sorted(names))}); pass fields=() or tokenize with "
                                 f"--keep-fields {name}")
-        return meta, [RowGroup(path, i, md.row_group(i).num_rows) for i in range(md.num_row_groups)]
+        kept = [n for n in schema.names if n not in (KEY, SHARD, CODES)]
+        return meta, [RowGroup(path, i, md.row_group(i).num_rows) for i in range(md.num_row_groups)], kept
 
     with ThreadPoolExecutor(max_workers=min(16, len(paths))) as pool:
         results = list(pool.map(one, paths))
     metadata = require_same_tokenizer({p: r[0] for p, r in zip(paths, results)})
-    groups = [g for _, gs in results for g in gs if g.num_rows > 0]
-    return metadata, groups
+    groups = [g for _, gs, _ in results for g in gs if g.num_rows > 0]
+    if fields is None:    # every kept field that every file has, in the first file's order
+        fields = tuple(n for n in (results[0][2] if results else ()) if all(n in r[2] for r in results))
+    return metadata, groups, fields
 
 
 def _slice(n: int, part: int, parts: int) -> tuple[int, int]:

@@ -40,13 +40,13 @@ def images(model: VQVAE, n: int, seed: int) -> torch.Tensor:
 def write_output(out, model: VQVAE, shards: dict[str, int], row_group_size: int = 4,
                  keys: dict[str, list[str]] | None = None, errors: dict[str, list] | None = None,
                  meta: fmt.OutputMetadata | None = None, success: bool = True,
-                 codes_type: pa.DataType | None = None) -> dict[str, dict]:
+                 codes_type: pa.DataType | None = None, labelled: bool = True) -> dict[str, dict]:
     """Write OUTPUT/<shard>.parquet (+ _errors, _manifest, _SUCCESS) for shards {name: rows}.
     Returns {key: {"shard", "codes" (h, w) int64 array, "cls", "image"}} of every code row."""
     out = str(out)
     os.makedirs(out, exist_ok=True)
     meta = meta or fmt.OutputMetadata.from_model(model, preprocessing="test")
-    schema = fmt.data_schema(meta, [pa.field("cls", pa.int64())])
+    schema = fmt.data_schema(meta, [pa.field("cls", pa.int64())] if labelled else [])
     if codes_type is not None:
         schema = schema.set(schema.get_field_index("codes"), pa.field("codes", codes_type))
     rows: dict[str, dict] = {}
@@ -55,8 +55,10 @@ def write_output(out, model: VQVAE, shards: dict[str, int], row_group_size: int 
         x = images(model, n, seed=1000 + i)
         codes = model.encode(x).numpy() if n else np.zeros((0, *model.grid), np.int64)
         cls = [(j * 7 + i) % 10 for j in range(n)]
-        table = pa.table({"key": shard_keys, "shard": [shard] * n,
-                          "codes": [c.reshape(-1).tolist() for c in codes], "cls": cls}, schema=schema)
+        columns = {"key": shard_keys, "shard": [shard] * n, "codes": [c.reshape(-1).tolist() for c in codes]}
+        if labelled:
+            columns["cls"] = cls
+        table = pa.table(columns, schema=schema)
         pq.write_table(table, fmt.data_path(out, shard), row_group_size=row_group_size,
                        compression="zstd")
         for j, key in enumerate(shard_keys):

@@ -51,6 +51,17 @@ def test_rows_codes_and_fields_are_exact(output, model):
         assert row["cls"] == rows[row["key"]]["cls"]
 
 
+def test_defaults_pass_the_kept_fields_that_exist(tmp_path, model):
+    rows = write_output(tmp_path / "photos", model, {"a": 3, "b": 2}, labelled=False)   # no cls column
+    got = list(CodesDataset(str(tmp_path / "photos")))
+    assert {r["key"] for r in got} == set(rows) and all(set(r) == {"key", "codes"} for r in got)
+    with pytest.raises(UserError, match="no column 'cls'"):
+        CodesDataset(str(tmp_path / "photos"), fields=("cls",))
+    labelled = CodesDataset(str(tmp_path / "labelled")) if write_output(tmp_path / "labelled", model, {"a": 2}) else None
+    assert labelled.fields == ("cls",) and set(next(iter(labelled))) == {"key", "codes", "cls"}
+    assert CodesDataset(str(tmp_path / "labelled"), fields=()).fields == ()
+
+
 def test_codes_decode_like_the_model_encoded_them(output, model):
     out, rows = output
     row = next(iter(CodesDataset(out, fields=())))
