@@ -11,7 +11,6 @@ import io
 import json
 import math
 import sys
-import tarfile
 from dataclasses import asdict, dataclass, field
 
 import fsspec
@@ -22,10 +21,11 @@ from tqdm import tqdm
 
 from tokenizer import VQVAE
 
-from .data import expand_urls, iter_tar_samples
+from .data import expand_urls
 from .errors import UserError
 from .output_format import join
-from .tokenize.preprocess import ImageError, ImagePreprocessor, find_image
+from .tokenize.preprocess import ImageError, ImagePreprocessor, find_image, is_image_field
+from .tokenize.shards import TarShardReader
 
 GRID_NAME, HISTOGRAM_NAME, METRICS_NAME = "reconstructions.png", "code_usage.png", "metrics.json"
 
@@ -36,7 +36,8 @@ class EvalReport:
     usage: float
     perplexity: float
     images: int
-    skipped: int = 0
+    skipped: int = 0                   # samples without a usable image
+    damaged_shards: dict = field(default_factory=dict)   # shard URL -> how it ended
     codebook_size: int = 0
     files: dict = field(default_factory=dict)
 
@@ -73,33 +74,37 @@ class Accumulator:
         self.originals += list(x[:room].cpu())
         self.recons += list(x_hat[:room].cpu())
 
-    def report(self, skipped: int) -> EvalReport:
+    def report(self, skipped: list) -> EvalReport:
         p = self.counts.double() / max(1, int(self.counts.sum()))
         entropy = float(-(p[p > 0] * p[p > 0].log()).sum())
         return EvalReport(psnr=self.psnr_sum / self.images, usage=float((self.counts > 0).double().mean()),
-                          perplexity=math.exp(entropy), images=self.images, skipped=skipped,
+                          perplexity=math.exp(entropy), images=self.images,
+                          skipped=sum(1 for _, key, _ in skipped if key is not None),
+                          damaged_shards={url: why for url, key, why in skipped if key is None},
                           codebook_size=len(self.counts))
 
 
 def iter_images(urls: list[str], channels: int, resolution: int, skipped: list):
-    """(C, R, R) tensors of every usable image of the shards; the rest are counted in skipped."""
+    """(C, R, R) tensors of every usable image of the shards; the rest are counted in skipped,
+    a damaged shard as (url, None, why) after its readable head, also said on stderr."""
     preprocess = ImagePreprocessor(channels, resolution)
     for url in urls:
-        try:
-            for sample in iter_tar_samples(url):
-                fields = {k: v for k, v in sample.items() if not k.startswith("__")}
-                found = find_image(fields)
-                if found is None:
-                    skipped.append((url, sample["__key__"], "no_image"))
-                    continue
-                try:
-                    arr = preprocess(found[1], found[0])                   # (C, R, R) uint8
-                except ImageError as e:
-                    skipped.append((url, sample["__key__"], e.reason))
-                    continue
-                yield torch.from_numpy(np.array(arr, copy=True)).float() / 255
-        except (OSError, EOFError, tarfile.TarError) as e:   # truncated / not a tar: keep what was read
-            skipped.append((url, None, f"unreadable shard: {e}"))
+        reader = TarShardReader(url, is_image_field)
+        for sample in reader:
+            found = find_image(sample.fields) if sample.complete else None
+            if found is None:
+                skipped.append((url, sample.key, "no_image" if sample.complete else "incomplete_sample"))
+                continue
+            try:
+                arr = preprocess(found[1], found[0])                   # (C, R, R) uint8
+            except ImageError as e:
+                skipped.append((url, sample.key, e.reason))
+                continue
+            yield torch.from_numpy(np.array(arr, copy=True)).float() / 255
+        if reader.error:
+            skipped.append((url, None, reader.error))
+            print(f"warning: {url}: {reader.error}; evaluated the samples before the damage",
+                  file=sys.stderr, flush=True)
 
 
 def evaluate(tokenizer: str, inputs: list[str], out: str, limit: int | None = None,
@@ -117,7 +122,7 @@ def evaluate(tokenizer: str, inputs: list[str], out: str, limit: int | None = No
             bar.update(len(x))
     if acc.images == 0:
         raise UserError(f"no decodable image in {', '.join(inputs)} ({len(skipped)} samples skipped)")
-    report = acc.report(len(skipped))
+    report = acc.report(skipped)
     report.files = write_report(out, report, acc)
     return report
 

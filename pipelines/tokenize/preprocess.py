@@ -31,12 +31,22 @@ IMAGE_EXTS = ("png", "jpg", "jpeg", "jpe", "webp", "bmp", "gif", "tif", "tiff", 
               "pbm", "pnm", "jp2")
 
 
-class ImageError(ValueError):
-    """A sample's image cannot be used; `reason` is a short category for the manifest."""
+GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
-    def __init__(self, reason: str, message: str):
+
+class ImageError(ValueError):
+    """A sample's image cannot be used; `reason` is a short category for the manifest, `found`
+    what was found where a strict preprocessor refused a mismatch ((channels, mode) or (w, h))."""
+
+    def __init__(self, reason: str, message: str, found=None):
         super().__init__(message)
         self.reason = reason
+        self.found = found
+
+
+def native_channels(img: Image.Image) -> int:
+    """1 for grey modes, 3 for everything else (RGB, palette, CMYK, ...)."""
+    return 1 if img.mode in GREY_MODES else 3
 
 
 def is_image_field(ext: str) -> bool:
@@ -56,11 +66,15 @@ def find_image(fields: dict[str, bytes]) -> tuple[str, bytes] | None:
 
 
 class ImagePreprocessor:
-    """bytes -> (C, R, R) uint8 following PREPROCESSING."""
+    """bytes -> (C, R, R) uint8 following PREPROCESSING. strict=True refuses images whose own
+    channel count or size differ from (channels, resolution) instead of converting them
+    (reasons 'channel_mismatch', 'size_mismatch'): for training data that must already match."""
 
-    def __init__(self, channels: int, resolution: int):
+    def __init__(self, channels: int, resolution: int, strict: bool = False):
+        self.channels = channels
         self.mode = "L" if channels == 1 else "RGB"
         self.resolution = resolution
+        self.strict = strict
 
     def __call__(self, data: bytes, ext: str = "image") -> np.ndarray:
         if not data:
@@ -70,6 +84,8 @@ class ImagePreprocessor:
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 img = Image.open(io.BytesIO(data))
                 self._check_size(img, ext)
+                if self.strict:                  # the stored size and mode, before any draft
+                    self._check_native(img, ext)
                 self._draft(img)
                 img.load()
         except ImageError:
@@ -96,6 +112,15 @@ class ImagePreprocessor:
         if w * h > MAX_PIXELS:
             raise ImageError("image_too_large", f"image in '{ext}' has {w}x{h} pixels "
                              f"(limit {MAX_PIXELS})")
+
+    def _check_native(self, img: Image.Image, ext: str) -> None:
+        native = native_channels(img)
+        if native != self.channels:
+            raise ImageError("channel_mismatch", f"image in '{ext}' has {native} channel(s) "
+                             f"({img.mode}), not {self.channels}", found=(native, img.mode))
+        if img.size != (self.resolution, self.resolution):
+            raise ImageError("size_mismatch", f"image in '{ext}' is {img.size[0]}x{img.size[1]}, "
+                             f"not {self.resolution}x{self.resolution}", found=img.size)
 
     def _draft(self, img: Image.Image) -> None:
         if img.format == "JPEG":

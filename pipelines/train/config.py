@@ -18,6 +18,9 @@ class DataConfig:
     num_workers: int = 2           # DataLoader workers per rank
     shuffle_buffer: int = 2000     # samples per worker
     val_samples: int = 1024        # validation images (rank 0)
+    # true: images must already have model.in_channels and model.resolution (a mismatch stops
+    # the run); false: convert and resize/centre-crop them by the tokenize image policy
+    strict_size: bool = True
 
     def __post_init__(self):
         check(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")

@@ -6,70 +6,81 @@ slots-th sample. Either way no sample reaches two slots within an epoch. Each sl
 through a buffer seeded by (seed, epoch, slot), so its stream is a pure function of those and a
 position (epoch, samples consumed) is enough to resume it: skipping replays the buffer on raw
 bytes without decoding.
+
+Shards are read by the one damage-aware reader (TarShardReader) and images decoded by the one
+image policy (ImagePreprocessor), as `vqtok tokenize` and `vqtok eval` do, so the three see the
+same pixels for the same bytes. A damaged shard keeps its readable head; stderr says which shard
+ended how, and the batches count damaged shards (`damaged`) for the metrics.
 """
 from __future__ import annotations
 
-import io
 import random
 import sys
-import tarfile
 from typing import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..data import expand_urls, iter_tar_samples, sample_image_bytes
 from ..errors import UserError
+from ..tokenize.preprocess import ImageError, ImagePreprocessor, find_image, is_image_field
+from ..tokenize.shards import Sample, TarShardReader
 from .stop import shield_data_worker
-
-GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "La"}
 
 
 class DataMismatch(UserError):
     """The images do not match the model config (channels or size): stop, do not skip."""
 
 
-def decode_checked(data: bytes, channels: int, resolution: int, where: str) -> np.ndarray:
-    """Image bytes -> (C, H, W) uint8. Raises DataMismatch when the image's own channel count or
-    size differs from the config, any other exception when the bytes are not an image."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        native = 1 if img.mode in GREY_MODES else 3
-        if native != channels:
-            raise DataMismatch(f"{where}: image has {native} channel(s) ({img.mode}) but "
-                               f"model.in_channels = {channels}")
-        if img.size != (resolution, resolution):
-            raise DataMismatch(f"{where}: image is {img.size[0]}x{img.size[1]} but model.resolution "
-                               f"= {resolution}; make SxS shards with `vqtok prepare folder --size`")
-        arr = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-    return np.ascontiguousarray(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+def image_decoder(channels: int, resolution: int, strict: bool) -> ImagePreprocessor:
+    return ImagePreprocessor(channels, resolution, strict=strict)
 
 
-def check_first_sample(urls: list[str], channels: int, resolution: int) -> None:
-    """Fail fast (before launching ranks) on a channel/size mismatch or unreadable data."""
+def decode_checked(sample: Sample, decoder: ImagePreprocessor, where: str) -> np.ndarray | None:
+    """A sample's image -> (C, H, W) uint8, or None when it has none or it is undecodable.
+    Raises DataMismatch when a strict decoder finds another channel count or size."""
+    found = find_image(sample.fields) if sample.complete else None
+    if found is None:
+        return None
     try:
-        for sample in iter_tar_samples(urls[0]):
-            found = sample_image_bytes(sample)
-            if found is None:
-                continue
-            decode_checked(found[1], channels, resolution, f"{urls[0]} sample {sample['__key__']}")
+        return decoder(found[1], found[0])
+    except ImageError as e:
+        if e.reason == "channel_mismatch":
+            native, mode = e.found
+            raise DataMismatch(f"{where}: image has {native} channel(s) ({mode}) but "
+                               f"model.in_channels = {decoder.channels}") from None
+        if e.reason == "size_mismatch":
+            w, h = e.found
+            raise DataMismatch(f"{where}: image is {w}x{h} but model.resolution = {decoder.resolution}; "
+                               "make SxS shards with `vqtok prepare folder --size`, or set "
+                               "data.strict_size=false to resize and centre-crop as tokenize does") from None
+        return None                                     # undecodable: counted and skipped
+
+
+def check_first_sample(urls: list[str], channels: int, resolution: int, strict: bool = True) -> None:
+    """Fail fast (before launching ranks) on a channel/size mismatch or unreadable data."""
+    decoder = image_decoder(channels, resolution, strict)
+    reader = TarShardReader(urls[0], is_image_field)
+    for sample in reader:
+        if decode_checked(sample, decoder, f"{urls[0]} sample {sample.key}") is not None:
             return
-    except (tarfile.TarError, OSError) as e:
-        raise UserError(f"{urls[0]}: not a readable WebDataset tar ({e})") from None
+    if reader.error:
+        raise UserError(f"{urls[0]}: no readable image before the shard ends: {reader.error}")
     raise UserError(f"{urls[0]}: no image sample (.png/.jpg/...) in the first shard")
 
 
 class ShardStream(IterableDataset):
     """Yields dicts: images (B, C, H, W) uint8, worker, epoch, offset, bad (cumulative count of
-    undecodable samples skipped by this worker)."""
+    undecodable samples skipped by this worker), damaged (cumulative count of damaged shards
+    this worker read)."""
 
     def __init__(self, urls: list[str], *, channels: int, resolution: int, batch_size: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, shuffle_buffer: int = 1000,
-                 start: dict[int, tuple[int, int]] | None = None, endless: bool = True):
+                 start: dict[int, tuple[int, int]] | None = None, endless: bool = True,
+                 strict_size: bool = True):
         self.urls = list(urls)
         self.channels, self.resolution = channels, resolution
+        self.strict_size = strict_size
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
         self.seed, self.buffer = seed, shuffle_buffer
@@ -81,27 +92,29 @@ class ShardStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         return worker, self.rank * workers + worker, self.world_size * workers
 
-    def raw_samples(self, epoch: int, slot: int, slots: int) -> Iterator[dict]:
+    def raw_samples(self, epoch: int, slot: int, slots: int) -> Iterator[tuple[str, Sample | None]]:
+        """(url, sample) in this slot's order; (url, None) after a damaged shard's head."""
         shards = list(self.urls)
         random.Random(self.seed * 1_000_003 + epoch).shuffle(shards)
         by_shard = len(shards) >= slots
         mine = shards[slot::slots] if by_shard else shards
         index = 0
         for url in mine:
-            try:
-                for sample in iter_tar_samples(url):
-                    if by_shard or index % slots == slot:
-                        yield sample
-                    index += 1
-            except (tarfile.TarError, OSError) as e:
-                # a truncated shard: keep what was read, report, go on with the next shard
-                print(f"warning: {url}: unreadable after {index} samples ({e}); skipping the rest",
-                      file=sys.stderr)
-                yield {"__bad__": True}
+            reader = TarShardReader(url, is_image_field)
+            for sample in reader:
+                if by_shard or index % slots == slot:
+                    yield url, sample
+                index += 1
+            if reader.error:
+                # a damaged shard: its readable head was used; say so, count it, go on
+                if by_shard or slot == 0:
+                    print(f"warning: {url}: {reader.error}; used the samples before the damage",
+                          file=sys.stderr, flush=True)
+                yield url, None
 
-    def shuffled(self, epoch: int, slot: int, slots: int) -> Iterator[dict]:
+    def shuffled(self, epoch: int, slot: int, slots: int) -> Iterator[tuple]:
         rng = random.Random(f"{self.seed}-{epoch}-{slot}")
-        buf: list[dict] = []
+        buf: list = []
         for sample in self.raw_samples(epoch, slot, slots):
             if len(buf) < self.buffer:
                 buf.append(sample)
@@ -115,7 +128,8 @@ class ShardStream(IterableDataset):
     def __iter__(self):
         worker, slot, slots = self._slot()
         epoch, skip = self.start.get(worker, (0, 0))
-        bad = 0
+        bad = damaged = 0
+        decoder = image_decoder(self.channels, self.resolution, self.strict_size)
         images: list[np.ndarray] = []
         while True:
             offset = 0
@@ -123,14 +137,18 @@ class ShardStream(IterableDataset):
                 offset += 1
                 if offset <= skip:
                     continue
-                array = self._decode(sample)
+                url, item = sample
+                if item is None:
+                    damaged += 1
+                    continue
+                array = decode_checked(item, decoder, f"{url} sample {item.key}")
                 if array is None:
                     bad += 1
                     continue
                 images.append(array)
                 if len(images) == self.batch_size:
                     yield {"images": torch.from_numpy(np.stack(images)), "worker": worker,
-                           "epoch": epoch, "offset": offset, "bad": bad}
+                           "epoch": epoch, "offset": offset, "bad": bad, "damaged": damaged}
                     images = []
             if offset == 0:
                 raise UserError(f"data slot {slot} of {slots} got no samples: fewer samples than "
@@ -139,22 +157,8 @@ class ShardStream(IterableDataset):
             if not self.endless:
                 if images:
                     yield {"images": torch.from_numpy(np.stack(images)), "worker": worker,
-                           "epoch": epoch - 1, "offset": offset, "bad": bad}
+                           "epoch": epoch - 1, "offset": offset, "bad": bad, "damaged": damaged}
                 return
-
-    def _decode(self, sample: dict) -> np.ndarray | None:
-        if sample.get("__bad__"):
-            return None
-        found = sample_image_bytes(sample)
-        if found is None:
-            return None
-        try:
-            return decode_checked(found[1], self.channels, self.resolution,
-                                  f"{sample['__url__']} sample {sample['__key__']}")
-        except DataMismatch:
-            raise
-        except Exception:  # undecodable bytes: counted and skipped, never fatal
-            return None
 
 
 def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
@@ -164,10 +168,11 @@ def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:
                       worker_init_fn=shield_data_worker if num_workers else None)
 
 
-def load_images(urls: list[str], channels: int, resolution: int, limit: int) -> torch.Tensor:
+def load_images(urls: list[str], channels: int, resolution: int, limit: int,
+                strict_size: bool = True) -> torch.Tensor:
     """The first `limit` decodable images of `urls` in order: (N, C, H, W) uint8 (validation)."""
     stream = ShardStream(urls, channels=channels, resolution=resolution, batch_size=limit,
-                         seed=0, shuffle_buffer=1, endless=False)
+                         seed=0, shuffle_buffer=1, endless=False, strict_size=strict_size)
     for batch in stream:
         return batch["images"][:limit]
     raise UserError(f"no decodable image in {urls[0]}")

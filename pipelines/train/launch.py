@@ -82,9 +82,10 @@ def parse_rank_argv(argv: list[str]) -> TrainArgs:
 def preflight(cfg: TrainConfig) -> None:
     """User mistakes caught before any rank starts: shards, channels and size of the data."""
     train = expand_urls(cfg.data.train)
-    check_first_sample(train, cfg.model.in_channels, cfg.model.resolution)
+    check_first_sample(train, cfg.model.in_channels, cfg.model.resolution, cfg.data.strict_size)
     if cfg.data.val:
-        check_first_sample(expand_urls(cfg.data.val), cfg.model.in_channels, cfg.model.resolution)
+        check_first_sample(expand_urls(cfg.data.val), cfg.model.in_channels, cfg.model.resolution,
+                           cfg.data.strict_size)
 
 
 def run_rank(a: TrainArgs) -> str:

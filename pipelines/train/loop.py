@@ -60,6 +60,7 @@ class Trainer:
         self.step = 0
         self.positions: dict[int, tuple[int, int]] = {}
         self.bad: dict[int, int] = {}
+        self.damaged: dict[int, int] = {}      # damaged shard reads, per data worker
         # per-rank stream for the quantiser's random choices; a checkpoint restores it
         torch.manual_seed(cfg.train.seed + 1000 * info.rank)
         self._resume(resume)
@@ -103,6 +104,7 @@ class Trainer:
             mine = per_rank[self.info.rank]
             self.positions = {int(w): tuple(p) for w, p in mine["positions"].items()}
             self.bad = {int(w): int(b) for w, b in mine["bad"].items()}
+            self.damaged = {int(w): int(b) for w, b in mine.get("damaged", {}).items()}
         elif per_rank:
             # the epoch's split over ranks x workers changed, so no slot's position carries
             # over: every slot starts the next epoch from its beginning (no sample of the epoch
@@ -124,7 +126,8 @@ class Trainer:
     def checkpoint(self) -> None:
         mine = {"rng": rng_state(), "num_workers": self.cfg.data.num_workers,
                 "positions": {str(w): list(p) for w, p in self.positions.items()},
-                "bad": {str(w): b for w, b in self.bad.items()}}
+                "bad": {str(w): b for w, b in self.bad.items()},
+                "damaged": {str(w): b for w, b in self.damaged.items()}}
         # codebook, EMA buffers (and projections) of this replica
         mine["codebook_sha256"] = weights_sha256(self.model.quantizer.state_dict())
         ranks = D.all_gather_object(mine)
@@ -145,7 +148,8 @@ class Trainer:
         stream = ShardStream(self.train_urls, channels=c.model.in_channels, resolution=c.model.resolution,
                              batch_size=self.local_batch, rank=self.info.rank,
                              world_size=self.info.world_size, seed=c.train.seed,
-                             shuffle_buffer=c.data.shuffle_buffer, start=self.positions)
+                             shuffle_buffer=c.data.shuffle_buffer, start=self.positions,
+                             strict_size=c.data.strict_size)
         return make_loader(stream, c.data.num_workers)
 
     # ---- one step -----------------------------------------------------------------------------
@@ -185,6 +189,7 @@ class Trainer:
             for batch in self.loader():
                 self.positions[batch["worker"]] = (batch["epoch"], batch["offset"])
                 self.bad[batch["worker"]] = batch["bad"]
+                self.damaged[batch["worker"]] = batch["damaged"]
                 for k, v in self.train_step(batch["images"]).items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
@@ -211,15 +216,17 @@ class Trainer:
 
     def log_train(self, sums: dict[str, float], count: int, elapsed: float) -> dict:
         keys = sorted(sums)
-        t = torch.tensor([sums[k] / count for k in keys] + [float(sum(self.bad.values()))],
+        t = torch.tensor([sums[k] / count for k in keys] + [float(sum(self.bad.values())),
+                                                             float(sum(self.damaged.values()))],
                          dtype=torch.float64, device=self.info.device)
         D.all_reduce_sum(t)
-        t[:-1] /= self.info.world_size
-        record = {"split": "train", "step": self.step, **dict(zip(keys, t[:-1].tolist()))}
+        t[:-2] /= self.info.world_size
+        record = {"split": "train", "step": self.step, **dict(zip(keys, t[:-2].tolist()))}
         record["psnr"] = psnr(record["reconstruction"])
         record["images_per_s"] = count * self.cfg.data.batch_size / max(elapsed, 1e-9)
         record["lr"] = self.sched.get_last_lr()[0]
-        record["skipped_samples"] = int(t[-1])
+        record["skipped_samples"] = int(t[-2])
+        record["damaged_shards"] = int(t[-1])     # damaged shard reads so far (each epoch counts)
         if self.log:
             self.log.write(record)
         return record
@@ -231,7 +238,8 @@ class Trainer:
             return
         m = self.cfg.model
         if self.val_images is None:
-            self.val_images = load_images(self.val_urls, m.in_channels, m.resolution, self.cfg.data.val_samples)
+            self.val_images = load_images(self.val_urls, m.in_channels, m.resolution, self.cfg.data.val_samples,
+                                          strict_size=self.cfg.data.strict_size)
         self.model.eval()
         x = self.val_images.to(self.info.device).float() / 255
         codes = torch.cat([self.model.encode(b) for b in x.split(256)])

@@ -147,6 +147,26 @@ def test_eval_reports_exact_metrics_and_draws_pngs(tmp_path, tok):
     assert metrics["counts"] == counts.long().tolist()
 
 
+def test_eval_names_a_block_aligned_truncated_shard(tmp_path, tok):
+    import tarfile
+    tok_dir, _ = tok
+    rng = np.random.default_rng(1)
+    write_tar(tmp_path / "cut.tar", [(f"{i:04d}.png", png_bytes(rng.integers(0, 256, (8, 8), dtype=np.uint8)))
+                                     for i in range(5)])
+    with tarfile.open(tmp_path / "cut.tar") as tar:
+        last = tar.getmembers()[-1]
+    end = last.offset_data + -(-last.size // 512) * 512
+    data = (tmp_path / "cut.tar").read_bytes()[:end]        # no end-of-archive marker: tarfile reads it silently
+    (tmp_path / "cut.tar").write_bytes(data)
+    result = run("eval", "--tokenizer", tok_dir, "--input", tmp_path / "cut.tar", "--out", tmp_path / "report")
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got["images"] == 4 and got["skipped"] == 1       # the last sample may be cut: not used
+    (url, why), = got["damaged_shards"].items()
+    assert url.endswith("cut.tar") and "no end-of-archive marker" in why
+    assert "cut.tar" in result.stderr and "no end-of-archive marker" in result.stderr
+
+
 def test_eval_without_readable_images_is_a_clear_error(tmp_path, tok):
     tok_dir, _ = tok
     write_tar(tmp_path / "s.tar", [("a.png", b"garbage")])

@@ -93,6 +93,52 @@ def test_undecodable_samples_are_counted_and_skipped(tmp_path):
     assert batches[-1]["bad"] == 3
 
 
+def test_a_block_aligned_truncated_shard_keeps_its_head_and_is_named(tmp_path, capfd):
+    from pipelines.data import expand_urls
+    sys.path.insert(0, os.path.dirname(__file__))
+    import tok_data as td
+    broken = td.broken_shards(tmp_path)            # blockcut.tar: 5 samples, no end-of-archive marker
+    urls = expand_urls([str(tmp_path / "whole.tar"), str(tmp_path / "blockcut.tar")])
+    batches = list(ShardStream(urls, channels=1, resolution=28, batch_size=4, shuffle_buffer=4,
+                               endless=False))
+    err = capfd.readouterr().err
+    assert "blockcut.tar" in err and "no end-of-archive marker" in err and "whole.tar" not in err
+    assert batches[-1]["damaged"] == 1
+    # the readable head is used; the last sample (its fields may be cut) is counted as bad
+    assert sum(len(b["images"]) for b in batches) == len(broken["whole"]["ok"]) + len(broken["blockcut"]["ok"])
+    assert batches[-1]["bad"] == 1
+
+
+def test_training_sees_the_pixels_tokenize_sees(tmp_path):
+    """One image policy: RGBA, palette, 16-bit and EXIF-rotated images decode to identical arrays
+    in the training stream and in the tokenize decoder."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    import tok_data as td
+    from pipelines.tokenize.decode import DecodeSpec, InlineDecoder
+    samples, _, _ = td.odd_samples()
+    odd = {k: f for k, f in samples if k in ("rgba", "palette", "grey16", "exif")}
+    td.write(tmp_path / "odd.tar", td.tar_bytes(list(odd.items())))
+    for channels in (1, 3):
+        stream = ShardStream([str(tmp_path / "odd.tar")], channels=channels, resolution=28, batch_size=4,
+                             shuffle_buffer=1, endless=False, strict_size=False)
+        (batch,) = list(stream)
+        gen = InlineDecoder(DecodeSpec(channels, 28, (), 4)).batches(str(tmp_path / "odd.tar"))
+        images, decoded = next(gen)
+        assert decoded.keys == list(odd) and decoded.count == 4
+        np.testing.assert_array_equal(batch["images"].numpy(), images)   # same order, shuffle_buffer=1
+        assert batch["images"].shape == (4, channels, 28, 28)
+
+
+def test_strict_size_refuses_other_sizes_and_otherwise_resizes(tmp_path):
+    with ShardWriter(str(tmp_path), "big-%06d.tar", 10) as w:
+        w.write({"__key__": "a", "png": png(indexed_image(0, size=56))})
+    url = str(tmp_path / "big-000000.tar")
+    with pytest.raises(DataMismatch, match="56x56 but model.resolution = 28.*data.strict_size=false"):
+        next(iter(ShardStream([url], channels=1, resolution=28, batch_size=1)))
+    batch = next(iter(ShardStream([url], channels=1, resolution=28, batch_size=1, strict_size=False)))
+    assert batch["images"].shape == (1, 1, 28, 28)
+
+
 def test_channel_mismatch_inside_the_stream_stops_with_a_clear_error(tmp_path):
     from pipelines.data import expand_urls
     urls = expand_urls([write_shards(tmp_path, 8, 8)])
