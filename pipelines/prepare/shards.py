@@ -1,12 +1,14 @@
-"""Atomic WebDataset shard writer: a shard appears under its final name complete or not at all."""
+"""Atomic WebDataset shard writer: a shard appears under its final name complete or not at all.
+
+The tar itself is written by the webdataset library's TarWriter (the member layout its own
+readers, and ours, expect), into a local temporary file that is then published atomically."""
 from __future__ import annotations
 
-import io
 import os
-import tarfile
 import tempfile
 
 import fsspec
+import webdataset as wds
 
 from tokenizer.storage import is_local_fs
 
@@ -29,19 +31,15 @@ class ShardWriter:
         self.count = 0
         self.written: list[str] = []
         self._tmp = None
-        self._tar: tarfile.TarFile | None = None
+        self._file = None
+        self._tar: wds.TarWriter | None = None
 
     def write(self, sample: dict) -> None:
         if self._tar is None:
             self._open()
-        key = sample["__key__"]
-        for ext, data in sample.items():
-            if ext.startswith("__"):
-                continue
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size = len(data)
-            info.mode = 0o644
-            self._tar.addfile(info, io.BytesIO(data))
+        # bytes as given (no encoding), reproducible headers
+        self._tar.write({"__key__": sample["__key__"],
+                         **{ext: data for ext, data in sample.items() if not ext.startswith("__")}})
         self.count += 1
         if self.count >= self.shard_size:
             self._close()
@@ -52,13 +50,15 @@ class ShardWriter:
         fd, path = tempfile.mkstemp(prefix=".tmp-shard-", suffix=".tar", dir=tmp_dir)
         os.close(fd)
         self._tmp = path
-        self._tar = tarfile.open(path, "w")
+        self._file = open(path, "wb")
+        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0, mode=0o644, user="", group="",
+                                   format="PAX_FORMAT")   # long keys, as tarfile's default
         self.count = 0
 
     def _close(self) -> None:
         if self._tar is None:
             return
-        self._tar.close()
+        self._finish_file()
         final = f"{self.root.rstrip('/')}/{self.pattern % self.index}"
         try:
             if self.local:
@@ -73,6 +73,12 @@ class ShardWriter:
         self._tar = None
         self._tmp = None
 
+    def _finish_file(self) -> None:
+        self._tar.close()               # writes the end-of-archive marker; leaves the file open
+        self._file.flush()
+        os.fsync(self._file.fileno())   # on disk before it is renamed into place
+        self._file.close()
+
     def close(self) -> list[str]:
         self._close()
         return self.written
@@ -80,7 +86,7 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the shard in progress (never renamed into place)."""
         if self._tar is not None:
-            self._tar.close()
+            self._finish_file()
             if os.path.exists(self._tmp):
                 os.unlink(self._tmp)
             self._tar = None

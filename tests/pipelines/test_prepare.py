@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipelines.cli import main
-from pipelines.data import expand_urls, iter_tar_samples
+from pipelines.data import expand_urls
+from pipelines.tokenize.shards import TarShardReader
 from pipelines.errors import UserError
 from pipelines.prepare import FolderOptions, ShardWriter, prepare_fashion_mnist, prepare_folder, read_idx
 from pipelines.prepare.fashion import DEFAULT_SOURCE, load_split
@@ -38,13 +39,19 @@ def test_read_idx_rejects_truncated_and_foreign_files(tmp_path):
         read_idx(str(tmp_path / "png"))
 
 
+def wds_samples(urls: list[str]) -> list[dict]:
+    """vqtok's shards as the webdataset library itself reads them."""
+    import webdataset as wds
+    return list(wds.WebDataset(list(urls), shardshuffle=False, empty_check=False))
+
+
 def test_prepare_fashion_mnist_shards_hold_the_idx_pixels_and_labels(tmp_path):
     out = tmp_path / "fm"
     written = prepare_fashion_mnist(str(out), FASHION, shard_size=128, limit=300, progress=False)
     assert [os.path.basename(p) for p in written["train"]] == [f"train-{i:06d}.tar" for i in range(3)]
     assert len(written["test"]) == 3
     images, labels = load_split(FASHION, "train")
-    samples = [s for url in written["train"] for s in iter_tar_samples(url)]
+    samples = wds_samples(written["train"])
     assert len(samples) == 300 and len({s["__key__"] for s in samples}) == 300
     for i in (0, 137, 299):
         got = np.asarray(Image.open(io.BytesIO(samples[i]["png"])))
@@ -92,7 +99,7 @@ def test_shard_writer_to_object_store_puts_whole_shards(tmp_path, s3_env):
             w.write({"__key__": f"k{i}", "cls": str(i).encode()})
     urls = expand_urls(["s3://vqtok-prepare/shards/train-{000000..000001}.tar"])
     assert urls == ["s3://vqtok-prepare/shards/train-000000.tar", "s3://vqtok-prepare/shards/train-000001.tar"]
-    assert [s["cls"] for u in urls for s in iter_tar_samples(u)] == [b"0", b"1", b"2"]
+    assert [s.fields["cls"] for u in urls for s in TarShardReader(u)] == [b"0", b"1", b"2"]
 
 
 def _photo(path, w, h, seed):
@@ -115,8 +122,7 @@ def test_prepare_folder_crops_holds_out_and_skips_unreadable(tmp_path, capsys):
     assert [p for p, _ in result["skipped"]] == [str(src / "b" / "broken.jpg")]
     assert "broken.jpg" in capsys.readouterr().err
     assert result["counts"] == {"images": 15, "holdout": 5}
-    samples = [s for u in result["images"] for s in iter_tar_samples(u)]
-    held = [s for u in result["holdout"] for s in iter_tar_samples(u)]
+    samples, held = wds_samples(result["images"]), wds_samples(result["holdout"])
     assert len(samples) == 15 and len(held) == 5
     for s in samples + held:
         img = Image.open(io.BytesIO(s["png"]))
@@ -134,7 +140,7 @@ def test_prepare_folder_largest_per_dir_and_resize(tmp_path):
     r = CliRunner().invoke(main, ["prepare", "folder", str(src), "--out", str(tmp_path / "o"),
                                   "--size", "8", "--largest-per-dir"])
     assert r.exit_code == 0, r.output
-    samples = [s for u in expand_urls([str(tmp_path / "o")]) for s in iter_tar_samples(u)]
+    samples = wds_samples(expand_urls([str(tmp_path / "o")]))
     assert len(samples) == 1 and b"1280.png" in samples[0]["json"]
     assert Image.open(io.BytesIO(samples[0]["png"])).size == (8, 8)
 
