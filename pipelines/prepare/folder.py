@@ -1,11 +1,16 @@
-"""A folder tree of images -> WebDataset shards of SxS images (resized, or random crops)."""
+"""A folder tree of images -> WebDataset shards of SxS images (resized, or random crops).
+
+Source files are found and decoded by the one image policy (pipelines/tokenize/preprocess.py:
+its extensions, EXIF orientation, 8-bit, alpha over white, RGB); a whole-image shard gets the
+policy's shorter-side resize and centre crop, so its pixels are what `vqtok tokenize` would
+make of the source file at size S. Random crops are cut at the source's (or --short-side's)
+scale."""
 from __future__ import annotations
 
 import io
 import json
 import random
 import sys
-import warnings
 from dataclasses import dataclass
 
 import fsspec
@@ -13,9 +18,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..tokenize.preprocess import IMAGE_EXTS, ImageError, ImagePreprocessor
 from .shards import ShardWriter
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm")
+IMAGE_SUFFIXES = tuple(f".{ext}" for ext in IMAGE_EXTS)
 
 
 @dataclass
@@ -66,14 +72,14 @@ def _pixels(fs, path: str) -> int:
         return 0
 
 
-def open_image(url: str) -> Image.Image:
+def open_image(url: str, opts: FolderOptions) -> Image.Image:
+    """The source file as an RGB image by the image policy. For whole images (no crops) a large
+    JPEG is decoded at the reduced DCT scale tokenize uses for size S; crops see every pixel.
+    Raises ImageError (or OSError when it cannot be read)."""
     with fsspec.open(url, "rb") as f:
         data = f.read()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    return img.convert("RGB")
+    policy = ImagePreprocessor(3, opts.size)
+    return policy.decode(data, url.rsplit("/", 1)[-1], draft=opts.crops_per_image == 0)
 
 
 def scale_short_side(img: Image.Image, side: int) -> Image.Image:
@@ -83,19 +89,17 @@ def scale_short_side(img: Image.Image, side: int) -> Image.Image:
 
 
 def centre_square(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    m = min(w, h)
-    box = ((w - m) // 2, (h - m) // 2, (w - m) // 2 + m, (h - m) // 2 + m)
-    return img.resize((size, size), Image.BICUBIC, box=box)
+    """The policy's step 5: shorter side to `size`, then the centre square."""
+    return ImagePreprocessor(3, size).resize_crop(img)
 
 
 def views(img: Image.Image, opts: FolderOptions, rng: random.Random):
     """Yield (PIL SxS image, metadata) for one source image."""
-    if opts.short_side:
-        img = scale_short_side(img, opts.short_side)
-    if opts.crops_per_image == 0:
+    if opts.crops_per_image == 0:      # straight from the source, as tokenize would see it
         yield centre_square(img, opts.size), {"crop": "centre"}
         return
+    if opts.short_side:
+        img = scale_short_side(img, opts.short_side)
     w, h = img.size
     if min(w, h) < opts.size:
         img = scale_short_side(img, opts.size)
@@ -126,9 +130,9 @@ def prepare_folder(src: str, out: str, opts: FolderOptions, progress: bool = Tru
         held = 0
         for path in tqdm(order, desc="images", unit="file", disable=not progress):
             try:
-                img = open_image(path)
-            except Exception as e:  # PIL raises many types for bad files
-                reason = f"{type(e).__name__}: {e}"
+                img = open_image(path, opts)
+            except (ImageError, OSError) as e:
+                reason = str(e) if isinstance(e, ImageError) else f"{type(e).__name__}: {e}"
                 skipped.append((path, reason))
                 print(f"skipped unreadable image {path}: {reason}", file=sys.stderr)
                 continue

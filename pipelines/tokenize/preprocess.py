@@ -77,6 +77,17 @@ class ImagePreprocessor:
         self.strict = strict
 
     def __call__(self, data: bytes, ext: str = "image") -> np.ndarray:
+        img = self.decode(data, ext)
+        try:
+            arr = np.asarray(self._resize_crop(img), dtype=np.uint8)
+        except Exception as e:
+            raise ImageError("undecodable_image", f"image in '{ext}' cannot be converted: {e}") from None
+        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)   # (C, R, R)
+        return np.ascontiguousarray(arr)
+
+    def decode(self, data: bytes, ext: str = "image", draft: bool = True) -> Image.Image:
+        """Steps 1-4 of the policy: a PIL image in the tokenizer's mode, at its stored size
+        (a large JPEG at a reduced DCT scale still >= the resolution unless draft=False)."""
         if not data:
             raise ImageError("empty_image", f"empty image bytes in '{ext}'")
         try:
@@ -86,7 +97,8 @@ class ImagePreprocessor:
                 self._check_size(img, ext)
                 if self.strict:                  # the stored size and mode, before any draft
                     self._check_native(img, ext)
-                self._draft(img)
+                if draft:
+                    self._draft(img)
                 img.load()
         except ImageError:
             raise
@@ -98,12 +110,13 @@ class ImagePreprocessor:
         except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, struct.error...
             raise ImageError("undecodable_image", f"undecodable image in '{ext}': {e}") from None
         try:
-            img = self._to_mode(_exif_transpose(img))
-            arr = np.asarray(self._resize_crop(img), dtype=np.uint8)
+            return self._to_mode(_exif_transpose(img))
         except Exception as e:
             raise ImageError("undecodable_image", f"image in '{ext}' cannot be converted: {e}") from None
-        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)   # (C, R, R)
-        return np.ascontiguousarray(arr)
+
+    def resize_crop(self, img: Image.Image) -> Image.Image:
+        """Step 5: shorter side to the resolution, then the centre square."""
+        return self._resize_crop(img)
 
     def _check_size(self, img: Image.Image, ext: str) -> None:
         w, h = img.size

@@ -156,3 +156,28 @@ def test_expand_urls_braces_globs_dirs_and_errors(tmp_path):
         expand_urls([str(tmp_path / "e-*.tar")])
     with pytest.raises(UserError, match="d-000003.tar does not exist"):
         expand_urls([str(tmp_path / "d-{000000..000003}.tar")])
+
+
+def test_prepare_folder_whole_images_have_the_pixels_tokenize_makes(tmp_path):
+    """One image policy: EXIF orientation, alpha over white, shorter-side resize, centre crop."""
+    from pipelines.tokenize.preprocess import ImagePreprocessor
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(5)
+    rgba = rng.integers(0, 256, (30, 50, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(src / "a.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6                                          # rotate 90 CW on display
+    Image.fromarray(rng.integers(0, 256, (40, 24, 3), dtype=np.uint8)).save(src / "b.jpg", exif=exif)
+    Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(src / "c.pgm")
+    opts = FolderOptions(size=16, crops_per_image=0, shard_size=10)
+    result = prepare_folder(str(src), str(tmp_path / "out"), opts, progress=False)
+    samples = wds_samples(result["images"])
+    assert len(samples) == 3 and not result["skipped"]
+    policy = ImagePreprocessor(3, 16)
+    for s in samples:
+        import json
+        source = json.loads(s["json"])["source"]
+        expected = policy(open(source, "rb").read(), source)             # (3, 16, 16)
+        got = np.asarray(Image.open(io.BytesIO(s["png"]))).transpose(2, 0, 1)
+        np.testing.assert_array_equal(got, expected)
