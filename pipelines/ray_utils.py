@@ -79,10 +79,11 @@ def gcs_status(address: str, with_token: bool, timeout: float = 5.0):
 
 
 def gcs_address(address: str) -> str | None:
-    """host:port of the cluster's GCS; 'auto' is resolved as ray.init does; None for a Ray
-    Client address (ray://) or an 'auto' that finds nothing (ray.init then says so)."""
-    if "://" in address:
-        return None
+    """host:port of the cluster's GCS; 'auto' is resolved as ray.init does; None when it cannot
+    be asked: a Ray Client address (ray://), TLS, or an 'auto' that finds nothing (ray.init
+    then says so)."""
+    if "://" in address or os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return None     # Ray Client, or a TLS channel this probe cannot open
     if address == "auto":
         from ray._private.services import canonicalize_bootstrap_address
         return canonicalize_bootstrap_address(address)
@@ -92,12 +93,16 @@ def gcs_address(address: str) -> str | None:
 def choose_auth_mode(address: str) -> None:
     """Set this process's auth mode to the one the cluster at `address` uses, whatever
     RAY_AUTH_MODE said and whether or not a token file exists here. A token cluster with no
-    token here, or another token, is a clear error at once (Ray would retry for 20 s). When the
-    GCS cannot be asked (unreachable, TLS, Ray Client), the mode is left to Ray and the user."""
+    token here, or another token, is a clear error at once (Ray would retry for 20 s), and so is
+    an address where nothing answers. When the GCS cannot be asked (no answer in time, TLS, Ray
+    Client), the mode is left to Ray and the user."""
     import grpc
 
     gcs = gcs_address(address)
     status = gcs_status(gcs, with_token=False) if gcs else None
+    if status == grpc.StatusCode.UNAVAILABLE:      # refused: ray.init would retry for minutes
+        raise UserError(f"cannot connect to the Ray cluster at {address}: nothing answers there "
+                        "(is the head running, and is this its GCS port, 6379 by default?)")
     if status == grpc.StatusCode.OK:
         set_auth_mode(False)
     elif status == grpc.StatusCode.UNAUTHENTICATED:

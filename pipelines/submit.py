@@ -23,6 +23,10 @@ PACKAGES = ("pipelines", "tokenizer")
 EXCLUDES = ["**/__pycache__", "*.pyc", "*.tar", "*.tar.gz", "*.tgz", "*.parquet", "*.safetensors", "*.pt",
             "*.pth", "*.ckpt", "*.bin", "*.npy", "*.npz", "*.gz", "*.zip"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# `python -m` puts the current directory first on sys.path, and a job without working_dir runs
+# in the cwd of the head's `ray start`: a `pipelines` directory there would be run instead of
+# the shipped one. PYTHONSAFEPATH (Python >= 3.11) leaves it out, for this process only.
+ENTRYPOINT = "PYTHONSAFEPATH=1 python -m pipelines "
 
 
 def package_dirs() -> list[str]:
@@ -74,7 +78,7 @@ def submit(address: str, args: list[str], wait: bool, out=sys.stdout) -> int:
         raise UserError("nothing to submit: give the command after --, e.g. "
                         "vqtok submit --address http://HEAD:8265 -- tokenize --tokenizer ...")
     client = job_client(address)
-    entrypoint = "python -m pipelines " + " ".join(shlex.quote(a) for a in args)
+    entrypoint = ENTRYPOINT + " ".join(shlex.quote(a) for a in args)
     try:
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env())
     except Exception as e:

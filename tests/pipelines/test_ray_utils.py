@@ -112,7 +112,7 @@ def test_unreachable_address_is_a_clear_error(tmp_path, tok_dir, shards):
     from conftest import free_port
     proc, _ = tokenize(tmp_path, tok_dir, shards, f"127.0.0.1:{free_port()}", client_env(tmp_path / "home"))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "cannot connect to the Ray cluster at 127.0.0.1:" in proc.stderr
+    assert "cannot connect to the Ray cluster at 127.0.0.1:" in proc.stderr and "nothing answers" in proc.stderr
 
 
 def test_token_available_and_auth_mode_follow_ray_itself(tmp_path, monkeypatch):
