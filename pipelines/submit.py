@@ -51,21 +51,27 @@ def job_client(address: str):
     """A JobSubmissionClient for `address`: asked first without a token, as Ray's default; on
     a refusal for a missing token, again with this machine's token (Ray's loader attaches it)."""
     from ray.exceptions import AuthenticationError
-    from ray.job_submission import JobSubmissionClient
 
     set_auth_mode(False)
     try:
-        try:
-            return JobSubmissionClient(address)
-        except AuthenticationError:
-            if not token_available():
-                raise no_token_error(address) from None
-        set_auth_mode(True)
-        try:
-            return JobSubmissionClient(address)
-        except AuthenticationError:
-            raise wrong_token_error(address) from None
-    except UserError:
+        return _connect(address)
+    except AuthenticationError:         # 401: the job API wants a token
+        if not token_available():
+            raise no_token_error(address) from None
+    set_auth_mode(True)
+    try:
+        return _connect(address)
+    except AuthenticationError:         # 403: not this cluster's token
+        raise wrong_token_error(address) from None
+
+
+def _connect(address: str):
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)     # asks the job API for its version
+    except AuthenticationError:
         raise
     except Exception as e:
         raise UserError(f"cannot reach the Ray job API at {address}: {_first_line(e)}") from None
