@@ -1,21 +1,26 @@
 """Connecting to Ray: start the embedded local cluster explicitly, or join --address/RAY_ADDRESS.
 
 A bare ray.init() would join whatever RAY_ADDRESS or a stale /tmp/ray/ray_current_cluster
-names; we decide explicitly. Token authentication (on by default for `ray start` since Ray
-2.5x): when joining, the token is taken from Ray's standard places — RAY_AUTH_TOKEN,
-the file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token — and RAY_AUTH_MODE=token is set
-for this process when a token exists and the mode was not chosen. The token itself is never
-read into our messages, printed or logged; Ray's client attaches it.
+names; we decide explicitly. Token authentication: whether a cluster uses it is asked of the
+cluster itself before joining (one unauthenticated RPC to its GCS, or the job API's answer to a
+request without a token), and this process's RAY_AUTH_MODE is set to match. A client in token
+mode joining a cluster without it does not fail at ray.init: its actors are cancelled before
+they start; a client without token mode joining a token cluster retries for 20 s. The token
+comes from Ray's standard places (RAY_AUTH_TOKEN, the file named by RAY_AUTH_TOKEN_PATH,
+~/.ray/auth_token) through Ray's own loader; it is never put in our messages, printed or logged.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 
 from .errors import UserError
 
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
+TOKEN_PLACES = ("RAY_AUTH_TOKEN, the file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token "
+                "(`ray get-auth-token` on the head prints it)")
+# any GCS RPC would do: this one is small, and the GCS checks the token before answering it
+GCS_PROBE_METHOD = "/ray.rpc.NodeInfoGcsService/GetClusterId"
 
 
 def cluster_address(address: str | None) -> str | None:
@@ -27,19 +32,85 @@ def cluster_address(address: str | None) -> str | None:
 
 
 def token_available() -> bool:
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return True
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    candidates = [Path(path)] if path else []
-    candidates.append(Path.home() / ".ray" / "auth_token")
-    return any(p.is_file() and p.stat().st_size > 0 for p in candidates)
+    """Whether Ray's token loader finds a token in its standard places (the token is not read here)."""
+    from ray._raylet import AuthenticationTokenLoader
+
+    loader = AuthenticationTokenLoader.instance()
+    loader.reset_cache()     # the places may have changed since a previous look in this process
+    return loader.has_token(ignore_auth_mode=True)
 
 
-def configure_token_auth() -> None:
-    """Turn on token auth for this process (and its children) when a token is available and
-    the user did not choose RAY_AUTH_MODE. Must run before ray is imported."""
-    if AUTH_MODE_ENV not in os.environ and token_available():
-        os.environ[AUTH_MODE_ENV] = "token"
+def set_auth_mode(token: bool) -> None:
+    """RAY_AUTH_MODE for this process and what it starts. Ray caches its config (the mode
+    included) when first loaded, so it is re-read here, as Ray itself does when it turns token
+    mode on; only valid before ray.init."""
+    os.environ[AUTH_MODE_ENV] = "token" if token else "disabled"
+    from ray._raylet import Config
+
+    Config.initialize("")
+
+
+def no_token_error(where: str) -> UserError:
+    return UserError(f"the Ray cluster at {where} uses token authentication and no token was found "
+                     f"on this machine: put the cluster's token in {TOKEN_PLACES}")
+
+
+def wrong_token_error(where: str) -> UserError:
+    return UserError(f"the Ray cluster at {where} refused the token found on this machine (is it this "
+                     f"cluster's token?): Ray reads it from {TOKEN_PLACES}")
+
+
+def gcs_status(address: str, with_token: bool, timeout: float = 5.0):
+    """grpc.StatusCode of one GetClusterId call to the GCS at host:port, with this process's
+    token attached or without one."""
+    import grpc
+
+    metadata = ()
+    if with_token:
+        from ray._raylet import AuthenticationTokenLoader
+        metadata = tuple(AuthenticationTokenLoader.instance().get_token_for_http_header().items())
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary(GCS_PROBE_METHOD)   # raw bytes: b"" is an empty request message
+        try:
+            call(b"", timeout=timeout, metadata=metadata)
+        except grpc.RpcError as e:
+            return e.code()
+    return grpc.StatusCode.OK
+
+
+def gcs_address(address: str) -> str | None:
+    """host:port of the cluster's GCS; 'auto' is resolved as ray.init does; None when it cannot
+    be asked: a Ray Client address (ray://), TLS, or an 'auto' that finds nothing (ray.init
+    then says so)."""
+    if "://" in address or os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return None     # Ray Client, or a TLS channel this probe cannot open
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address
+        return canonicalize_bootstrap_address(address)
+    return address
+
+
+def choose_auth_mode(address: str) -> None:
+    """Set this process's auth mode to the one the cluster at `address` uses, whatever
+    RAY_AUTH_MODE said and whether or not a token file exists here. A token cluster with no
+    token here, or another token, is a clear error at once (Ray would retry for 20 s), and so is
+    an address where nothing answers. When the GCS cannot be asked (no answer in time, TLS, Ray
+    Client), the mode is left to Ray and the user."""
+    import grpc
+
+    gcs = gcs_address(address)
+    status = gcs_status(gcs, with_token=False) if gcs else None
+    if status == grpc.StatusCode.UNAVAILABLE:      # refused: ray.init would retry for minutes
+        raise UserError(f"cannot connect to the Ray cluster at {address}: nothing answers there "
+                        "(is the head running, and is this its GCS port, 6379 by default?)")
+    if status == grpc.StatusCode.OK:
+        set_auth_mode(False)
+    elif status == grpc.StatusCode.UNAUTHENTICATED:
+        if not token_available():
+            raise no_token_error(address)
+        set_auth_mode(True)
+        if gcs_status(gcs, with_token=True) == grpc.StatusCode.UNAUTHENTICATED:
+            raise wrong_token_error(address)
 
 
 def _init_kwargs() -> dict:
@@ -51,9 +122,9 @@ def ray_session(address: str | None, runtime_env: dict | None = None, num_cpus: 
     """Yield with Ray initialised: joined to `address` (or RAY_ADDRESS), else a local cluster
     sized to this machine started explicitly (address='local'). Shuts down on exit."""
     address = cluster_address(address)
-    if address:
-        configure_token_auth()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        choose_auth_mode(address)
     import ray
 
     kwargs = _init_kwargs()
@@ -66,16 +137,10 @@ def ray_session(address: str | None, runtime_env: dict | None = None, num_cpus: 
             ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1,
                      include_dashboard=False, **kwargs)
     except ConnectionError as e:
-        hint = "" if token_available() else (
-            "; if the cluster uses token authentication, put its token in RAY_AUTH_TOKEN or "
-            "~/.ray/auth_token (`ray get-auth-token` on the head prints it)")
-        raise UserError(f"cannot connect to the Ray cluster at {address}: {_first_line(e)}{hint}") from None
-    except Exception as e:
-        if type(e).__name__ == "AuthenticationError":
-            raise UserError(f"the Ray cluster at {address} refused the connection: "
-                            f"{_first_line(e)} (set RAY_AUTH_TOKEN or ~/.ray/auth_token to the cluster's "
-                            "token; see docs/tokenize.md)") from None
-        raise
+        raise UserError(f"cannot connect to the Ray cluster at {address}: {_first_line(e)}") from None
+    except ray.exceptions.AuthenticationError as e:    # the mode chosen by hand, or not found out
+        raise UserError(f"the Ray cluster at {address} refused the connection: {_first_line(e)} "
+                        f"(Ray reads the cluster's token from {TOKEN_PLACES})") from None
     try:
         yield ray
     finally:
@@ -103,13 +168,6 @@ def stop_autoscaler_monitor() -> int:
         except psutil.Error:   # gone already, or not ours to inspect
             continue
     return killed
-
-
-def auth_hint(message: str) -> str:
-    if "uthenticat" not in message and "Unauthorized" not in message and "Forbidden" not in message:
-        return ""
-    return (" (the cluster uses token authentication: put its token in RAY_AUTH_TOKEN, the file "
-            "named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token)")
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,55 +1,94 @@
 """`vqtok submit`: run a vqtok command as a Ray job on a cluster (Ray's job API).
 
-The job's runtime env carries the project's code (the directory holding pipelines/ and
-tokenizer/), never data or weights: those are read by the job from their URLs. Token auth comes
-from Ray's standard places (see ray_utils); the token is never printed.
+The job's runtime env carries vqtok's own packages (pipelines/ and tokenizer/, as py_modules),
+wherever they are installed: a checkout, an editable install or a wheel in site-packages. Never
+their neighbours (in site-packages: every other installed package), data or weights: the job
+reads those from their URLs, and its dependencies (torch, ...) come from the cluster's
+environment. Token auth is found out from the job API itself (see ray_utils); the token is
+never printed.
 """
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import shlex
 import sys
 import time
-from pathlib import Path
 
 from .errors import UserError
-from .ray_utils import auth_hint, configure_token_auth
+from .ray_utils import no_token_error, set_auth_mode, token_available, wrong_token_error
 
-# never uploaded: data, weights, outputs, environments, VCS metadata
-EXCLUDES = [".git", ".venv", "venv", "**/__pycache__", "*.tar", "*.tar.gz", "*.tgz", "*.parquet",
-            "*.safetensors", "*.pt", "*.pth", "*.ckpt", "*.bin", "*.npy", "*.npz", "*.gz", "*.zip",
-            "runs", "data", "demo_out", ".pytest_cache", "*.egg-info"]
+PACKAGES = ("pipelines", "tokenizer")
+# never uploaded from inside the packages: data, weights, outputs, caches
+EXCLUDES = ["**/__pycache__", "*.pyc", "*.tar", "*.tar.gz", "*.tgz", "*.parquet", "*.safetensors", "*.pt",
+            "*.pth", "*.ckpt", "*.bin", "*.npy", "*.npz", "*.gz", "*.zip"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# `python -m` puts the current directory first on sys.path, and a job without working_dir runs
+# in the cwd of the head's `ray start`: a `pipelines` directory there would be run instead of
+# the shipped one. PYTHONSAFEPATH (Python >= 3.11) leaves it out, for this process only.
+ENTRYPOINT = "PYTHONSAFEPATH=1 python -m pipelines "
 
 
-def project_dir() -> Path:
-    """The directory that holds the pipelines and tokenizer packages."""
-    return Path(__file__).resolve().parent.parent
+def package_dirs() -> list[str]:
+    """The directories of vqtok's packages as this process imports them (not imported here:
+    tokenizer would load torch)."""
+    dirs = []
+    for name in PACKAGES:
+        spec = importlib.util.find_spec(name)
+        locations = list(spec.submodule_search_locations or []) if spec else []
+        if len(locations) != 1:
+            raise UserError(f"cannot find the installed `{name}` package to ship with the job "
+                            f"(found {locations or 'none'}); is vqtok installed?")
+        dirs.append(locations[0])
+    return dirs
+
+
+def runtime_env() -> dict:
+    return {"py_modules": package_dirs(), "excludes": EXCLUDES}
 
 
 def job_client(address: str):
-    configure_token_auth()
-    from ray.job_submission import JobSubmissionClient
+    """A JobSubmissionClient for `address`: asked first without a token, as Ray's default; on
+    a refusal for a missing token, again with this machine's token (Ray's loader attaches it)."""
+    from ray.exceptions import AuthenticationError
+
+    set_auth_mode(False)
     try:
-        return JobSubmissionClient(address)
+        return _connect(address)
+    except AuthenticationError:         # 401: the job API wants a token
+        if not token_available():
+            raise no_token_error(address) from None
+    set_auth_mode(True)
+    try:
+        return _connect(address)
+    except AuthenticationError:         # 403: not this cluster's token
+        raise wrong_token_error(address) from None
+
+
+def _connect(address: str):
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)     # asks the job API for its version
+    except AuthenticationError:
+        raise
     except Exception as e:
-        msg = _first_line(e)
-        raise UserError(f"cannot reach the Ray job API at {address}: {msg}{auth_hint(msg)}") from None
+        raise UserError(f"cannot reach the Ray job API at {address}: {_first_line(e)}") from None
 
 
 def submit(address: str, args: list[str], wait: bool, out=sys.stdout) -> int:
-    """Submit `python -m pipelines ARGS` with the code as working_dir; returns the exit status."""
+    """Submit `python -m pipelines ARGS` with vqtok's packages as py_modules; returns the exit
+    status (0 at once without `wait`)."""
     if not args:
         raise UserError("nothing to submit: give the command after --, e.g. "
                         "vqtok submit --address http://HEAD:8265 -- tokenize --tokenizer ...")
     client = job_client(address)
-    entrypoint = "python -m pipelines " + " ".join(shlex.quote(a) for a in args)
-    runtime_env = {"working_dir": str(project_dir()), "excludes": EXCLUDES}
+    entrypoint = ENTRYPOINT + " ".join(shlex.quote(a) for a in args)
     try:
-        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env())
     except Exception as e:
-        msg = _first_line(e)
-        raise UserError(f"job submission to {address} failed: {msg}{auth_hint(msg)}") from None
+        raise UserError(f"job submission to {address} failed: {_first_line(e)}") from None
     print(job_id, file=out, flush=True)
     if not wait:
         return 0

@@ -3,10 +3,12 @@
 - moto_s3: an S3 API (moto in server mode) on 127.0.0.1, with the AWS_* environment that s3fs
   (and Ray workers started with it) use to reach it.
 - ray_head: one `ray start --head` on 127.0.0.1 with explicit ports, its own temp dir and token
-  authentication, shared by the module/session and stopped by PID.
+  authentication, shared by the session and stopped by PID; ray_head_no_auth: the same without
+  token authentication (started only when a test asks for it).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -63,22 +65,44 @@ def ray_head(moto_s3):
     """A Ray head with token auth on 127.0.0.1 (2 CPUs). Yields {'address', 'dashboard', 'env',
     'token'}: `env` is what a client needs (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN). Its workers
     see the moto S3 environment."""
+    with start_ray_head(moto_s3["env"], token=secrets.token_hex(16)) as head:
+        yield head
+
+
+@pytest.fixture(scope="session")
+def ray_head_no_auth(moto_s3):
+    """A Ray head without token auth (RAY_AUTH_MODE=disabled), 1 CPU; same keys as ray_head,
+    with token None and an empty client env."""
+    with start_ray_head(moto_s3["env"], token=None, num_cpus=1) as head:
+        yield head
+
+
+@contextlib.contextmanager
+def start_ray_head(worker_env: dict, token: str | None, num_cpus: int = 2):
+    """`ray start --head --block` on 127.0.0.1 with free ports and its own temp dir, token auth
+    on with `token` (passed in RAY_AUTH_TOKEN: nothing is written to ~/.ray) or off when None;
+    stopped by PID."""
     temp_dir = tempfile.mkdtemp(prefix="vqr-", dir="/tmp")   # short: Unix socket paths are limited
-    token = secrets.token_hex(16)
-    client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    env = {**os.environ, **client_env, **moto_s3["env"], "RAY_USAGE_STATS_ENABLED": "0",
+    client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token} if token else {}
+    env = {**os.environ, **worker_env, "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "token" if token else "disabled",
            # the cluster's `python` (job entrypoints) is this venv's, as on a real node image
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    env.pop("RAY_AUTH_TOKEN", None)
+    if token:
+        env["RAY_AUTH_TOKEN"] = token
     gcs, dash = free_port(), free_port()
-    worker_lo = 20000 + (os.getpid() % 200) * 100
+    # worker port ranges apart from each other: one per head of this process
+    worker_lo = 20000 + (os.getpid() % 200) * 100 if token else 10000 + (os.getpid() % 200) * 50
     args = [_ray_bin(), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
             "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
             "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
             "--ray-client-server-port", str(free_port()), "--metrics-export-port", str(free_port()),
             "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
             "--runtime-env-agent-port", str(free_port()), "--min-worker-port", str(worker_lo),
-            "--max-worker-port", str(worker_lo + 99), "--num-cpus", "2", "--num-gpus", "0",
+            "--max-worker-port", str(worker_lo + (99 if token else 49)), "--num-cpus", str(num_cpus), "--num-gpus", "0",
             "--object-store-memory", str(200 << 20), "--temp-dir", temp_dir, "--disable-usage-stats"]
     log = open(os.path.join(temp_dir, "head.log"), "w")
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

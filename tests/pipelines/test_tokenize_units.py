@@ -204,30 +204,6 @@ def test_pool_size_fits_the_cluster_and_never_oversubscribes_cpus():
         pool_size({"CPU": 2.0}, big, shards=10)
 
 
-def test_token_auth_is_enabled_only_when_a_token_exists(tmp_path, monkeypatch):
-    from pipelines import ray_utils
-    monkeypatch.setenv("HOME", str(tmp_path))
-    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-        monkeypatch.delenv(name, raising=False)
-    ray_utils.configure_token_auth()
-    assert "RAY_AUTH_MODE" not in os.environ
-    (tmp_path / ".ray").mkdir()
-    (tmp_path / ".ray" / "auth_token").write_text("secret-token")
-    ray_utils.configure_token_auth()
-    assert os.environ["RAY_AUTH_MODE"] == "token"
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")     # an explicit choice is respected
-    ray_utils.configure_token_auth()
-    assert os.environ["RAY_AUTH_MODE"] == "disabled"
-    monkeypatch.delenv("RAY_AUTH_MODE")
-    (tmp_path / ".ray" / "auth_token").unlink()
-    monkeypatch.setenv("RAY_AUTH_TOKEN", "secret-token")
-    ray_utils.configure_token_auth()
-    assert os.environ["RAY_AUTH_MODE"] == "token"
-    assert ray_utils.cluster_address(None) is None and ray_utils.cluster_address("h:6379") == "h:6379"
-    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
-    assert ray_utils.cluster_address(None) == "head:6379"
-
-
 def test_storage_errors_propagate_but_damage_is_a_shard_error(tmp_path, monkeypatch):
     import fsspec
     td.write(tmp_path / "a.tar", td.tar_bytes([("k1", {"png": td.png(np.zeros((28, 28), np.uint8))})]))
