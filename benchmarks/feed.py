@@ -12,6 +12,9 @@ The decode limit of the same CPUs: N plain processes, each reading and decoding 
 after another (TarShardReader + ImagePreprocessor, nothing else), all the images over the wall
 time. Both sides run in this one run, over the same Fashion-MNIST PNG shards (`vqtok prepare`).
 
+Through the product: `vqtok tokenize --workers 1 --cpus-per-worker N` (embedded Ray) with a
+tokenizer so small that encoding is nearly free, steady state = images / (wall - start-up).
+
 Projection for more CPUs per accelerator: each decode process delivers what one process decodes
 (measured) times the efficiency measured at the largest N here, until the worker process itself
 is the limit: its CPU seconds per image (receiving batches, the stand-in encode, writing
@@ -113,6 +116,29 @@ def delivered(paths: list[str], procs: int, batch_ms: float, out: str) -> tuple[
     return count[0] / wall, cpu / count[0]
 
 
+def tiny_tokenizer(path: str) -> None:
+    """A 28x28 grey tokenizer whose encoder costs next to nothing."""
+    from tokenizer import VQVAE, QuantizerConfig, VQVAEConfig
+    cfg = VQVAEConfig(hidden=4, res_hidden=2, outer_hidden=2, num_res_blocks=0, code_dim=4,
+                      quantizer=QuantizerConfig(codebook_size=16, kmeans_init=False))
+    VQVAE(cfg).save_pretrained(path)
+
+
+def through_tokenize(pattern: str, tok: str, cpus: int, out: str) -> float:
+    """Steady-state images/s of `vqtok tokenize` with one worker of `cpus` CPUs."""
+    import json
+    import shutil
+    import subprocess
+    shutil.rmtree(out, ignore_errors=True)
+    proc = subprocess.run([sys.executable, "-m", "pipelines", "tokenize", "--tokenizer", tok, "--input", pattern,
+                           "--output", out, "--workers", "1", "--cpus-per-worker", str(cpus), "--no-progress"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"vqtok tokenize failed:\n{proc.stderr[-3000:]}")
+    summary = json.loads(proc.stdout.split("summary: ")[-1].splitlines()[0])
+    return summary["samples"]["ok"] / (summary["wall_s"] - summary["startup_s"])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=60000)
@@ -120,6 +146,7 @@ def main():
     ap.add_argument("--batch-ms", type=float, nargs="+", default=[0.0, 5.0])
     ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best of each is kept")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--no-tokenize", action="store_true", help="skip the `vqtok tokenize` runs")
     args = ap.parse_args()
     work = args.workdir or tempfile.mkdtemp(prefix="vqtok-feed-")
     shards = os.path.join(work, "shards")
@@ -131,11 +158,19 @@ def main():
     print(f"{len(paths)} shards, {images} images; {os.cpu_count()} cores; load {os.getloadavg()[0]:.2f}",
           flush=True)
 
+    tok = os.path.join(work, "tiny-tokenizer")
+    if not args.no_tokenize and not os.path.exists(os.path.join(tok, "config.json")):
+        tiny_tokenizer(tok)
     best: dict = {}
     for rep in range(args.repeats):
         for procs in args.cpus:
             key = ("limit", procs)
             best[key] = max(best.get(key, 0.0), decode_limit(paths, procs))
+            if not args.no_tokenize:
+                rate = through_tokenize(f"{shards}/train-*.tar", tok, procs, os.path.join(work, "tok-out"))
+                best[("tokenize", procs)] = max(best.get(("tokenize", procs), 0.0), rate)
+                print(f"  repeat {rep}: vqtok tokenize --workers 1 --cpus-per-worker {procs}: {rate:,.0f} img/s "
+                      f"steady state; load {os.getloadavg()[0]:.2f}", flush=True)
             for ms in args.batch_ms:
                 rate, cpu = delivered(paths, procs, ms, os.path.join(work, f"out-{procs}-{ms}"))
                 key = ("feed", procs, ms)
@@ -152,6 +187,12 @@ def main():
             what = "free" if not ms else f"{ms:g} ms/batch"
             print(f"{procs:4d} | {what:20s} | {rate:15,.0f} | {limit:18,.0f} | {rate / limit:5.2f}x | "
                   f"{cpu * 1e6:6.1f}")
+
+    if not args.no_tokenize:
+        print("\nvqtok tokenize, one worker, tiny tokenizer (steady state):")
+        for procs in args.cpus:
+            rate, limit = best[("tokenize", procs)], best[("limit", procs)]
+            print(f"  --cpus-per-worker {procs}: {rate:,.0f} img/s = {rate / limit:.2f}x the decode limit")
 
     top = max(args.cpus)
     per_proc = best[("limit", 1)] if ("limit", 1) in best else best[("limit", top)] / top
