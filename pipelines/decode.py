@@ -3,25 +3,26 @@
 Layout: OUT/<shard>/<key>.png, each of <shard> and <key> passed through
 output_format.safe_name (keys come from tar member names and are untrusted: nothing is ever
 written outside OUT, and distinct keys get distinct files). OUT/_index.jsonl maps every
-(shard, key) to its file, since encoded names can differ from the key.
+(shard, key) to its file, since encoded names can differ from the key. Every file is published
+atomically (tokenizer.storage.write_bytes_atomic), the index last: a reader never sees a partial
+PNG, and an index names only files that are complete.
 """
 from __future__ import annotations
 
-import io
 import json
 import sys
 from dataclasses import dataclass
 
 import fsspec
-import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from tokenizer import VQVAE
+from tokenizer.storage import write_bytes_atomic
 
 from .errors import UserError
 from .output_format import OutputMetadata, join, safe_output_path
+from .pictures import png_bytes
 from .readers import CodesDataset
 
 INDEX_NAME = "_index.jsonl"
@@ -45,15 +46,6 @@ def load_tokenizer_for(tokenizer: str, meta: OutputMetadata, codes_url: str,
                         f"tokenizer_sha256 {meta.tokenizer_sha256[:12]}... that {codes_url} was made "
                         "with; decode with the same tokenizer directory you tokenized with")
     return model
-
-
-def to_png(image: torch.Tensor) -> bytes:
-    """(C, H, W) float in [0, 1] -> PNG bytes (grey for C = 1, RGB for C = 3)."""
-    arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    arr = arr[0] if arr.shape[0] == 1 else np.ascontiguousarray(arr.transpose(1, 2, 0))
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 class PngWriter:
@@ -80,14 +72,14 @@ class PngWriter:
             self.duplicates += 1
             return None
         self.written[path] = (shard, key)
-        self.fs.pipe_file(self.fs._strip_protocol(path), png)
+        write_bytes_atomic(path, png)
         return path
 
     def write_index(self) -> str:
         lines = [json.dumps({"shard": s, "key": k, "file": p[len(self.out) + 1:]})
                  for p, (s, k) in self.written.items()]
         path = join(self.out, INDEX_NAME)
-        self.fs.pipe_file(self.fs._strip_protocol(path), ("\n".join(lines) + "\n").encode())
+        write_bytes_atomic(path, ("\n".join(lines) + "\n").encode())
         return path
 
 
@@ -104,7 +96,7 @@ def decode_output(tokenizer: str, codes: str, out: str, limit: int | None = None
         for batch in _batches(dataset, batch_size, total):
             images = model.decode(torch.stack([r["codes"] for r in batch]).to(device))  # (B, C, H, W)
             for row, image in zip(batch, images):
-                writer.write(row["shard"], row["key"], to_png(image))
+                writer.write(row["shard"], row["key"], png_bytes(image))
             bar.update(len(batch))
     index = writer.write_index()
     if writer.duplicates:
