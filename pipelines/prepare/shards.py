@@ -5,6 +5,8 @@ readers, and ours, expect), into tokenizer.storage.AtomicFile: fsynced and renam
 uploaded in one PUT."""
 from __future__ import annotations
 
+import contextlib
+
 import fsspec
 import webdataset as wds
 
@@ -64,6 +66,8 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the shard in progress (never published)."""
         if self._tar is not None:
+            with contextlib.suppress(Exception):   # its end marker: the file is dropped anyway
+                self._tar.close()
             self._file.discard()
             self._tar = None
             self._file = None
