@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import fsspec
@@ -48,8 +50,14 @@ def load_tokenizer_for(tokenizer: str, meta: OutputMetadata, codes_url: str,
     return model
 
 
+# files published at once: each publish waits for a disk flush (fsync), and flushes in flight
+# together overlap (docs/downstream.md has the figures)
+WRITERS = 4
+
+
 class PngWriter:
-    """Writes one PNG per (shard, key) under `out`, never outside it; remembers what it wrote."""
+    """Writes one PNG per (shard, key) under `out`, never outside it; remembers what it wrote.
+    Files are published by WRITERS threads; at most 4 * WRITERS PNGs wait in memory."""
 
     def __init__(self, out: str):
         self.out = out.rstrip("/") or "/"
@@ -58,6 +66,8 @@ class PngWriter:
         self.written: dict[str, tuple[str, str]] = {}
         self.duplicates = 0
         self._shard_dirs: dict[str, str] = {}
+        self._pool = ThreadPoolExecutor(WRITERS, thread_name_prefix="decode-writer")
+        self._pending: deque[Future] = deque()
 
     def path_for(self, shard: str, key: str) -> str:
         shard_dir = self._shard_dirs.get(shard)
@@ -72,10 +82,22 @@ class PngWriter:
             self.duplicates += 1
             return None
         self.written[path] = (shard, key)
-        write_bytes_atomic(path, png)
+        self._pending.append(self._pool.submit(write_bytes_atomic, path, png))
+        while len(self._pending) > 4 * WRITERS:
+            self._pending.popleft().result()          # re-raises a failed publish
         return path
 
+    def flush(self) -> None:
+        """Wait until every PNG so far is published; raises the first failure."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
     def write_index(self) -> str:
+        """After every PNG: the index names only published files."""
+        self.flush()
         lines = [json.dumps({"shard": s, "key": k, "file": p[len(self.out) + 1:]})
                  for p, (s, k) in self.written.items()]
         path = join(self.out, INDEX_NAME)
@@ -92,13 +114,16 @@ def decode_output(tokenizer: str, codes: str, out: str, limit: int | None = None
     model = load_tokenizer_for(tokenizer, dataset.metadata, codes, device)
     writer = PngWriter(out)
     total = len(dataset) if limit is None else min(limit, len(dataset))
-    with tqdm(total=total, desc="decode", unit="img", file=sys.stderr) as bar:
-        for batch in _batches(dataset, batch_size, total):
-            images = model.decode(torch.stack([r["codes"] for r in batch]).to(device))  # (B, C, H, W)
-            for row, image in zip(batch, images):
-                writer.write(row["shard"], row["key"], png_bytes(image))
-            bar.update(len(batch))
-    index = writer.write_index()
+    try:
+        with tqdm(total=total, desc="decode", unit="img", file=sys.stderr) as bar:
+            for batch in _batches(dataset, batch_size, total):
+                images = model.decode(torch.stack([r["codes"] for r in batch]).to(device)).cpu()  # (B, C, H, W)
+                for row, image in zip(batch, images):
+                    writer.write(row["shard"], row["key"], png_bytes(image))
+                bar.update(len(batch))
+        index = writer.write_index()
+    finally:
+        writer.close()
     if writer.duplicates:
         print(f"warning: {writer.duplicates} rows repeat a (shard, key) already decoded; "
               "kept the first of each", file=sys.stderr)
