@@ -74,7 +74,7 @@ def main():
                  "--max-steps", str(args.steps))
     last = [json.loads(line) for line in open(f"{run}/metrics.jsonl")][-1]
     print(f"train: {args.steps} steps on {gpus} GPU(s), NCCL + bf16: {s:.1f} s launch to exit; last metrics "
-          f"{ {k: last[k] for k in sorted(last) if k in ('step', 'psnr', 'usage', 'images_per_s')} }", flush=True)
+          f"{ {k: last[k] for k in sorted(last) if k in ('step', 'psnr_of_mean_mse', 'mean_psnr', 'usage', 'images_per_s')} }", flush=True)
 
     gpu_out = f"{work}/codes_gpu"
     wall, stdout = vqtok("tokenize", "--tokenizer", f"{run}/final", "--input", f"{data}/train-*.tar",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -28,9 +27,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION = "/usr/share/datasets/fashion-mnist"
 WALLPAPERS = "/usr/share/wallpapers"
-BARS = {"fashion": {"psnr": 24.1, "usage": 0.99, "perplexity": 410, "time_ratio": 1.5}}
-ISSUE_REFERENCE = {"fashion": {"psnr": 23.08, "usage": 1.0, "perplexity": 365, "ms_per_step": 153},
-                   "photos32": {"psnr": 25.23, "usage": 0.998}}
+BARS = {"fashion": {"psnr_of_mean_mse": 24.1, "usage": 0.99, "perplexity": 410, "time_ratio": 1.5}}
+ISSUE_REFERENCE = {"fashion": {"psnr_of_mean_mse": 23.08, "usage": 1.0, "perplexity": 365, "ms_per_step": 153},
+                   "photos32": {"psnr_of_mean_mse": 25.23, "usage": 0.998}}
 
 
 def sh(cmd: list[str], log: str | None = None) -> float:
@@ -81,16 +80,16 @@ def eval_images(dataset: str, pattern: str) -> torch.Tensor:
 
 
 def metrics(recon: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, k: int) -> dict:
-    """psnr: of the mean squared error over the whole split (the bar's figure); psnr_per_image:
-    the mean over images of each image's PSNR (what `vqtok eval` reports; higher, by Jensen)."""
-    mse = float(((recon - x) ** 2).mean())
-    per_image = ((recon - x) ** 2).flatten(1).mean(1).clamp_min(1e-10).double()
-    counts = torch.bincount(codes.reshape(-1), minlength=k).double()
-    p = counts / counts.sum()
-    return {"psnr": 10 * math.log10(1 / mse),
-            "psnr_per_image": float((10 * torch.log10(1 / per_image)).mean()),
-            "usage": float((counts > 0).double().mean()),
-            "perplexity": float(torch.exp(-(p * p.clamp_min(1e-12).log()).sum()))}
+    """psnr_of_mean_mse: of the mean squared error over the whole split (the bar's figure);
+    mean_psnr: the mean over images of each image's PSNR (what `vqtok eval` and training's
+    validation report; higher, by Jensen). Definitions: pipelines/metrics.py."""
+    from pipelines.metrics import (code_counts, codebook_usage, mean_psnr, per_image_mse,
+                                   perplexity, psnr_of_mean_mse)
+    per_image = per_image_mse(x, recon)
+    counts = code_counts(codes, k)
+    return {"psnr_of_mean_mse": psnr_of_mean_mse(float(per_image.mean())),
+            "mean_psnr": mean_psnr(per_image),
+            "usage": codebook_usage(counts), "perplexity": perplexity(counts)}
 
 
 @torch.no_grad()
@@ -218,7 +217,8 @@ def main() -> None:
               "timing": timing, "time_ratio": timing["ratio"]}
     bars = BARS.get(a.dataset)
     if bars:
-        result["pass"] = {"psnr": ours["psnr"] >= bars["psnr"], "usage": ours["usage"] >= bars["usage"],
+        result["pass"] = {"psnr_of_mean_mse": ours["psnr_of_mean_mse"] >= bars["psnr_of_mean_mse"],
+                          "usage": ours["usage"] >= bars["usage"],
                           "perplexity": ours["perplexity"] >= bars["perplexity"],
                           "time": result["time_ratio"] <= bars["time_ratio"]}
     print(json.dumps(result, indent=2))

@@ -27,7 +27,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -35,6 +34,8 @@ from pipelines import CodesDataset
 from tokenizer import CheckpointError, ConfigError
 from pipelines.decode import load_tokenizer_for
 from pipelines.errors import UserError
+from pipelines.pictures import image_grid, png_bytes
+from tokenizer.storage import write_bytes_atomic
 
 
 @dataclass
@@ -186,21 +187,16 @@ def train(prior: Prior, dataset: CodesDataset, args, log) -> list[float]:
     return losses
 
 
-def sample_grid(prior: Prior, tokenizer, args, grid: tuple[int, int]) -> tuple[torch.Tensor, Image.Image]:
-    """Codes (classes * n, h, w) sampled per class and their decoded images as one PNG grid."""
+def sample_grid(prior: Prior, tokenizer, args, grid: tuple[int, int]) -> tuple[torch.Tensor, list[list]]:
+    """Codes (classes * n, h, w) sampled per class, and their decoded images (C, H, W) as rows,
+    one row per class."""
     prior.eval()
     n = args.samples_per_class
     cls = torch.arange(args.num_classes, device=args.device).repeat_interleave(n)
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     codes = prior.sample(cls, args.temperature, generator=g).reshape(-1, *grid)   # (N, h, w)
-    images = tokenizer.decode(codes)                                              # (N, C, H, W)
-    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-    c, hh, ww = arr.shape[1:]
-    arr = arr.reshape(args.num_classes, n, c, hh, ww).permute(0, 3, 1, 4, 2).reshape(
-        args.num_classes * hh, n * ww, c)                                         # rows = classes
-    img = Image.fromarray(arr[..., 0].numpy() if c == 1 else arr.numpy())
-    scale = max(1, 64 // hh)
-    return codes, img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    images = tokenizer.decode(codes).cpu()                                        # (N, C, H, W)
+    return codes, [list(images[c * n:(c + 1) * n]) for c in range(args.num_classes)]
 
 
 def main(argv=None) -> dict:
@@ -225,9 +221,9 @@ def main(argv=None) -> dict:
     log(f"{len(dataset)} rows of {h}x{w} codes (K={cfg.codebook_size}); prior with "
         f"{sum(p.numel() for p in prior.parameters()):,} parameters")
     losses = train(prior, dataset, args, log)
-    codes, img = sample_grid(prior, tokenizer, args, (h, w))
+    codes, rows = sample_grid(prior, tokenizer, args, (h, w))
     samples = os.path.join(args.out, "samples.png")
-    img.save(samples)
+    write_bytes_atomic(samples, png_bytes(image_grid(rows)))
     torch.save({"config": asdict(cfg), "state_dict": prior.state_dict()}, os.path.join(args.out, "prior.pt"))
     result = {"losses": losses, "samples_png": samples, "codes": codes.cpu(),
               "prior": os.path.join(args.out, "prior.pt")}

@@ -3,25 +3,28 @@
 Layout: OUT/<shard>/<key>.png, each of <shard> and <key> passed through
 output_format.safe_name (keys come from tar member names and are untrusted: nothing is ever
 written outside OUT, and distinct keys get distinct files). OUT/_index.jsonl maps every
-(shard, key) to its file, since encoded names can differ from the key.
+(shard, key) to its file, since encoded names can differ from the key. Every file is published
+atomically (tokenizer.storage.write_bytes_atomic), the index last: a reader never sees a partial
+PNG, and an index names only files that are complete.
 """
 from __future__ import annotations
 
-import io
 import json
 import sys
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import fsspec
-import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from tokenizer import VQVAE
+from tokenizer.storage import write_bytes_atomic
 
 from .errors import UserError
 from .output_format import OutputMetadata, join, safe_output_path
+from .pictures import png_bytes
 from .readers import CodesDataset
 
 INDEX_NAME = "_index.jsonl"
@@ -47,17 +50,14 @@ def load_tokenizer_for(tokenizer: str, meta: OutputMetadata, codes_url: str,
     return model
 
 
-def to_png(image: torch.Tensor) -> bytes:
-    """(C, H, W) float in [0, 1] -> PNG bytes (grey for C = 1, RGB for C = 3)."""
-    arr = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    arr = arr[0] if arr.shape[0] == 1 else np.ascontiguousarray(arr.transpose(1, 2, 0))
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
+# files published at once: each publish waits for a disk flush (fsync), and flushes in flight
+# together overlap (docs/downstream.md has the figures)
+WRITERS = 4
 
 
 class PngWriter:
-    """Writes one PNG per (shard, key) under `out`, never outside it; remembers what it wrote."""
+    """Writes one PNG per (shard, key) under `out`, never outside it; remembers what it wrote.
+    Files are published by WRITERS threads; at most 4 * WRITERS PNGs wait in memory."""
 
     def __init__(self, out: str):
         self.out = out.rstrip("/") or "/"
@@ -66,6 +66,8 @@ class PngWriter:
         self.written: dict[str, tuple[str, str]] = {}
         self.duplicates = 0
         self._shard_dirs: dict[str, str] = {}
+        self._pool = ThreadPoolExecutor(WRITERS, thread_name_prefix="decode-writer")
+        self._pending: deque[Future] = deque()
 
     def path_for(self, shard: str, key: str) -> str:
         shard_dir = self._shard_dirs.get(shard)
@@ -80,14 +82,26 @@ class PngWriter:
             self.duplicates += 1
             return None
         self.written[path] = (shard, key)
-        self.fs.pipe_file(self.fs._strip_protocol(path), png)
+        self._pending.append(self._pool.submit(write_bytes_atomic, path, png))
+        while len(self._pending) > 4 * WRITERS:
+            self._pending.popleft().result()          # re-raises a failed publish
         return path
 
+    def flush(self) -> None:
+        """Wait until every PNG so far is published; raises the first failure."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
     def write_index(self) -> str:
+        """After every PNG: the index names only published files."""
+        self.flush()
         lines = [json.dumps({"shard": s, "key": k, "file": p[len(self.out) + 1:]})
                  for p, (s, k) in self.written.items()]
         path = join(self.out, INDEX_NAME)
-        self.fs.pipe_file(self.fs._strip_protocol(path), ("\n".join(lines) + "\n").encode())
+        write_bytes_atomic(path, ("\n".join(lines) + "\n").encode())
         return path
 
 
@@ -100,13 +114,16 @@ def decode_output(tokenizer: str, codes: str, out: str, limit: int | None = None
     model = load_tokenizer_for(tokenizer, dataset.metadata, codes, device)
     writer = PngWriter(out)
     total = len(dataset) if limit is None else min(limit, len(dataset))
-    with tqdm(total=total, desc="decode", unit="img", file=sys.stderr) as bar:
-        for batch in _batches(dataset, batch_size, total):
-            images = model.decode(torch.stack([r["codes"] for r in batch]).to(device))  # (B, C, H, W)
-            for row, image in zip(batch, images):
-                writer.write(row["shard"], row["key"], to_png(image))
-            bar.update(len(batch))
-    index = writer.write_index()
+    try:
+        with tqdm(total=total, desc="decode", unit="img", file=sys.stderr) as bar:
+            for batch in _batches(dataset, batch_size, total):
+                images = model.decode(torch.stack([r["codes"] for r in batch]).to(device)).cpu()  # (B, C, H, W)
+                for row, image in zip(batch, images):
+                    writer.write(row["shard"], row["key"], png_bytes(image))
+                bar.update(len(batch))
+        index = writer.write_index()
+    finally:
+        writer.close()
     if writer.duplicates:
         print(f"warning: {writer.duplicates} rows repeat a (shard, key) already decoded; "
               "kept the first of each", file=sys.stderr)

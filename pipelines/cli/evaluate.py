@@ -10,7 +10,7 @@ import click
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate at most N images.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 def command(tokenizer, inputs, out, limit, batch_size):
-    """Encode and decode images; print one JSON line (psnr, usage, perplexity, images) and write
+    """Encode and decode images; print one JSON line (mean_psnr, usage, perplexity, images) and write
     a PNG grid of originals vs reconstructions and a PNG histogram of code usage."""
     from ..evaluate import evaluate
 

@@ -1,14 +1,13 @@
 """Fashion-MNIST IDX files -> WebDataset shards train-%06d.tar / test-%06d.tar (.png + .cls)."""
 from __future__ import annotations
 
-import io
 import os
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..pictures import png_bytes
 from .idx import read_idx
 from .shards import ShardWriter
 
@@ -35,12 +34,6 @@ def load_split(source: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     if labels.shape != (images.shape[0],):
         raise UserError(f"{labels_url}: {labels.shape[0]} labels for {images.shape[0]} images")
     return images, labels
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def prepare_fashion_mnist(out: str, source: str = DEFAULT_SOURCE, shard_size: int = 5000,

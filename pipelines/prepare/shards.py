@@ -1,22 +1,22 @@
 """Atomic WebDataset shard writer: a shard appears under its final name complete or not at all.
 
 The tar itself is written by the webdataset library's TarWriter (the member layout its own
-readers, and ours, expect), into a local temporary file that is then published atomically."""
+readers, and ours, expect), into tokenizer.storage.AtomicFile: fsynced and renamed into place, or
+uploaded in one PUT."""
 from __future__ import annotations
 
-import os
-import tempfile
+import contextlib
 
 import fsspec
 import webdataset as wds
 
-from tokenizer.storage import is_local_fs
+from tokenizer.storage import AtomicFile
 
 
 class ShardWriter:
     """Write samples ({"__key__": str, ext: bytes}) into `pattern % index` tars of at most
-    `shard_size` samples. Each tar is built in a local temporary file and then renamed into place
-    (local) or uploaded with one PUT (object stores, atomic per object)."""
+    `shard_size` samples. Each tar is built in a local temporary file and then published by
+    AtomicFile: fsync + rename (local) or one upload (object stores, atomic per object)."""
 
     def __init__(self, out: str, pattern: str, shard_size: int):
         if shard_size < 1:
@@ -25,13 +25,11 @@ class ShardWriter:
         self.out = out
         self.pattern = pattern
         self.shard_size = shard_size
-        self.local = is_local_fs(self.fs)
         self.fs.makedirs(self.root, exist_ok=True)
         self.index = 0
         self.count = 0
         self.written: list[str] = []
-        self._tmp = None
-        self._file = None
+        self._file: AtomicFile | None = None
         self._tar: wds.TarWriter | None = None
 
     def write(self, sample: dict) -> None:
@@ -45,51 +43,34 @@ class ShardWriter:
             self._close()
 
     def _open(self) -> None:
-        # local: temp file next to the target so the rename stays on one filesystem
-        tmp_dir = self.root if self.local else None
-        fd, path = tempfile.mkstemp(prefix=".tmp-shard-", suffix=".tar", dir=tmp_dir)
-        os.close(fd)
-        self._tmp = path
-        self._file = open(path, "wb")
-        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0, mode=0o644, user="", group="",
-                                   format="PAX_FORMAT")   # long keys, as tarfile's default
+        final = f"{self.out.rstrip('/')}/{self.pattern % self.index}"
+        self._file = AtomicFile(final)     # local: a hidden temp file beside the target
+        self._tar = wds.TarWriter(self._file.file, encoder=False, mtime=0.0, mode=0o644, user="",
+                                   group="", format="PAX_FORMAT")   # long keys, as tarfile's default
         self.count = 0
 
     def _close(self) -> None:
         if self._tar is None:
             return
-        self._finish_file()
-        final = f"{self.root.rstrip('/')}/{self.pattern % self.index}"
-        try:
-            if self.local:
-                os.replace(self._tmp, final)
-            else:
-                self.fs.put_file(self._tmp, final)
-        finally:
-            if os.path.exists(self._tmp):
-                os.unlink(self._tmp)
-        self.written.append(final)
-        self.index += 1
+        self._tar.close()          # writes the end-of-archive marker; leaves the file open
         self._tar = None
-        self._tmp = None
-
-    def _finish_file(self) -> None:
-        self._tar.close()               # writes the end-of-archive marker; leaves the file open
-        self._file.flush()
-        os.fsync(self._file.fileno())   # on disk before it is renamed into place
-        self._file.close()
+        self._file.publish()       # fsync, rename (local) or one upload (object stores)
+        self.written.append(self._file.path)
+        self.index += 1
+        self._file = None
 
     def close(self) -> list[str]:
         self._close()
         return self.written
 
     def abort(self) -> None:
-        """Drop the shard in progress (never renamed into place)."""
+        """Drop the shard in progress (never published)."""
         if self._tar is not None:
-            self._finish_file()
-            if os.path.exists(self._tmp):
-                os.unlink(self._tmp)
+            with contextlib.suppress(Exception):   # its end marker: the file is dropped anyway
+                self._tar.close()
+            self._file.discard()
             self._tar = None
+            self._file = None
 
     def __enter__(self):
         return self

@@ -2,21 +2,20 @@
 
 Commit order is errors, data, manifest: the manifest is the shard's commit marker. A retry after
 a crash rewrites the same deterministic files under the same names, so nothing is duplicated.
-Local files go to OUTPUT/_tmp/ and are renamed into place; object stores get one PUT of the
-finished bytes (atomic per object).
+Local files are written under OUTPUT/_tmp/, fsynced and renamed into place; object stores get one
+PUT of the finished bytes (atomic per object): tokenizer.storage.write_bytes_atomic.
 """
 from __future__ import annotations
 
 import io
 import json
-import os
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tokenizer.storage import is_local_fs
+from tokenizer.storage import write_bytes_atomic
 
 from ..output_format import OutputMetadata, data_schema, errors_path, errors_schema, join, manifest_path
 
@@ -38,20 +37,8 @@ def kept_field_value(name: str, raw: bytes | None):
 
 
 def put_atomic(url: str, data: bytes, output: str) -> None:
-    fs, path = fsspec.core.url_to_fs(url)
-    if not is_local_fs(fs):
-        fs.pipe_file(path, data)            # one PUT: readers see all or nothing
-        return
-    _, root = fsspec.core.url_to_fs(output)
-    tmp_dir = join(root, TMP_DIR)
-    fs.makedirs(tmp_dir, exist_ok=True)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    tmp = join(tmp_dir, f"{path.rsplit('/', 1)[-1]}.{os.getpid()}-{os.urandom(4).hex()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """write_bytes_atomic with the temporary file under OUTPUT/_tmp (cleared at the next start)."""
+    write_bytes_atomic(url, data, tmp_dir=join(output, TMP_DIR))
 
 
 def remove(url: str) -> None:

@@ -14,7 +14,7 @@ import fsspec
 import torch
 
 from tokenizer import CheckpointError
-from tokenizer.checkpoint import write_bytes_atomic
+from tokenizer.storage import write_bytes_atomic
 
 NAME = re.compile(r"step-(\d{8})\.pt$")
 

@@ -15,11 +15,12 @@ from .. import distributed as D
 from ..config import to_dict
 from ..data import expand_urls
 from ..errors import UserError
+from ..metrics import psnr_of_mean_mse
 from ..parallelize import parallelize
 from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import ShardStream, load_images, make_loader
-from .metrics import MetricsLog, code_stats, psnr, save_grid
+from .metrics import MetricsLog, save_grid, validation_record
 from ..errors import Stopped
 from .stop import StopSignals
 
@@ -198,7 +199,7 @@ class Trainer:
                 last = self.step >= c.max_steps
                 if self.step % c.log_every == 0 or last:
                     record = self.log_train(sums, count, time.perf_counter() - t0)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", psnr=f"{record['psnr']:.2f}",
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", psnr=f"{record['psnr_of_mean_mse']:.2f}",
                                     usage=f"{record['usage']:.2f}")
                     sums, count, t0 = {}, 0, time.perf_counter()
                 if self.val_urls and (self.step % c.val_every == 0 or last):
@@ -222,7 +223,9 @@ class Trainer:
         D.all_reduce_sum(t)
         t[:-2] /= self.info.world_size
         record = {"split": "train", "step": self.step, **dict(zip(keys, t[:-2].tolist()))}
-        record["psnr"] = psnr(record["reconstruction"])
+        # PSNR of the interval's mean reconstruction MSE (pipelines/metrics.py); validation
+        # records carry the mean over images of each image's PSNR, as `vqtok eval` does
+        record["psnr_of_mean_mse"] = psnr_of_mean_mse(record["reconstruction"])
         record["images_per_s"] = count * self.cfg.data.batch_size / max(elapsed, 1e-9)
         record["lr"] = self.sched.get_last_lr()[0]
         record["skipped_samples"] = int(t[-2])
@@ -245,10 +248,8 @@ class Trainer:
         codes = torch.cat([self.model.encode(b) for b in x.split(256)])
         recon = torch.cat([self.model.decode(b) for b in codes.split(256)])
         self.model.train()
-        mse = float(torch.mean((recon.float() - x) ** 2))
-        usage, perplexity = code_stats(codes, self.model.codebook_size)
-        self.log.write({"split": "val", "step": self.step, "mse": mse, "psnr": psnr(mse),
-                        "usage": usage, "perplexity": perplexity, "samples": len(x)})
+        self.log.write({"split": "val", "step": self.step,
+                        **validation_record(x, recon, codes, self.model.codebook_size)})
         save_grid(f"{self.run_dir}/val/step-{self.step:08d}.png", x[:16].cpu(), recon[:16].cpu())
 
     def finish(self) -> str:

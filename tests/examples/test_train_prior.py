@@ -64,8 +64,8 @@ def test_short_run_learns_class_conditional_codes(tmp_path):
     expected = torch.stack([torch.tensor([(3 * c + t) % 16 for t in range(h * w)]).reshape(h, w)
                             for c in range(4) for _ in range(3)])
     assert (codes == expected).float().mean() > 0.9               # samples follow their class
-    with Image.open(result["samples_png"]) as img:
-        scale = 64 // model.config.resolution
-        assert img.size == (3 * model.config.resolution * scale, 4 * model.config.resolution * scale)
+    with Image.open(result["samples_png"]) as img:     # a row per class, tiles >= 64 px, 2 px apart
+        side = model.config.resolution * -(-64 // model.config.resolution)
+        assert img.size == (3 * (side + 2) + 2, 4 * (side + 2) + 2)
     state = torch.load(result["prior"], weights_only=True)
     assert state["config"]["num_classes"] == 4

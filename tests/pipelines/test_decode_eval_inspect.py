@@ -71,6 +71,38 @@ def test_decode_limit(tmp_path, tok):
     assert len([f for f in files_under(tmp_path / "png") if f.endswith(".png")]) == 3
 
 
+def fail_nth_rename(monkeypatch, n):
+    """The n-th atomic publish (tokenizer.storage's os.replace) fails, as a full disk would."""
+    from tokenizer import storage
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(dst)
+        if len(calls) == n:
+            raise OSError(28, "No space left on device")
+        real(src, dst)
+    monkeypatch.setattr(storage.os, "replace", replace)
+    return calls
+
+
+def test_decode_publishes_every_file_atomically_the_index_last(tmp_path, tok, monkeypatch):
+    tok_dir, model = tok
+    rows = write_output(tmp_path / "codes", model, {"s0": 5})
+    calls = fail_nth_rename(monkeypatch, 4)
+    result = run("decode", "--tokenizer", tok_dir, "--codes", tmp_path / "codes", "--out", tmp_path / "png")
+    assert result.exit_code != 0 and "No space left" in str(result.exception)
+    assert not any(c.endswith("_index.jsonl") for c in calls)     # the index waits for every PNG
+    written = files_under(tmp_path / "png")       # hidden temp files would show here too
+    assert len(written) == len(calls) - 1 >= 3 and all(f.endswith(".png") for f in written)
+    for f in written:
+        key = os.path.basename(f)[:-len(".png")]
+        np.testing.assert_array_equal(png_array(f), expected_pixels(model, rows[key]["codes"]))
+    monkeypatch.undo()
+    result = run("decode", "--tokenizer", tok_dir, "--codes", tmp_path / "codes", "--out", tmp_path / "png")
+    assert result.exit_code == 0, result.output
+    assert len(files_under(tmp_path / "png")) == 5 + 1
+
+
 def test_untrusted_keys_never_write_outside_out(tmp_path, tok):
     tok_dir, model = tok
     work = tmp_path / "work"
@@ -136,7 +168,8 @@ def test_eval_reports_exact_metrics_and_draws_pngs(tmp_path, tok):
     counts = torch.bincount(codes.flatten(), minlength=model.codebook_size).double()
     p = counts[counts > 0] / counts.sum()
     assert got["images"] == 7 and got["skipped"] == 2
-    assert got["psnr"] == pytest.approx(float((10 * torch.log10(1 / mse)).mean()), abs=1e-3)
+    assert got["mean_psnr"] == pytest.approx(float((10 * torch.log10(1 / mse)).mean()), abs=1e-3)
+    assert "psnr" not in got
     assert got["usage"] == pytest.approx(float((counts > 0).double().mean()), abs=1e-4)
     assert got["perplexity"] == pytest.approx(math.exp(float(-(p * p.log()).sum())), abs=1e-3)
     with Image.open(tmp_path / "report" / "reconstructions.png") as grid:
@@ -145,6 +178,18 @@ def test_eval_reports_exact_metrics_and_draws_pngs(tmp_path, tok):
         assert hist.format == "PNG" and hist.size[0] >= 200
     metrics = json.load(open(tmp_path / "report" / "metrics.json"))
     assert metrics["counts"] == counts.long().tolist()
+
+
+def test_eval_publishes_its_files_atomically_metrics_last(tmp_path, tok, monkeypatch):
+    tok_dir, _ = tok
+    rng = np.random.default_rng(1)
+    write_tar(tmp_path / "s.tar", [(f"{i}.png", png_bytes(rng.integers(0, 256, (8, 8), dtype=np.uint8)))
+                                   for i in range(3)])
+    calls = fail_nth_rename(monkeypatch, 3)
+    result = run("eval", "--tokenizer", tok_dir, "--input", tmp_path / "s.tar", "--out", tmp_path / "report")
+    assert result.exit_code != 0 and [os.path.basename(c) for c in calls] == [
+        "reconstructions.png", "code_usage.png", "metrics.json"]
+    assert sorted(os.listdir(tmp_path / "report")) == ["code_usage.png", "reconstructions.png"]
 
 
 def test_eval_names_a_block_aligned_truncated_shard(tmp_path, tok):

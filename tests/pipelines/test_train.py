@@ -180,16 +180,29 @@ def test_train_one_process_writes_metrics_grid_checkpoints_and_final(tmp_path):
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     train_recs = [x for x in records if x["split"] == "train"]
     assert [x["step"] for x in train_recs] == [2, 4, 6, 7]
-    for key in ("reconstruction", "commitment", "loss", "psnr", "usage", "perplexity", "images_per_s", "lr"):
+    for key in ("reconstruction", "commitment", "loss", "psnr_of_mean_mse", "usage", "perplexity",
+                "images_per_s", "lr"):
         assert np.isfinite(train_recs[-1][key]), key
+    last = train_recs[-1]
+    assert last["psnr_of_mean_mse"] == pytest.approx(10 * np.log10(1 / last["reconstruction"]))
     val_recs = [x for x in records if x["split"] == "val"]
     assert [x["step"] for x in val_recs] == [3, 6, 7] and val_recs[-1]["samples"] == 32
+    assert "psnr" not in val_recs[-1] and np.isfinite(val_recs[-1]["mean_psnr"])
     grid = Image.open(out / "val" / "step-00000007.png")
-    assert grid.size == (8 * 28, 4 * 28)                 # 2 x (originals row, reconstructions row)
+    # 2 bands of (8 originals above their 8 reconstructions); 28 px tiles scaled x3, 2 px apart,
+    # an extra 4 px between the bands
+    assert grid.size == (8 * (84 + 2) + 2, 4 * (84 + 2) + 2 + 4)
     state = torch.load(out / "checkpoints" / "step-00000007.pt", weights_only=True)
     assert state["step"] == 7 and "ema_sum" in "".join(state["model"]) and state["optimizer"]["state"]
     model = VQVAE.from_pretrained(str(out / "final"))
     assert torch.equal(model.state_dict()["quantizer.codebook"], state["model"]["quantizer.codebook"])
+    # `vqtok eval` of the final model on the validation images reports what validation did
+    r = run_cli(["eval", "--tokenizer", str(out / "final"), "--input", val, "--out", str(tmp_path / "report")])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert report["images"] == val_recs[-1]["samples"]
+    for key in ("mean_psnr", "usage", "perplexity"):
+        assert report[key] == pytest.approx(val_recs[-1][key], abs=1e-4), key   # eval rounds to 4 places
     # an existing run is never overwritten silently
     r = run_cli(["train", "--train-data", train, "--out", str(out), "--max-steps", "7", "--batch-size", "8", *sets])
     assert r.exit_code == 1 and "pass --resume" in r.output and "Traceback" not in r.output
