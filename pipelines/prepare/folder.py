@@ -7,7 +7,6 @@ make of the source file at size S. Random crops are cut at the source's (or --sh
 scale."""
 from __future__ import annotations
 
-import io
 import json
 import random
 import sys
@@ -18,6 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import UserError
+from ..pictures import png_bytes
 from ..tokenize.preprocess import IMAGE_EXTS, ImageError, ImagePreprocessor
 from .shards import ShardWriter
 
@@ -109,12 +109,6 @@ def views(img: Image.Image, opts: FolderOptions, rng: random.Random):
         yield img.crop((x, y, x + opts.size, y + opts.size)), {"x": x, "y": y}
 
 
-def png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def prepare_folder(src: str, out: str, opts: FolderOptions, progress: bool = True) -> dict:
     """Returns {"images": shard paths, "holdout": shard paths, "skipped": [(file, reason)]}."""
     files = list_images(src, opts.largest_per_dir)
@@ -143,6 +137,6 @@ def prepare_folder(src: str, out: str, opts: FolderOptions, progress: bool = Tru
                 key = f"{split}{counters[split]:08d}"
                 counters[split] += 1
                 meta = {"source": path, **meta}
-                writer.write({"__key__": key, "png": png(view), "json": json.dumps(meta).encode()})
+                writer.write({"__key__": key, "png": png_bytes(view), "json": json.dumps(meta).encode()})
     return {"images": train.written, "holdout": hold.written, "skipped": skipped,
             "counts": counters}
