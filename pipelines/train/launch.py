@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from .. import distributed as D
 from ..data import expand_urls
-from ..errors import ConfigError, Reported, SharedError, UserError
+from ..errors import USER_ERRORS, ConfigError, Reported, SharedError, UserError
 from .config import TrainConfig, parse_config, read_config_text, record_run_config, resolve_config, run_config_url
 from .data import check_first_sample
 from .stop import STOP_SIGNALS
@@ -123,7 +123,7 @@ def share_from_rank0(produce: Callable[[], str]) -> tuple[str, object]:
         try:
             text = produce()
         except BaseException as e:
-            store.set("error", str(e) if isinstance(e, (UserError, ConfigError)) else
+            store.set("error", str(e) if isinstance(e, USER_ERRORS) else
                       f"rank 0 failed while resolving the config ({type(e).__name__})")
             store.set("text", "")
             raise
