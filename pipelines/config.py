@@ -1,7 +1,7 @@
 """Stage configs: YAML into typed dataclasses, overridable with `--set a.b=v`.
 
 Values are coerced to the annotated field type, unknown keys are refused by their dotted name,
-and each dataclass validates itself in __post_init__ (tokenizer.ConfigError names the key).
+and each dataclass validates itself in __post_init__ (ConfigError, from pipelines.errors, names the key).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import fsspec
 import yaml
 
-from tokenizer import ConfigError
+from .errors import ConfigError
 
 T = TypeVar("T")
 

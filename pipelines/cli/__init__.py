@@ -7,9 +7,9 @@ import sys
 
 import click
 
-from tokenizer import CheckpointError, ConfigError, __version__
+from tokenizer import __version__
 
-from ..errors import Stopped, UserError
+from ..errors import USER_ERRORS, Reported, Stopped
 
 # name -> module under pipelines.cli that defines `command`
 SUBCOMMANDS = {
@@ -22,7 +22,6 @@ SUBCOMMANDS = {
     "inspect": "inspect",
     "demo": "demo",
 }
-USER_ERRORS = (UserError, ConfigError, CheckpointError)
 
 
 class LazyGroup(click.Group):
@@ -52,6 +51,8 @@ class LazyGroup(click.Group):
             raise click.ClickException(str(e)) from None
         except Stopped as e:       # a signal stopped training after a checkpoint: not an error
             click.echo(f"[vqtok train] {e}", err=True)
+            ctx.exit(e.exit_code)
+        except Reported as e:      # the failing process already printed its one line
             ctx.exit(e.exit_code)
 
 

@@ -67,12 +67,12 @@ class TarShardReader:
         finally:
             f.close()
 
+    def _wants(self, member: str) -> bool:
+        parts = split_member_name(member)
+        return parts is not None and self.want_field(parts[1])
+
     def _samples(self, f) -> Iterator[Sample]:
-        want = None
-        if self.want_field is not None:
-            def want(name: str) -> bool:
-                parts = split_member_name(name)
-                return parts is not None and self.want_field(parts[1])
+        want = self._wants if self.want_field is not None else None
         members = TarMembers(f, want, self.max_member_bytes)
         sample: Sample | None = None
         for name, data in members:

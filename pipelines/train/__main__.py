@@ -5,19 +5,17 @@ import sys
 
 import torch.distributed as dist
 
-from ..errors import Stopped
-from .launch import PEER_FAILED_EXIT, USER_ERROR_EXIT, USER_ERRORS, parse_rank_argv, run_rank
-from .loop import SharedError
+from ..errors import RANK_PEER_FAILED_EXIT, RANK_USER_ERROR_EXIT, USER_ERRORS, SharedError, Stopped
+from .launch import rank_main
 from .stop import STOP_SIGNALS
 
 PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo", "NCCL")
 
 
 def main() -> int:
-    args = parse_rank_argv(sys.argv[1:])
     rank = os.environ.get("RANK", "0")
     try:
-        run_rank(args)
+        rank_main(sys.argv[1:])
     except Stopped as e:
         for sig in STOP_SIGNALS:   # the checkpoint is saved: a late signal must not kill the exit
             signal.signal(sig, signal.SIG_IGN)
@@ -28,7 +26,7 @@ def main() -> int:
         # a decision shared by all ranks is printed once (by rank 0)
         if not isinstance(e, SharedError) or rank == "0":
             print(f"Error: {e}", file=sys.stderr, flush=True)
-        return USER_ERROR_EXIT
+        return RANK_USER_ERROR_EXIT
     except RuntimeError as e:
         # a collective broke because another rank died: that rank reports the cause; here one
         # line instead of a traceback through DDP internals
@@ -36,7 +34,7 @@ def main() -> int:
         if isinstance(e, getattr(dist, "DistError", ())) or any(s in message for s in PEER_SIGNS):
             print(f"[rank {rank}] stopped: a collective failed, probably because a peer rank "
                   f"failed ({message[:200]})", file=sys.stderr, flush=True)
-            return PEER_FAILED_EXIT
+            return RANK_PEER_FAILED_EXIT
         raise
     return 0
 

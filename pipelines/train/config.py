@@ -1,13 +1,31 @@
-"""Training configuration: YAML sections model / data / optim / train, each a typed dataclass."""
+"""Training configuration: YAML sections model / data / optim / train, each a typed dataclass.
+
+A run's config is resolved once (YAML, then --set overrides, then the dedicated flags) by the
+launcher, or by rank 0 under a user's own torchrun, and recorded as RUN_DIR/config.yaml; the
+ranks build their TrainConfig from that text, never from argv.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tokenizer import ConfigError, VQVAEConfig
+import fsspec
+import yaml
+
+from tokenizer import VQVAEConfig
 from tokenizer.config import check
+from tokenizer.storage import write_bytes_atomic
 
-from ..config import build, load_yaml, merge, parse_overrides
+from ..config import build, load_yaml, merge, parse_overrides, to_dict
+from ..errors import ConfigError, UserError
+from .checkpoint import list_checkpoints
 
+RUN_CONFIG = "config.yaml"
+# keys a --resume may change: they steer how the run goes on, not what it trains (the data
+# stream copes with another worker count; validation runs on rank 0 only)
+RESUMABLE_KEYS = frozenset({
+    "train.max_steps", "train.log_every", "train.val_every", "train.checkpoint_every",
+    "train.keep_checkpoints", "train.progress", "train.timeout_s", "train.device", "train.bf16",
+    "data.num_workers", "data.val", "data.val_samples"})
 
 
 @dataclass
@@ -99,3 +117,74 @@ def resolve_config(config_url: str | None, overrides=(), *, train_data=None, val
     if not cfg.data.train:
         raise ConfigError("data.train is empty: pass --train-data URL (shard pattern)")
     return cfg
+
+
+# ---- the run's record: RUN_DIR/config.yaml --------------------------------------------------------
+def run_config_url(run_dir: str) -> str:
+    return f"{run_dir.rstrip('/')}/{RUN_CONFIG}"
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    """The YAML text of a resolved config; `vqtok train --config` reads it back unchanged."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def parse_config(text: str, where: str) -> TrainConfig:
+    """Config text (as dump_config writes it) -> TrainConfig, validated like any config."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: top level must be a mapping of sections")
+    return build(TrainConfig, data)
+
+
+def read_config_text(url: str) -> str | None:
+    """The text of a recorded run config; None when there is none."""
+    try:
+        with fsspec.open(url, "r") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}"""
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else key
+        out.update(flat(value, name) if isinstance(value, dict) else {name: value})
+    return out
+
+
+def changed_keys(old: TrainConfig, new: TrainConfig) -> dict[str, tuple]:
+    """{dotted key: (old value, new value)} for every value that differs."""
+    a, b = flat(to_dict(old)), flat(to_dict(new))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def record_run_config(cfg: TrainConfig, run_dir: str, resume: bool) -> str:
+    """Write `cfg` to RUN_DIR/config.yaml (atomically) once it fits the run there; -> its text.
+
+    A run directory with checkpoints is continued only with --resume, and then only with the
+    recorded config, except RESUMABLE_KEYS (max_steps to extend a run, workers, logging...).
+    Without checkpoints nothing was trained yet, so a new config simply replaces the old."""
+    url = run_config_url(run_dir)
+    found = list_checkpoints(run_dir)
+    if found and not resume:
+        raise UserError(f"{run_dir} already has checkpoints (newest step {found[-1][0]}); pass "
+                        "--resume to continue or choose another --out")
+    if found:
+        text = read_config_text(url)       # None: a run from before configs were recorded
+        if text is not None:
+            recorded = parse_config(text, url)
+            refused = {k: v for k, v in changed_keys(recorded, cfg).items() if k not in RESUMABLE_KEYS}
+            if refused:
+                what = ", ".join(f"{k} ({old!r} recorded, {new!r} now)" for k, (old, new) in refused.items())
+                raise UserError(f"{url}: --resume cannot change {what}; only "
+                                f"{', '.join(sorted(RESUMABLE_KEYS))} may change on resume: drop the "
+                                "change or choose another --out")
+    text = dump_config(cfg)
+    write_bytes_atomic(url, text.encode())
+    return text

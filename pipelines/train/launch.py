@@ -1,29 +1,33 @@
-"""`vqtok train`: validate, then run in this process (one rank) or launch torchrun (several)."""
+"""`vqtok train`: resolve the config once, check, record it, then run in this process (one rank)
+or launch torchrun (several), whose ranks read the recorded config."""
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from typing import Callable
 
-from tokenizer import CheckpointError, ConfigError
+import torch.distributed as dist
 
 from .. import distributed as D
 from ..data import expand_urls
-from ..errors import UserError
-from .config import TrainConfig, resolve_config
+from ..errors import USER_ERRORS, ConfigError, Reported, SharedError, UserError
+from .config import TrainConfig, parse_config, read_config_text, record_run_config, resolve_config, run_config_url
 from .data import check_first_sample
 from .stop import STOP_SIGNALS
 
-USER_ERROR_EXIT = 3   # a rank exits with this after printing its one-line "Error: ..."
-PEER_FAILED_EXIT = 4  # a rank whose collective broke because another rank failed
-USER_ERRORS = (UserError, ConfigError, CheckpointError)
+# how long ranks 1.. wait for rank 0 to resolve and check the config (it may read a shard from
+# an object store first); a rank 0 that dies instead is noticed by torchrun much sooner
+SHARE_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 @dataclass
 class TrainArgs:
+    """What `vqtok train` (or `python -m pipelines.train` without --run-config) was given."""
     config: str | None
     train_data: list[str]
     out: str
@@ -43,44 +47,12 @@ class TrainArgs:
                               max_steps=self.max_steps, batch_size=self.batch_size)
 
 
-def rank_argv(a: TrainArgs) -> list[str]:
-    """Arguments for `python -m pipelines.train` on every rank (the same for all)."""
-    argv = ["--out", a.out]
-    if a.config:
-        argv += ["--config", a.config]
-    for url in a.train_data:
-        argv += ["--train-data", url]
-    for url in a.val_data:
-        argv += ["--val-data", url]
-    if a.max_steps is not None:
-        argv += ["--max-steps", str(a.max_steps)]
-    if a.batch_size is not None:
-        argv += ["--batch-size", str(a.batch_size)]
-    if a.resume:
-        argv += ["--resume"]
-    for s in a.sets:
-        argv += ["--set", s]
-    return argv
-
-
-def parse_rank_argv(argv: list[str]) -> TrainArgs:
-    p = argparse.ArgumentParser(prog="python -m pipelines.train",
-                                description="One vqtok training rank (run it under torchrun or SLURM).")
-    p.add_argument("--config")
-    p.add_argument("--train-data", action="append", default=[])
-    p.add_argument("--val-data", action="append", default=[])
-    p.add_argument("--out", required=True)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--set", dest="sets", action="append", default=[])
-    ns = p.parse_args(argv)
-    return TrainArgs(config=ns.config, train_data=ns.train_data, val_data=ns.val_data, out=ns.out,
-                     max_steps=ns.max_steps, batch_size=ns.batch_size, resume=ns.resume, sets=ns.sets)
-
-
-def preflight(cfg: TrainConfig) -> None:
-    """User mistakes caught before any rank starts: shards, channels and size of the data."""
+def preflight(cfg: TrainConfig, world: int) -> None:
+    """User mistakes caught before any rank starts: shards, channels and size of the data, and a
+    global batch that the ranks cannot share evenly."""
+    if cfg.data.batch_size % world:
+        raise ConfigError(f"data.batch_size = {cfg.data.batch_size} (global) is not divisible by "
+                          f"the {world} ranks")
     train = expand_urls(cfg.data.train)
     check_first_sample(train, cfg.model.in_channels, cfg.model.resolution, cfg.data.strict_size)
     if cfg.data.val:
@@ -88,17 +60,100 @@ def preflight(cfg: TrainConfig) -> None:
                            cfg.data.strict_size)
 
 
-def run_rank(a: TrainArgs) -> str:
+def prepare_run(a: TrainArgs, world: int, record: bool = True) -> tuple[TrainConfig, str]:
+    """The one resolution of a run's config: YAML + --set + flags, checked, and (where `record`:
+    the launcher of node 0, or rank 0) written to RUN_DIR/config.yaml. -> (config, its text)."""
+    cfg = a.resolve()
+    preflight(cfg, world)
+    text = record_run_config(cfg, a.out, a.resume) if record else None
+    return cfg, text
+
+
+# ---- ranks ------------------------------------------------------------------------------------
+def parse_rank_argv(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m pipelines.train",
+        description="One vqtok training rank (run it under torchrun or SLURM). Rank 0 resolves the "
+                    "config options below once and records them in OUT/config.yaml; every rank "
+                    "trains with that text. With --run-config, rank 0 reads a recorded one instead.")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--run-config", help="a config recorded by `vqtok train` (OUT/config.yaml); "
+                                        "excludes the options after it")
+    p.add_argument("--config")
+    p.add_argument("--train-data", action="append", default=[])
+    p.add_argument("--val-data", action="append", default=[])
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--set", dest="sets", action="append", default=[])
+    ns = p.parse_args(argv)
+    given = [flag for flag, value in (("--config", ns.config), ("--train-data", ns.train_data),
+                                      ("--val-data", ns.val_data), ("--max-steps", ns.max_steps),
+                                      ("--batch-size", ns.batch_size), ("--set", ns.sets)) if value]
+    if ns.run_config and given:
+        p.error(f"--run-config is a resolved config: {', '.join(given)} cannot change it")
+    return ns
+
+
+def rank_config_text(ns: argparse.Namespace, world: int) -> str:
+    """On rank 0: the config text every rank trains with (read, or resolved and recorded)."""
+    if ns.run_config:
+        text = read_config_text(ns.run_config)
+        if text is None:
+            raise UserError(f"{ns.run_config}: no recorded run config there")
+        parse_config(text, ns.run_config)      # a broken file is named on rank 0
+        return text
+    a = TrainArgs(config=ns.config, train_data=ns.train_data, val_data=ns.val_data, out=ns.out,
+                  max_steps=ns.max_steps, batch_size=ns.batch_size, resume=ns.resume, sets=ns.sets)
+    return prepare_run(a, world)[1]
+
+
+def share_from_rank0(produce: Callable[[], str]) -> tuple[str, object]:
+    """Rank 0 runs `produce`; every rank gets its result through torchrun's rendezvous store, which
+    exists before the process group (whose device and timeout are in the config). A user error on
+    rank 0 is raised there and, as SharedError (printed once), on every other rank.
+    -> (text, the store: keep it until the process group is up, rank 0 may host it)."""
+    rank, world = D.env_int("RANK", 0), D.env_int("WORLD_SIZE", 1)
+    if world == 1:
+        return produce(), None
+    store, _, _ = next(dist.rendezvous("env://", timeout=SHARE_TIMEOUT))
+    # a torchrun restart reuses the agent's store: one key space per attempt
+    store = dist.PrefixStore(f"vqtok/run_config/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+    if rank == 0:
+        try:
+            text = produce()
+        except BaseException as e:
+            store.set("error", str(e) if isinstance(e, USER_ERRORS) else
+                      f"rank 0 failed while resolving the config ({type(e).__name__})")
+            store.set("text", "")
+            raise
+        store.set("text", text)
+        return text, store
+    text = store.get("text").decode()
+    if not text:
+        raise SharedError(store.get("error").decode())
+    return text, store
+
+
+def run_rank(cfg: TrainConfig, run_dir: str, resume: bool) -> str:
     """Body of one rank: join the process group, train, export, leave."""
     from .loop import Trainer
-    cfg = a.resolve()
     info = D.setup(cfg.train.device, cfg.train.timeout_s)
     try:
-        return Trainer(cfg, a.out, info, resume=a.resume).run()
+        return Trainer(cfg, run_dir, info, resume=resume).run()
     finally:
         D.teardown()
 
 
+def rank_main(argv: list[str]) -> str:
+    ns = parse_rank_argv(argv)
+    world = D.env_int("WORLD_SIZE", 1)
+    text, store = share_from_rank0(lambda: rank_config_text(ns, world))   # store: held till return
+    cfg = parse_config(text, ns.run_config or run_config_url(ns.out))
+    return run_rank(cfg, ns.out, ns.resume)
+
+
+# ---- the launcher -----------------------------------------------------------------------------
 def torchrun_argv(a: TrainArgs) -> list[str]:
     argv = ["--nproc-per-node", str(a.nproc_per_node), "--nnodes", str(a.nnodes), "--max-restarts", "0"]
     if a.nnodes == 1:
@@ -106,7 +161,9 @@ def torchrun_argv(a: TrainArgs) -> list[str]:
     else:
         argv += ["--node-rank", str(a.node_rank), "--master-addr", a.master_addr,
                  "--master-port", str(a.master_port)]
-    return argv + ["-m", "pipelines.train"] + rank_argv(a)
+    # the ranks read what node 0's launcher recorded (global rank 0 reads, the rest get its text)
+    rank = ["--out", a.out, "--run-config", run_config_url(a.out)] + (["--resume"] if a.resume else [])
+    return argv + ["-m", "pipelines.train"] + rank
 
 
 def run_forwarding_signals(cmd: list[str], env: dict) -> int:
@@ -138,19 +195,16 @@ def launch(a: TrainArgs) -> str | None:
     if a.nproc_per_node < 1 or a.nnodes < 1 or not 0 <= a.node_rank < a.nnodes:
         raise UserError(f"need --nproc-per-node >= 1, --nnodes >= 1 and 0 <= --node-rank < --nnodes "
                         f"(got {a.nproc_per_node}, {a.nnodes}, {a.node_rank})")
-    cfg = a.resolve()
-    preflight(cfg)
     world = a.nproc_per_node * a.nnodes
-    if cfg.data.batch_size % world:
-        raise ConfigError(f"data.batch_size = {cfg.data.batch_size} (global) is not divisible by "
-                          f"the {world} ranks")
+    # every node checks its own options; node 0 records the run's config
+    cfg, _ = prepare_run(a, world, record=a.node_rank == 0)
     if world == 1:
-        return run_rank(a)
+        return run_rank(cfg, a.out, a.resume)
     cmd = [sys.executable, "-m", "pipelines.train.torchrun"] + torchrun_argv(a)
     env = {"PYTHONUNBUFFERED": "1", **os.environ}
     # torchrun would force 1 thread per rank (with a warning); share this node's cores instead
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // a.nproc_per_node)))
     rc = run_forwarding_signals(cmd, env)
     if rc != 0:
-        sys.exit(rc)    # the failing rank already printed its one-line error
+        raise Reported(rc)    # the failing rank already printed its one-line error
     return f"{a.out.rstrip('/')}/final"

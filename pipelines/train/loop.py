@@ -14,19 +14,14 @@ from tokenizer.checkpoint import weights_sha256
 from .. import distributed as D
 from ..config import to_dict
 from ..data import expand_urls
-from ..errors import UserError
+from ..errors import SharedError, Stopped
 from ..metrics import psnr_of_mean_mse
 from ..parallelize import parallelize
 from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
 from .data import ShardStream, load_images, make_loader
 from .metrics import MetricsLog, save_grid, validation_record
-from ..errors import Stopped
 from .stop import StopSignals
-
-
-class SharedError(UserError):
-    """An error decided on rank 0 and raised identically on every rank (printed once)."""
 
 
 def lr_lambda(cfg: TrainConfig):

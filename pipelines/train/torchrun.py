@@ -1,6 +1,6 @@
 """torchrun (torch.distributed.run) with a one-line failure report instead of a traceback.
 
-A rank that hit a user mistake prints `Error: ...` itself and exits USER_ERROR_EXIT; the elastic
+A rank that hit a user mistake prints `Error: ...` itself and exits RANK_USER_ERROR_EXIT; the elastic
 agent then stops the other local ranks (fail-fast, --max-restarts 0). On SIGTERM/SIGINT the agent
 passes the signal to the ranks, which save a checkpoint, print where, and exit 128 + signal."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main as torchrun_main
 
-from .launch import PEER_FAILED_EXIT, USER_ERROR_EXIT
+from ..errors import RANK_PEER_FAILED_EXIT, RANK_USER_ERROR_EXIT, ERROR_EXIT, stopped_exit
 from .stop import STOP_SIGNALS
 
 
@@ -21,23 +21,23 @@ def main(argv: list[str]) -> int:
     try:
         torchrun_main(argv)
     except SignalException as e:
-        return 128 + int(e.sigval)     # the ranks stopped after a checkpoint and said so
+        return stopped_exit(e.sigval)     # the ranks stopped after a checkpoint and said so
     except ChildFailedError as e:
         codes = {f.exitcode for f in e.failures.values()}
-        if USER_ERROR_EXIT in codes:
-            return 1      # the rank printed its one-line error
-        stopped = codes & {128 + int(sig) for sig in STOP_SIGNALS}
+        if RANK_USER_ERROR_EXIT in codes:
+            return ERROR_EXIT      # the rank printed its one-line error
+        stopped = codes & {stopped_exit(sig) for sig in STOP_SIGNALS}
         # a rank stopped on a signal (after the checkpoint, which every rank passed); the agent
         # then signalled the others, which may die of it while already on their way out
-        late = {PEER_FAILED_EXIT} | {-int(sig) for sig in STOP_SIGNALS}
+        late = {RANK_PEER_FAILED_EXIT} | {-int(sig) for sig in STOP_SIGNALS}
         if stopped and codes <= stopped | late:
             return max(stopped)
-        causes = {r: f for r, f in e.failures.items() if f.exitcode != PEER_FAILED_EXIT} or e.failures
+        causes = {r: f for r, f in e.failures.items() if f.exitcode != RANK_PEER_FAILED_EXIT} or e.failures
         rank, failure = min(causes.items(), key=lambda kv: kv[1].timestamp)
         how = (f"was killed by signal {-failure.exitcode}" if failure.exitcode < 0
                else f"exited with code {failure.exitcode}")
         print(f"Error: training rank {rank} {how}; see its output above", file=sys.stderr)
-        return 1
+        return ERROR_EXIT
     return 0
 
 

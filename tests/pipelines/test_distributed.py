@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 
 from pipelines.prepare import ShardWriter
@@ -215,6 +216,10 @@ def stop_and_check(tmp_path, send_signal) -> int:
     assert os.listdir(out / "checkpoints") == [f"step-{step:08d}.pt"]
     state = torch.load(out / "checkpoints" / f"step-{step:08d}.pt", weights_only=True)
     assert state["step"] == step >= 6 and len(state["ranks"]) == 2
+    # the launcher recorded the resolved config once; both ranks trained with it
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert state["config"] == recorded and recorded["data"]["num_workers"] == 1   # the default is 2
+    assert [r["num_workers"] for r in state["ranks"]] == [1, 1]
     assert not (out / "final").exists()
     time.sleep(0.5)
     assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
@@ -234,3 +239,26 @@ def test_sigterm_to_the_launcher_group_checkpoints_then_resume_finishes(tmp_path
 
 def test_sigterm_to_one_rank_stops_both_ranks_after_the_same_step(tmp_path):
     stop_and_check(tmp_path, lambda proc: rank_processes(proc.pid)[1].send_signal(signal.SIGTERM))
+
+
+def test_a_users_own_torchrun_resolves_on_rank_0_and_records_the_config(tmp_path):
+    """`torchrun -m pipelines.train ...` (the SLURM recipe): rank 0 resolves the options once and
+    records RUN/config.yaml, the other rank trains with that text; a refused resume is one line."""
+    train = shards(tmp_path / "d", n=32)
+    out = tmp_path / "run"
+    sets = [a for s in TINY + ["data.num_workers=1"] for a in ("--set", s)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "pipelines.train", "--train-data", train, "--out", str(out), "--batch-size", "8", *sets]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd + ["--max-steps", "2"], capture_output=True, text=True, timeout=180, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    state = torch.load(out / "checkpoints" / "step-00000002.pt", weights_only=True)
+    assert state["config"] == recorded and recorded["train"]["max_steps"] == 2
+    assert [r["num_workers"] for r in state["ranks"]] == [1, 1]      # rank 1 has rank 0's config
+    r = subprocess.run(cmd + ["--max-steps", "4", "--resume", "--set", "model.code_dim=16"],
+                       capture_output=True, text=True, timeout=180, env=env)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+    assert r.returncode != 0 and len(errors) == 1, r.stderr[-3000:]
+    assert "--resume cannot change model.code_dim (8 recorded, 16 now)" in errors[0]
+    assert yaml.safe_load((out / "config.yaml").read_text()) == recorded

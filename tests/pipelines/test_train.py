@@ -17,9 +17,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipelines.cli import main
+from pipelines.config import to_dict
 from pipelines.errors import UserError
 from pipelines.prepare import ShardWriter
-from pipelines.train.config import resolve_config
+from pipelines.train.config import (changed_keys, parse_config, record_run_config, resolve_config,
+                                    run_config_url)
 from pipelines.train.data import DataMismatch, ShardStream, make_loader
 from tokenizer import VQVAE, ConfigError
 
@@ -163,6 +165,48 @@ def test_config_flags_override_yaml_and_bad_values_name_the_key(tmp_path):
         assert cfg.model.in_channels == 3
 
 
+def test_the_resolved_config_is_recorded_once_and_reads_back(tmp_path):
+    cfg = resolve_config("configs/fashion_mnist.yaml", ["optim.lr=5e-4", "model.quantizer.decay=0.9"],
+                         train_data=["a-{0..1}.tar"], max_steps=7)
+    run = str(tmp_path / "run")
+    text = record_run_config(cfg, run, resume=False)
+    url = run_config_url(run)
+    assert open(url).read() == text and not [n for n in os.listdir(run) if n != "config.yaml"]
+    assert parse_config(text, url) == cfg
+    # the record is a config file in its own right: `vqtok train --config RUN/config.yaml`
+    assert resolve_config(url) == cfg
+    assert "lr: 0.0005" in text and "decay: 0.9" in text and "max_steps: 7" in text
+
+
+def fake_checkpoint(run) -> None:
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000004.pt").write_bytes(b"")
+
+
+def test_resume_keeps_the_recorded_config_but_may_extend_the_run(tmp_path):
+    run = tmp_path / "run"
+    cfg = resolve_config(None, ["model.hidden=16"], train_data=["x"], max_steps=10)
+    record_run_config(cfg, str(run), resume=False)
+    # nothing trained yet: a new config replaces the record, with or without --resume
+    cfg = resolve_config(None, ["model.hidden=32"], train_data=["x"], max_steps=10)
+    record_run_config(cfg, str(run), resume=True)
+    assert parse_config((run / "config.yaml").read_text(), "x").model.hidden == 32
+    fake_checkpoint(run)
+    with pytest.raises(UserError, match="already has checkpoints .*pass --resume"):
+        record_run_config(cfg, str(run), resume=False)
+    before = (run / "config.yaml").read_text()
+    changed = resolve_config(None, ["model.hidden=16", "optim.lr=0.5"], train_data=["x"], max_steps=10)
+    with pytest.raises(UserError, match=r"config.yaml: --resume cannot change model.hidden \(32 recorded, "
+                                        r"16 now\), optim.lr \(0.001 recorded, 0.5 now\)"):
+        record_run_config(changed, str(run), resume=True)
+    assert (run / "config.yaml").read_text() == before          # refused: the record is unchanged
+    longer = resolve_config(None, ["model.hidden=32", "data.num_workers=0", "train.log_every=1"],
+                            train_data=["x"], max_steps=20)
+    assert set(changed_keys(cfg, longer)) == {"train.max_steps", "data.num_workers", "train.log_every"}
+    record_run_config(longer, str(run), resume=True)
+    assert parse_config((run / "config.yaml").read_text(), "x") == longer
+
+
 def run_cli(args):
     return CliRunner().invoke(main, args)
 
@@ -206,6 +250,17 @@ def test_train_one_process_writes_metrics_grid_checkpoints_and_final(tmp_path):
     # an existing run is never overwritten silently
     r = run_cli(["train", "--train-data", train, "--out", str(out), "--max-steps", "7", "--batch-size", "8", *sets])
     assert r.exit_code == 1 and "pass --resume" in r.output and "Traceback" not in r.output
+    # the config the rank trained with is the recorded one, overrides and flags included
+    recorded = parse_config((out / "config.yaml").read_text(), "config.yaml")
+    assert recorded.train.max_steps == 7 and recorded.data.batch_size == 8 and recorded.model.hidden == 16
+    assert recorded.data.val == [val] and recorded.train.keep_checkpoints == 2
+    assert state["config"] == to_dict(recorded)
+    # resuming with another model is refused in one line naming the key, before any training
+    r = run_cli(["train", "--train-data", train, "--out", str(out), "--max-steps", "9", "--batch-size", "8",
+                 "--resume", *sets, "--set", "model.hidden=32"])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "--resume cannot change model.hidden (16 recorded, 32 now)" in r.output
+    assert sorted(os.listdir(out / "checkpoints")) == ["step-00000006.pt", "step-00000007.pt"]
 
 
 @pytest.mark.parametrize("args, message", [
