@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from tokenizer.collectives import Collectives
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -66,9 +68,28 @@ def is_distributed() -> bool:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> None:
-    """In-place SUM across ranks; the quantiser's hook for codebook statistics (no-op alone)."""
+    """In-place SUM across ranks (no-op alone)."""
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+class ProcessGroupCollectives(Collectives):
+    """The quantiser's collectives over the default process group: SUM all-reduce and broadcast."""
+
+    def __init__(self):
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+
+    def sum_(self, tensor: torch.Tensor) -> None:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+    def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
+        dist.broadcast(tensor, src=src)
+
+
+def quantizer_collectives() -> Collectives:
+    """What the training stage passes as `VQVAE(config, collectives=...)`: the process group's
+    collectives, or the single-process no-op when there is none."""
+    return ProcessGroupCollectives() if is_distributed() else Collectives()
 
 
 def all_reduce_max(tensor: torch.Tensor) -> None:

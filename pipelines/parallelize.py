@@ -17,8 +17,8 @@ warnings.filterwarnings("ignore", message="Grad strides do not match bucket view
 def parallelize(model: nn.Module, info: DistInfo) -> nn.Module:
     """DDP averages gradients. Parameters and buffers are synced once at construction; buffers
     are not re-broadcast every forward: the codebook's EMA buffers are kept equal by the
-    quantiser's own all-reduced statistics, and a per-step broadcast would cost bandwidth and
-    hide a replica drift instead of exposing it."""
+    quantiser's own collectives (summed statistics, rank 0's seeds), and a per-step broadcast
+    would cost bandwidth and hide a replica drift instead of exposing it."""
     model = model.to(info.device)
     if not info.distributed:
         return model

@@ -4,12 +4,13 @@ Pure model code: nothing here imports ray, torch.distributed or pipelines. The t
 are imported on first use, so that `from tokenizer import ConfigError` (CLIs, the tokenize
 driver) costs no torch import.
 """
+from .collectives import Collectives
 from .config import ConfigError, QuantizerConfig, VQVAEConfig
 from .storage import CheckpointError
 
 __version__ = "0.1.0"
 __all__ = ["VQVAE", "VectorQuantizer", "VQVAEConfig", "QuantizerConfig", "ConfigError",
-           "CheckpointError", "nearest_codes", "__version__"]
+           "CheckpointError", "Collectives", "nearest_codes", "__version__"]
 
 _LAZY = {"VQVAE": ".model", "VectorQuantizer": ".quantizer", "nearest_codes": ".nearest"}
 

@@ -10,13 +10,16 @@ from torch import nn
 from .checkpoint import (CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, CheckpointError, check_state_dict,
                          join_url, load_weights, read_bytes, save_weights_bytes, weights_sha256,
                          write_bytes_atomic)
+from .collectives import Collectives
 from .config import ConfigError, VQVAEConfig
 from .modules import Decoder, Encoder
-from .quantizer import AllReduceFn, VectorQuantizer
+from .quantizer import VectorQuantizer
 
 
 class VQVAE(nn.Module):
-    def __init__(self, config: VQVAEConfig | dict | None = None, all_reduce_fn: AllReduceFn | None = None):
+    def __init__(self, config: VQVAEConfig | dict | None = None, collectives: Collectives | None = None):
+        """`collectives` keeps the quantiser's codebook identical across data-parallel replicas
+        (the training stage passes `pipelines.distributed.quantizer_collectives()`)."""
         super().__init__()
         if config is None:
             config = VQVAEConfig()
@@ -24,8 +27,7 @@ class VQVAE(nn.Module):
             config = VQVAEConfig.from_dict(config)
         self.config = config
         self.encoder = Encoder(config)
-        self.quantizer = VectorQuantizer.from_config(config.quantizer, config.code_dim,
-                                                     all_reduce_fn=all_reduce_fn)
+        self.quantizer = VectorQuantizer(config.quantizer, config.code_dim, collectives)
         self.decoder = Decoder(config)
         # oneDNN's fast conv layout, for every model however it was made (trained or loaded), so
         # that all give bit-identical results; measured on CPU: encode 1.5x, a train step 1.1x faster

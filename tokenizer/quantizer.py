@@ -1,71 +1,54 @@
 """Vector quantiser (van den Oord et al. 2017) with EMA codebook, dead-code restart, k-means init,
 cosine codes and a low-dimensional code projection.
 
-Every codebook statistic that must agree across data-parallel replicas (EMA counts and sums,
-k-means sums, restart candidates, usage counts) goes through `all_reduce_fn`, an injected
-in-place SUM over replicas. It is a no-op by default, so this module imports nothing distributed.
+Data-parallel replicas stay bitwise identical through one injected `Collectives` object (a no-op
+by default, so this module imports nothing distributed): EMA counts and sums, k-means sums and
+usage counts are summed over replicas; k-means seeds and dead-code restart candidates are drawn
+from rank 0's rows and broadcast to all.
 """
 from __future__ import annotations
-
-import os
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .collectives import Collectives
 from .config import QuantizerConfig
 from .nearest import nearest_codes
 
-AllReduceFn = Callable[[torch.Tensor], None]
-
-
-def _noop_all_reduce(tensor: torch.Tensor) -> None:
-    return None
-
 
 class VectorQuantizer(nn.Module):
-    def __init__(self, codebook_size: int = 512, dim: int = 64, *, codebook_dim: int | None = None,
-                 beta: float = 0.25, ema: bool = True, decay: float = 0.99, eps: float = 1e-5,
-                 dead_code_threshold: float = 1.0, kmeans_init: bool = True, kmeans_iters: int = 10,
-                 l2_normalize: bool = False, chunk_size: int = 0,
-                 all_reduce_fn: AllReduceFn | None = None):
+    """`VectorQuantizer(QuantizerConfig(codebook_size=512), dim=64)`; `collectives` keeps
+    data-parallel replicas identical (single process when omitted)."""
+
+    def __init__(self, config: QuantizerConfig, dim: int, collectives: Collectives | None = None):
         super().__init__()
-        self.config = QuantizerConfig(
-            codebook_size=codebook_size, codebook_dim=codebook_dim, beta=beta, ema=ema, decay=decay,
-            eps=eps, dead_code_threshold=dead_code_threshold, kmeans_init=kmeans_init,
-            kmeans_iters=kmeans_iters, l2_normalize=l2_normalize, chunk_size=chunk_size)
+        if not isinstance(config, QuantizerConfig):
+            raise TypeError(f"VectorQuantizer: config must be a QuantizerConfig, got {type(config).__name__} "
+                            "(e.g. VectorQuantizer(QuantizerConfig(codebook_size=512), dim=64))")
         if dim < 1:
             raise ValueError(f"VectorQuantizer: dim = {dim} must be >= 1")
-        self.codebook_size = codebook_size
+        self.config = config
+        self.codebook_size = codebook_size = config.codebook_size
         self.dim = dim
-        self.code_dim = codebook_dim or dim
-        self.all_reduce_fn: AllReduceFn = all_reduce_fn or _noop_all_reduce
+        self.code_dim = config.codebook_dim or dim
+        self.collectives = collectives or Collectives()
         project = self.code_dim != dim
         self.in_proj = nn.Linear(dim, self.code_dim) if project else nn.Identity()
         self.out_proj = nn.Linear(self.code_dim, dim) if project else nn.Identity()
 
         init = torch.randn(codebook_size, self.code_dim)
-        if l2_normalize:
+        if config.l2_normalize:
             init = F.normalize(init, dim=-1)
-        if ema:
+        if config.ema:
             self.register_buffer("codebook", init)
             self.register_buffer("ema_count", torch.ones(codebook_size))
             self.register_buffer("ema_sum", init.clone())
         else:
             self.codebook = nn.Parameter(init)
         # 1 once k-means init ran (or was not asked for); saved with the weights
-        self.register_buffer("initialized", torch.tensor(0 if kmeans_init else 1, dtype=torch.uint8))
+        self.register_buffer("initialized", torch.tensor(0 if config.kmeans_init else 1, dtype=torch.uint8))
         self.metrics: dict[str, torch.Tensor] = {}
-        self._leader: bool | None = None
-
-    @classmethod
-    def from_config(cls, config: QuantizerConfig, dim: int, **kw) -> "VectorQuantizer":
-        return cls(config.codebook_size, dim, codebook_dim=config.codebook_dim, beta=config.beta,
-                   ema=config.ema, decay=config.decay, eps=config.eps,
-                   dead_code_threshold=config.dead_code_threshold, kmeans_init=config.kmeans_init,
-                   kmeans_iters=config.kmeans_iters, l2_normalize=config.l2_normalize,
-                   chunk_size=config.chunk_size, **kw)
 
     # ---- search -------------------------------------------------------------------------------
     # search_vectors and search_codebook are the space `nearest` searches in; an exact search of
@@ -125,65 +108,30 @@ class VectorQuantizer(nn.Module):
             self._record_usage(idx)
         return z_q.reshape(*lead_shape, self.dim).to(z.dtype), idx.reshape(lead_shape), losses
 
-    # ---- codebook statistics (all through all_reduce_fn) ---------------------------------------
-    def _world_size(self, ref: torch.Tensor) -> torch.Tensor:
-        ones = torch.ones(1, device=ref.device)
-        self.all_reduce_fn(ones)
-        return ones
-
+    # ---- codebook statistics (all through self.collectives) ------------------------------------
     @torch.no_grad()
-    def _is_leader(self, ref: torch.Tensor) -> bool:
-        """Elect one replica using only the sum hook; cached. Each replica draws from the torch
-        RNG, so a run whose replicas are seeded differently (as `vqtok train` seeds its ranks)
-        elects the same one every time; replicas seeded alike tie, and a private random draw
-        from the OS decides instead."""
-        if self._leader is None:
-            if self.all_reduce_fn is _noop_all_reduce:
-                self._leader = True
-            else:
-                leader = self._elect(torch.rand((), dtype=torch.float64).item(), ref)
-                if leader is None:
-                    leader = self._elect(int.from_bytes(os.urandom(6), "little") / 2.0**48, ref)
-                self._leader = bool(leader)
-        return self._leader
-
-    def _elect(self, mine: float, ref: torch.Tensor) -> bool | None:
-        """True on the one replica with the largest `mine`, False on the others, None on all if
-        the largest is tied: a bisection over all-reduced counts of 'mine > t'. Every replica
-        sees the same counts, so all take the same number of collective calls."""
-        low, high = 0.0, 1.0
-        for _ in range(64):
-            mid = (low + high) / 2
-            above = torch.tensor([float(mine > mid)], device=ref.device)
-            self.all_reduce_fn(above)
-            if above.item() >= 1:
-                low = mid
-            else:
-                high = mid
-            count = torch.tensor([float(mine > low)], device=ref.device)
-            self.all_reduce_fn(count)
-            if count.item() == 1:
-                return mine > low
-        return None
-
-    def _from_leader(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Every replica gets the leader's `tensor` (a broadcast built from the sum hook)."""
-        out = tensor * float(self._is_leader(tensor))
-        self.all_reduce_fn(out)
+    def _from_rank0(self, shape: tuple[int, int], draw) -> torch.Tensor:
+        """`draw()` on rank 0 (fp32 of `shape`), broadcast so that every replica holds rank 0's;
+        the other replicas draw nothing."""
+        if self.collectives.rank == 0:
+            out = draw()
+        else:
+            out = torch.zeros(shape, device=self.codebook.device)
+        self.collectives.broadcast_(out, src=0)
         return out
 
     @torch.no_grad()
     def _kmeans_init(self, flat: torch.Tensor) -> None:
-        """Lloyd's k-means on the first batch; sums and counts are all-reduced every iteration so
-        that all replicas end with the same centroids."""
+        """Lloyd's k-means on the first batch, seeded by k-means++ on rank 0's rows; sums and counts
+        are summed over replicas every iteration so that all replicas end with the same centroids."""
         k = self.codebook_size
-        centroids = self._from_leader(_kmeans_plus_plus(flat, k))
+        centroids = self._from_rank0((k, self.code_dim), lambda: _kmeans_plus_plus(flat, k))
         for _ in range(self.config.kmeans_iters):
             idx = nearest_codes(flat, centroids, self.config.chunk_size)
             sums = torch.zeros_like(centroids).index_add_(0, idx, flat)
             counts = torch.bincount(idx, minlength=k).float()
-            self.all_reduce_fn(sums)
-            self.all_reduce_fn(counts)
+            self.collectives.sum_(sums)
+            self.collectives.sum_(counts)
             hit = counts > 0
             centroids[hit] = sums[hit] / counts[hit, None]
             if self.config.l2_normalize:
@@ -206,8 +154,8 @@ class VectorQuantizer(nn.Module):
         k, decay, eps = self.codebook_size, self.config.decay, self.config.eps
         counts = torch.bincount(idx, minlength=k).float()                        # (K,)
         sums = torch.zeros(k, self.code_dim, device=flat.device).index_add_(0, idx, flat)
-        self.all_reduce_fn(counts)
-        self.all_reduce_fn(sums)
+        self.collectives.sum_(counts)
+        self.collectives.sum_(sums)
         self.ema_count.mul_(decay).add_(counts, alpha=1 - decay)
         self.ema_sum.mul_(decay).add_(sums, alpha=1 - decay)
         total = self.ema_count.sum()
@@ -221,14 +169,19 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor) -> None:
-        """Codes whose EMA count fell below the threshold are re-seeded from random encoder
-        outputs of this batch, taken from one replica so that every replica restarts identically."""
+        """Codes whose EMA count fell below the threshold are re-seeded from encoder outputs of
+        this batch drawn at random (with replacement, so any number of rows will do) on rank 0 and
+        broadcast, so that every replica restarts identically. A step where rank 0 has no rows
+        leaves the dead codes to the next one."""
         dead = self.ema_count < self.config.dead_code_threshold                # (K,) same on all ranks
         num_dead = int(dead.sum())
         if num_dead == 0:
             return
-        rows = torch.randint(0, flat.shape[0], (num_dead,), device=flat.device)
-        candidates = self._from_leader(flat[rows])
+        # one more column: 1 where rank 0 had rows to draw from
+        picks = self._from_rank0((num_dead, self.code_dim + 1), lambda: _draw_rows(flat, num_dead))
+        if not bool(picks[0, -1]):
+            return
+        candidates = picks[:, :-1].contiguous()                                   # (num_dead, code_dim)
         if self.config.l2_normalize:
             candidates = F.normalize(candidates, dim=-1)
         book = self.codebook.data.clone()
@@ -242,11 +195,21 @@ class VectorQuantizer(nn.Module):
     def _record_usage(self, idx: torch.Tensor) -> None:
         counts = torch.bincount(idx.reshape(-1), minlength=self.codebook_size).float()
         if self.training:  # eval may run on one rank alone: a collective there would hang
-            self.all_reduce_fn(counts)
+            self.collectives.sum_(counts)
         probs = counts / counts.sum().clamp_min(1)
         entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
         self.metrics["usage"] = (counts > 0).float().mean()
         self.metrics["perplexity"] = entropy.exp()
+
+
+def _draw_rows(flat: torch.Tensor, rows: int) -> torch.Tensor:
+    """(rows, d + 1): rows of `flat` drawn with replacement, then a column of ones; all zeros
+    when `flat` has no rows."""
+    out = flat.new_zeros(rows, flat.shape[1] + 1)
+    if flat.shape[0]:
+        out[:, :-1] = flat[torch.randint(0, flat.shape[0], (rows,), device=flat.device)]
+        out[:, -1] = 1
+    return out
 
 
 def _kmeans_plus_plus(flat: torch.Tensor, k: int, max_work: float = 4e8) -> torch.Tensor:

@@ -47,7 +47,7 @@ class Trainer:
         self.train_urls = expand_urls(cfg.data.train)
         self.val_urls = expand_urls(cfg.data.val) if cfg.data.val else []
         torch.manual_seed(cfg.train.seed)                      # same init on every rank
-        self.model = VQVAE(cfg.model, all_reduce_fn=D.all_reduce_sum)
+        self.model = VQVAE(cfg.model, collectives=D.quantizer_collectives())
         self.ddp = parallelize(self.model, info)
         o = cfg.optim
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2),
