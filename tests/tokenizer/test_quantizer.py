@@ -1,13 +1,18 @@
 import threading
 
+import pytest
 import torch
 
-from tokenizer import VectorQuantizer
+from tokenizer import Collectives, QuantizerConfig, VectorQuantizer
 from tokenizer.nearest import nearest_codes
 
 
+def vq(k, d, collectives=None, **config):
+    return VectorQuantizer(QuantizerConfig(codebook_size=k, **config), d, collectives)
+
+
 def _plain_vq(k=8, d=4, beta=0.25):
-    return VectorQuantizer(k, d, beta=beta, ema=False, kmeans_init=False, dead_code_threshold=0)
+    return vq(k, d, beta=beta, ema=False, kmeans_init=False, dead_code_threshold=0)
 
 
 def test_codebook_term_moves_only_the_codebook():
@@ -47,7 +52,7 @@ def test_straight_through_gradient_is_identity_and_value_is_the_code():
 def test_ema_update_matches_hand_computation():
     torch.manual_seed(0)
     k, d, decay, eps = 4, 3, 0.9, 1e-5
-    q = VectorQuantizer(k, d, ema=True, decay=decay, eps=eps, kmeans_init=False, dead_code_threshold=0)
+    q = vq(k, d, ema=True, decay=decay, eps=eps, kmeans_init=False, dead_code_threshold=0)
     book = torch.tensor([[0.0, 0, 0], [10, 0, 0], [0, 10, 0], [0, 0, 10]])
     q.codebook.copy_(book)
     q.ema_sum.copy_(book * 2)
@@ -67,7 +72,7 @@ def test_ema_update_matches_hand_computation():
 
 
 def test_ema_mode_has_no_codebook_gradient_term():
-    q = VectorQuantizer(8, 4, ema=True, kmeans_init=False)
+    q = vq(8, 4, ema=True, kmeans_init=False)
     _, _, losses = q(torch.randn(5, 4))
     assert set(losses) == {"commitment"}
     assert not isinstance(q.codebook, torch.nn.Parameter)
@@ -76,7 +81,7 @@ def test_ema_mode_has_no_codebook_gradient_term():
 def test_dead_code_restart_revives_codes_from_encoder_outputs():
     torch.manual_seed(0)
     k, d = 8, 2
-    q = VectorQuantizer(k, d, ema=True, kmeans_init=False, dead_code_threshold=0.5)
+    q = vq(k, d, ema=True, kmeans_init=False, dead_code_threshold=0.5)
     q.codebook.copy_(torch.full((k, d), 100.0))
     q.codebook[0] = 0.0                            # the only code near the data
     q.ema_sum.copy_(q.codebook)
@@ -97,7 +102,7 @@ def test_kmeans_init_finds_separated_clusters():
     torch.manual_seed(0)
     centres = torch.tensor([[0.0, 0], [20, 0], [0, 20], [20, 20]])
     z = (centres[:, None, :] + 0.1 * torch.randn(4, 50, 2)).reshape(-1, 2)
-    q = VectorQuantizer(4, 2, ema=True, kmeans_init=True, kmeans_iters=20, dead_code_threshold=0)
+    q = vq(4, 2, ema=True, kmeans_init=True, kmeans_iters=20, dead_code_threshold=0)
     assert int(q.initialized) == 0
     q.train()
     q(z)
@@ -109,7 +114,7 @@ def test_kmeans_init_finds_separated_clusters():
 
 
 def test_cosine_codes_search_by_angle():
-    q = VectorQuantizer(3, 2, ema=False, kmeans_init=False, l2_normalize=True)
+    q = vq(3, 2, ema=False, kmeans_init=False, l2_normalize=True)
     with torch.no_grad():
         q.codebook.copy_(torch.tensor([[1.0, 0], [0, 5.0], [-1, -1]]))
     z = torch.tensor([[10.0, 1], [0.1, 3], [-2, -2.5]])
@@ -117,7 +122,7 @@ def test_cosine_codes_search_by_angle():
 
 
 def test_low_dimensional_projection():
-    q = VectorQuantizer(16, 32, codebook_dim=4, ema=True, kmeans_init=False)
+    q = vq(16, 32, codebook_dim=4, ema=True, kmeans_init=False)
     assert q.codebook.shape == (16, 4)
     z = torch.randn(2, 3, 32, requires_grad=True)
     z_q, idx, losses = q(z)
@@ -130,7 +135,7 @@ def test_low_dimensional_projection():
 
 def test_distances_are_fp32_under_bf16_autocast():
     torch.manual_seed(0)
-    q = VectorQuantizer(64, 16, ema=True, kmeans_init=False).eval()
+    q = vq(64, 16, ema=True, kmeans_init=False).eval()
     z = torch.randn(300, 16)
     expected = nearest_codes(z, q.codebook)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -141,24 +146,41 @@ def test_distances_are_fp32_under_bf16_autocast():
 
 
 class ThreadReplicas:
-    """An in-process stand-in for data-parallel replicas: each thread's all-reduce call waits
-    for the others and gets the sum, like torch.distributed.all_reduce(SUM)."""
+    """In-process data-parallel replicas: one thread each, and per rank a `Collectives` whose
+    calls wait for every replica's call and then sum, or copy `src`'s tensor, as
+    torch.distributed does. Rank 0 records each call (op, result)."""
 
     def __init__(self, world: int):
         self.world, self.barrier = world, threading.Barrier(world)
         self.slots: list = [None] * world
-        self.calls: list[tuple] = []
+        self.calls: list[tuple[str, torch.Tensor]] = []
 
-    def hook(self, rank: int):
-        def all_reduce(t):
-            self.slots[rank] = t.clone()
-            self.barrier.wait()
-            total = sum(self.slots)
-            self.barrier.wait()
-            t.copy_(total)
-            if rank == 0:
-                self.calls.append(tuple(t.shape))
-        return all_reduce
+    def collectives(self, rank: int) -> Collectives:
+        replicas = self
+
+        class Replica(Collectives):
+            def sum_(self, t):
+                replicas._exchange(rank, t, "sum", lambda slots: sum(slots))
+
+            def broadcast_(self, t, src=0):
+                replicas._exchange(rank, t, "broadcast", lambda slots: slots[src])
+        c = Replica()
+        c.rank, c.world_size = rank, self.world
+        return c
+
+    def _exchange(self, rank, t, op, combine):
+        self.slots[rank] = t.clone()
+        self.barrier.wait()
+        shapes = {(tuple(x.shape), x.dtype) for x in self.slots}
+        assert len(shapes) == 1, f"{op}: replicas disagree on shape or dtype: {shapes}"
+        result = combine(self.slots)
+        self.barrier.wait()
+        t.copy_(result)
+        if rank == 0:
+            self.calls.append((op, result.clone()))
+
+    def shapes(self, op: str) -> set:
+        return {tuple(t.shape) for o, t in self.calls if o == op}
 
     def run(self, fns):
         errors = []
@@ -175,22 +197,98 @@ class ThreadReplicas:
         assert not errors, errors
 
 
-def test_replicas_stay_identical_through_the_hook():
+def assert_replicas_equal(quantizers):
+    for name, tensor in quantizers[0].state_dict().items():
+        for other in quantizers[1:]:
+            assert torch.equal(tensor, other.state_dict()[name]), name
+
+
+def test_the_default_collectives_are_a_single_process_no_op():
+    c = Collectives()
+    assert (c.rank, c.world_size) == (0, 1)
+    t = torch.randn(3, 2)
+    before = t.clone()
+    c.sum_(t)
+    c.broadcast_(t, src=0)
+    assert torch.equal(t, before)
+    assert type(vq(8, 4).collectives) is Collectives
+
+
+def test_the_quantizer_takes_its_config():
+    config = QuantizerConfig(codebook_size=16, codebook_dim=4, l2_normalize=True)
+    q = VectorQuantizer(config, 32)
+    assert q.config is config and q.codebook.shape == (16, 4)
+    with pytest.raises(TypeError, match="config must be a QuantizerConfig, got int"):
+        VectorQuantizer(512, 64)                                 # the old keyword-list form
+
+
+def test_replicas_stay_identical_through_kmeans_ema_and_restarts():
     torch.manual_seed(0)
     world, k, d = 2, 16, 4
-    data = [torch.randn(6, 40, d) + 3 * r for r in range(world)]    # replicas see different data
+    # replicas see different data, and rank 1 fewer rows than there are codes
+    data = [torch.randn(6, 40, d) + 3, torch.randn(6, 5, d) - 3]
     replicas = ThreadReplicas(world)
-    quantizers = [VectorQuantizer(k, d, ema=True, kmeans_init=True, dead_code_threshold=2.0,
-                                  all_reduce_fn=replicas.hook(r)) for r in range(world)]
-    for q in quantizers:
-        q.train()
+    quantizers = [vq(k, d, replicas.collectives(r), kmeans_init=True, dead_code_threshold=2.0).train()
+                  for r in range(world)]
 
     def steps(r):
         return lambda: [quantizers[r](batch) for batch in data[r]]
     replicas.run([steps(r) for r in range(world)])
-    assert (k,) in replicas.calls and (k, d) in replicas.calls     # counts and sums reduced
-    for name in ("codebook", "ema_count", "ema_sum"):
-        assert torch.equal(getattr(quantizers[0], name), getattr(quantizers[1], name)), name
+    assert {(k,), (k, d)} <= replicas.shapes("sum")             # counts and sums reduced
+    assert (k, d) in replicas.shapes("broadcast")               # k-means seeds
+    assert all(int(q.initialized) == 1 and "restarted" in q.metrics for q in quantizers)
+    assert_replicas_equal(quantizers)
+
+
+def test_kmeans_seeds_and_restart_candidates_are_rank_0_rows():
+    torch.manual_seed(0)
+    k, d = 8, 2
+    data = [torch.randn(30, d) + 10, torch.randn(2, d) - 10]   # rank 1: 2 rows, 7 dead codes
+    replicas = ThreadReplicas(2)
+    seeded = [vq(k, d, replicas.collectives(r), kmeans_init=True, dead_code_threshold=0).train()
+              for r in range(2)]
+    replicas.run([lambda r=r: seeded[r](data[r]) for r in range(2)])
+    (seeds,) = [t for op, t in replicas.calls if op == "broadcast"]
+    for row in seeds:
+        assert torch.isclose(data[0], row).all(dim=1).any()
+    assert_replicas_equal(seeded)
+
+    replicas = ThreadReplicas(2)
+    restarted = [vq(k, d, replicas.collectives(r), kmeans_init=False, dead_code_threshold=0.5).train()
+                 for r in range(2)]
+    for q in restarted:
+        q.codebook.copy_(torch.full((k, d), 100.0))
+        q.codebook[0] = 0.0
+        q.ema_sum.copy_(q.codebook)
+        q.ema_count.fill_(1.0)
+        q.ema_count[1:] = 0.01                                   # codes 1.. are dead
+    replicas.run([lambda r=r: restarted[r](data[r]) for r in range(2)])
+    for row in restarted[0].codebook[1:]:
+        assert torch.isclose(data[0], row).all(dim=1).any()
+    assert float(restarted[0].metrics["restarted"]) == k - 1
+    assert_replicas_equal(restarted)
+
+
+def test_a_step_where_rank_0_has_no_rows_postpones_restarts():
+    k, d = 8, 2
+    replicas = ThreadReplicas(2)
+    qs = [vq(k, d, replicas.collectives(r), kmeans_init=False, dead_code_threshold=0.5).train()
+          for r in range(2)]
+    for q in qs:                                                 # the same start on both
+        q.codebook.copy_(torch.arange(k * d, dtype=torch.float32).reshape(k, d))
+        q.ema_sum.copy_(q.codebook)
+        q.ema_count.fill_(0.01)                                  # every code dead
+    torch.manual_seed(0)
+    batches = [[torch.empty(0, d), torch.randn(20, d)], [torch.randn(20, d), torch.randn(20, d)]]
+
+    def step(r, i):
+        return lambda: qs[r](batches[r][i])
+    replicas.run([step(r, 0) for r in range(2)])
+    assert "restarted" not in qs[0].metrics and (qs[0].ema_count < 0.5).all()
+    assert_replicas_equal(qs)
+    replicas.run([step(r, 1) for r in range(2)])
+    assert float(qs[0].metrics["restarted"]) > 0 and (qs[0].ema_count >= 0.5).all()
+    assert_replicas_equal(qs)
 
 
 def test_two_replicas_match_one_replica_with_the_whole_batch():
@@ -200,12 +298,12 @@ def test_two_replicas_match_one_replica_with_the_whole_batch():
     batches = torch.randn(4, 2, 30, d)                 # step, replica, rows, dim
     replicas = ThreadReplicas(2)
 
-    def make(hook=None):
-        q = VectorQuantizer(k, d, ema=True, kmeans_init=False, dead_code_threshold=0, all_reduce_fn=hook)
+    def make(collectives=None):
+        q = vq(k, d, collectives, kmeans_init=False, dead_code_threshold=0)
         q.codebook.copy_(init), q.ema_sum.copy_(init)
         return q.train()
     single = make()
-    pair = [make(replicas.hook(r)) for r in range(2)]
+    pair = [make(replicas.collectives(r)) for r in range(2)]
     for step in batches:
         single(step.reshape(-1, d))
     replicas.run([lambda r=r: [pair[r](step[r]) for step in batches] for r in range(2)])
@@ -214,7 +312,7 @@ def test_two_replicas_match_one_replica_with_the_whole_batch():
 
 
 def test_usage_and_perplexity_are_reported():
-    q = VectorQuantizer(4, 2, ema=False, kmeans_init=False)
+    q = _plain_vq(4, 2)
     with torch.no_grad():
         q.codebook.copy_(torch.tensor([[0.0, 0], [10, 0], [0, 10], [10, 10]]))
     z = torch.tensor([[0.0, 0], [10, 0], [0.1, 0], [10, 0.1]])   # codes 0 and 1, twice each
@@ -223,26 +321,19 @@ def test_usage_and_perplexity_are_reported():
     assert abs(float(q.metrics["perplexity"]) - 2.0) < 1e-5
 
 
-def test_eval_forward_never_calls_the_hook():
+def test_eval_forward_never_calls_the_collectives():
     calls = []
-    q = VectorQuantizer(8, 4, ema=True, kmeans_init=False, all_reduce_fn=lambda t: calls.append(t.shape))
+
+    class Recording(Collectives):
+        def sum_(self, t):
+            calls.append(("sum", t.shape))
+
+        def broadcast_(self, t, src=0):
+            calls.append(("broadcast", t.shape))
+    q = vq(8, 4, Recording(), kmeans_init=True)
     q.eval()
     q(torch.randn(10, 4))          # a rank evaluating alone must not enter a collective
     assert calls == []
     q.train()
     q(torch.randn(10, 4))
-    assert calls
-
-
-def test_election_picks_the_largest_draw_and_reports_a_tie():
-    for draws, expected in (((0.3, 0.7), [False, True]), ((0.5, 0.5), [None, None])):
-        replicas = ThreadReplicas(2)
-        qs = [VectorQuantizer(8, 4, all_reduce_fn=replicas.hook(r)) for r in range(2)]
-        got = [None, None]
-
-        def elect(r):
-            def fn():
-                got[r] = qs[r]._elect(draws[r], torch.zeros(1))
-            return fn
-        replicas.run([elect(0), elect(1)])
-        assert got == expected, draws
+    assert ("broadcast", (8, 4)) in calls and ("sum", (8,)) in calls
