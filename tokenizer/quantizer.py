@@ -24,8 +24,9 @@ class VectorQuantizer(nn.Module):
     def __init__(self, config: QuantizerConfig, dim: int, collectives: Collectives | None = None):
         super().__init__()
         if not isinstance(config, QuantizerConfig):
-            raise TypeError(f"VectorQuantizer: config must be a QuantizerConfig, got {type(config).__name__} "
-                            "(e.g. VectorQuantizer(QuantizerConfig(codebook_size=512), dim=64))")
+            raise TypeError(f"VectorQuantizer: config must be a QuantizerConfig, got "
+                            f"{type(config).__name__} (e.g. VectorQuantizer(QuantizerConfig("
+                            "codebook_size=512), dim=64))")
         if dim < 1:
             raise ValueError(f"VectorQuantizer: dim = {dim} must be >= 1")
         self.config = config
@@ -47,7 +48,8 @@ class VectorQuantizer(nn.Module):
         else:
             self.codebook = nn.Parameter(init)
         # 1 once k-means init ran (or was not asked for); saved with the weights
-        self.register_buffer("initialized", torch.tensor(0 if config.kmeans_init else 1, dtype=torch.uint8))
+        self.register_buffer("initialized",
+                             torch.tensor(0 if config.kmeans_init else 1, dtype=torch.uint8))
         self.metrics: dict[str, torch.Tensor] = {}
 
     # ---- search -------------------------------------------------------------------------------
@@ -122,8 +124,9 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _kmeans_init(self, flat: torch.Tensor) -> None:
-        """Lloyd's k-means on the first batch, seeded by k-means++ on rank 0's rows; sums and counts
-        are summed over replicas every iteration so that all replicas end with the same centroids."""
+        """Lloyd's k-means on the first batch, seeded by k-means++ on rank 0's rows; sums and
+        counts are summed over replicas every iteration, so all replicas end with the same
+        centroids."""
         k = self.codebook_size
         centroids = self._from_rank0((k, self.code_dim), lambda: _kmeans_plus_plus(flat, k))
         for _ in range(self.config.kmeans_iters):
@@ -181,7 +184,7 @@ class VectorQuantizer(nn.Module):
         picks = self._from_rank0((num_dead, self.code_dim + 1), lambda: _draw_rows(flat, num_dead))
         if not bool(picks[0, -1]):
             return
-        candidates = picks[:, :-1].contiguous()                                   # (num_dead, code_dim)
+        candidates = picks[:, :-1].contiguous()                            # (num_dead, code_dim)
         if self.config.l2_normalize:
             candidates = F.normalize(candidates, dim=-1)
         book = self.codebook.data.clone()

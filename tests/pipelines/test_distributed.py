@@ -29,12 +29,13 @@ WORKER = textwrap.dedent('''
 
     mode, out, steps, b = sys.argv[1], sys.argv[2], int(sys.argv[3]), 8
     info = D.setup("cpu", timeout_s=60)
-    same = mode == "match"            # k-means seeding and restarts read one replica's batch
+    same = mode == "match"            # k-means seeding and restarts read rank 0's batch
     cfg = VQVAEConfig(hidden=16, res_hidden=8, num_res_blocks=1, code_dim=8,
                       quantizer=dict(codebook_size=32, kmeans_init=not same,
                                      dead_code_threshold=0.0 if same else 3.0))
     torch.manual_seed(0)
-    model = VQVAE(cfg, all_reduce_fn=D.all_reduce_sum)
+    model = VQVAE(cfg, collectives=D.quantizer_collectives())
+    assert isinstance(model.quantizer.collectives, D.ProcessGroupCollectives) == (info.world_size > 1)
     ddp = parallelize(model, info)
     if mode == "reseeded":            # per-rank streams for the quantiser's choices, as vqtok train
         torch.manual_seed(1000 + info.rank)
@@ -67,7 +68,7 @@ def torchrun(script, args, nproc=2, timeout=120):
 def test_codebooks_stay_bitwise_equal_across_ranks_with_kmeans_and_restarts(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    torchrun(script, ["equal", str(tmp_path), "6"])   # ranks seeded alike: the election ties first
+    torchrun(script, ["equal", str(tmp_path), "6"])   # ranks seeded alike
     r0 = torch.load(tmp_path / "equal-w2-r0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "equal-w2-r1.pt", weights_only=True)
     assert r0["restarted"] > 0                      # dead-code restarts did happen
@@ -79,8 +80,8 @@ def test_codebooks_stay_bitwise_equal_across_ranks_with_kmeans_and_restarts(tmp_
 
 
 def test_a_run_with_per_rank_seeds_is_reproducible(tmp_path):
-    """k-means seeding and dead-code restarts take one elected replica's rows; with per-rank
-    seeds the election, and so the whole run, is the same every time."""
+    """k-means seeding and dead-code restarts take rank 0's rows, drawn from rank 0's stream; with
+    per-rank seeds the whole run is the same every time."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     runs = []
