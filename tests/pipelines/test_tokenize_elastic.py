@@ -1,0 +1,174 @@
+"""`run_tokenize` on a multi-node Ray cluster on loopback (`ray.cluster_utils.Cluster`): a worker
+node killed mid-job, a node added mid-job, every node lost (the placement timeout, then a rerun
+that resumes). The head has no CPUs, so workers run only on the worker nodes the tests add and
+remove. Every test checks that every sample is in the output exactly once."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+
+import pytest
+
+import tok_data as td
+from conftest import free_port
+from pipelines.errors import UserError
+from pipelines.tokenize import TokenizeConfig, run_tokenize
+from test_tokenize_ray import expected_codes, read_rows
+
+# a node whose raylet stops answering is declared dead after ~0.5 s instead of Ray's ~15 s
+FAST_NODE_DEATH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 250,
+                   "health_check_timeout_ms": 250, "health_check_failure_threshold": 2}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head node with 0 CPUs (no tokenize worker fits there) on 127.0.0.1; tests add worker
+    nodes and remove them again. Token auth stays off on both sides, whatever ~/.ray holds."""
+    from ray.cluster_utils import Cluster
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        mp.delenv("RAY_ADDRESS", raising=False)
+        temp_dir = tempfile.mkdtemp(prefix="vqe-", dir="/tmp")   # short: Unix socket paths are limited
+        c = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False,
+            "gcs_server_port": free_port(), "dashboard_agent_listen_port": free_port(),
+            "temp_dir": temp_dir, "_system_config": FAST_NODE_DEATH})
+        try:
+            yield c
+        finally:
+            c.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def nodes(cluster):
+    """add(cpus) -> node; every node added is removed after the test."""
+    added = []
+
+    def add(cpus=1):
+        node = cluster.add_node(num_cpus=cpus, node_ip_address="127.0.0.1")
+        added.append(node)
+        return node
+
+    yield add
+    for node in added:
+        if node in cluster.worker_nodes:
+            cluster.remove_node(node, allow_graceful=False)
+
+
+SHARDS, PER_SHARD = 16, 1500
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """16 shards of 1500 Fashion-MNIST training images: 0.3-0.5 s each for one worker with the
+    tiny tokenizer, so a job is still running seconds after its first commit."""
+    tok = tmp_path_factory.mktemp("tok")
+    td.save_tokenizer(tok)
+    d = tmp_path_factory.mktemp("elastic")
+    images, labels = td.fashion_mnist(SHARDS * PER_SHARD, split="train")
+    truth = {}
+    for s in range(SHARDS):
+        part = slice(s * PER_SHARD, (s + 1) * PER_SHARD)
+        samples = td.fmnist_samples(images[part], labels[part], f"s{s}-", s * PER_SHARD)
+        td.write(os.path.join(d, f"train-{s:06d}.tar"), td.tar_bytes(samples))
+        truth.update({key: (img, int(lab)) for (key, _), img, lab in zip(samples, images[part], labels[part])})
+    return {"tok": str(tok), "pattern": f"{d}/train-*.tar", "truth": truth,
+            "codes": expected_codes(str(tok), truth)}
+
+
+def check_rows(out, data) -> None:
+    """Every input sample exactly once (read_rows refuses a key twice), with its codes, label
+    and shard."""
+    rows = read_rows(str(out))
+    assert len(rows) == SHARDS * PER_SHARD and set(rows) == set(data["truth"])
+    for key, row in rows.items():
+        assert row["codes"] == data["codes"][key], key
+        assert row["cls"] == data["truth"][key][1]
+        assert row["shard"] == f"train-{int(key[1:].split('-')[0]):06d}"
+
+
+def config(cluster, data, out, **kw) -> TokenizeConfig:
+    return TokenizeConfig(tokenizer=data["tok"], inputs=[data["pattern"]], output=str(out),
+                          address=cluster.address, keep_fields=["cls"], batch_size=64, progress=False, **kw)
+
+
+def when_committed(out, n: int, action, timeout: float = 180):
+    """Run `action` in a thread as soon as `n` shards of `out` have committed; returns the thread
+    (its `.error` holds what `action` raised)."""
+    def watch():
+        deadline = time.monotonic() + timeout
+        while len(glob.glob(f"{out}/_manifest/*.json")) < n and time.monotonic() < deadline:
+            time.sleep(0.02)
+        try:
+            action()
+        except BaseException as e:   # surfaced by the test's join
+            thread.error = e
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.error = None
+    thread.start()
+    return thread
+
+
+def manifests(out) -> list[dict]:
+    return [json.load(open(p)) for p in sorted(glob.glob(f"{out}/_manifest/*.json"))]
+
+
+def test_node_killed_mid_job_its_shards_finish_on_the_survivor(cluster, nodes, data, tmp_path):
+    nodes(1)
+    doomed = nodes(1)
+    out = tmp_path / "out"
+    killer = when_committed(out, 1, lambda: cluster.remove_node(doomed, allow_graceful=False))
+    summary = run_tokenize(config(cluster, data, out))
+    killer.join()
+    assert killer.error is None
+    assert summary["failed_shards"] == {} and summary["done"] == SHARDS
+    assert summary["workers_lost"] >= 1 and summary["retries"] >= 1
+    done = manifests(out)
+    assert len(done) == SHARDS and any(m["attempt"] >= 2 for m in done)
+    check_rows(out, data)
+
+
+def test_node_added_mid_job_gets_a_worker(cluster, nodes, data, tmp_path):
+    nodes(1)
+    out = tmp_path / "out"
+    joiner = when_committed(out, 1, lambda: nodes(1))
+    summary = run_tokenize(config(cluster, data, out))
+    joiner.join()
+    assert joiner.error is None
+    assert summary["failed_shards"] == {} and summary["workers_lost"] == 0
+    assert summary["workers_started"] == 2
+    pids = {m["worker"]["pid"] for m in manifests(out)}
+    assert len(pids) == 2                       # the joining node's worker committed shards too
+    check_rows(out, data)
+
+
+def test_no_node_left_stops_after_the_placement_timeout_and_a_rerun_resumes(cluster, nodes, data, tmp_path):
+    only = nodes(1)
+    out = tmp_path / "out"
+    cfg = config(cluster, data, out, placement_timeout=6.0)
+    killer = when_committed(out, 1, lambda: cluster.remove_node(only, allow_graceful=False))
+    t0 = time.monotonic()
+    with pytest.raises(UserError) as e:
+        run_tokenize(cfg)
+    stopped = time.monotonic()
+    killer.join()
+    assert killer.error is None
+    msg = str(e.value)
+    assert "for 6 s (--placement-timeout)" in msg and "rerun the same command" in msg
+    finished = {m["shard"] for m in manifests(out)}
+    assert 1 <= len(finished) < SHARDS
+    assert f"{SHARDS - len(finished)} shard(s) not done" in msg
+    assert stopped - t0 < 60
+    nodes(1)                                    # capacity is back: the same config resumes
+    summary = run_tokenize(cfg)
+    assert summary["failed_shards"] == {} and summary["skipped"] == len(finished)
+    check_rows(out, data)
+    assert glob.glob(f"{out}/_SUCCESS")
