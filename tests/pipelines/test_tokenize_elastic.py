@@ -8,6 +8,8 @@ import glob
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -62,36 +64,44 @@ def nodes(cluster):
             cluster.remove_node(node, allow_graceful=False)
 
 
-SHARDS, PER_SHARD = 16, 1500
+SHARDS, PER_SHARD = 16, 1500      # the node-loss tests' job
+JOIN_SHARDS = 40                   # the node-join test's: long enough for a node to join and start a worker
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """16 shards of 1500 Fashion-MNIST training images: 0.3-0.5 s each for one worker with the
-    tiny tokenizer, so a job is still running seconds after its first commit."""
+    """40 shards of 1500 Fashion-MNIST training images: 0.3-0.5 s each for one worker with the
+    tiny tokenizer, so a job is still running seconds after its first commit. `pattern` names
+    the first 16, `all` every shard."""
     tok = tmp_path_factory.mktemp("tok")
     td.save_tokenizer(tok)
     d = tmp_path_factory.mktemp("elastic")
-    images, labels = td.fashion_mnist(SHARDS * PER_SHARD, split="train")
+    images, labels = td.fashion_mnist(JOIN_SHARDS * PER_SHARD, split="train")
     truth = {}
-    for s in range(SHARDS):
+    for s in range(JOIN_SHARDS):
         part = slice(s * PER_SHARD, (s + 1) * PER_SHARD)
         samples = td.fmnist_samples(images[part], labels[part], f"s{s}-", s * PER_SHARD)
         td.write(os.path.join(d, f"train-{s:06d}.tar"), td.tar_bytes(samples))
         truth.update({key: (img, int(lab)) for (key, _), img, lab in zip(samples, images[part], labels[part])})
-    return {"tok": str(tok), "pattern": f"{d}/train-*.tar", "truth": truth,
+    return {"tok": str(tok), "pattern": f"{d}/train-{{000000..{SHARDS - 1:06d}}}.tar", "all": f"{d}/train-*.tar",
+            "truth": truth,
             "codes": expected_codes(str(tok), truth)}
 
 
-def check_rows(out, data) -> None:
-    """Every input sample exactly once (read_rows refuses a key twice), with its codes, label
-    and shard."""
+def check_rows(out, data, shards: int = SHARDS) -> None:
+    """Every sample of the first `shards` input shards exactly once (read_rows refuses a key
+    twice), with its codes, label and shard."""
     rows = read_rows(str(out))
-    assert len(rows) == SHARDS * PER_SHARD and set(rows) == set(data["truth"])
+    assert len(rows) == shards * PER_SHARD
+    assert set(rows) == {key for key in data["truth"] if _shard_of(key) < shards}
     for key, row in rows.items():
         assert row["codes"] == data["codes"][key], key
         assert row["cls"] == data["truth"][key][1]
-        assert row["shard"] == f"train-{int(key[1:].split('-')[0]):06d}"
+        assert row["shard"] == f"train-{_shard_of(key):06d}"
+
+
+def _shard_of(key: str) -> int:
+    return int(key[1:].split("-")[0])     # "s12-018000" -> 12
 
 
 def config(cluster, data, out, **kw) -> TokenizeConfig:
@@ -137,17 +147,33 @@ def test_node_killed_mid_job_its_shards_finish_on_the_survivor(cluster, nodes, d
 
 
 def test_node_added_mid_job_gets_a_worker(cluster, nodes, data, tmp_path):
+    # the driver runs as the CLI in a subprocess: a node can be added from the main thread only
     nodes(1)
     out = tmp_path / "out"
-    joiner = when_committed(out, 1, lambda: nodes(1))
-    summary = run_tokenize(config(cluster, data, out))
-    joiner.join()
-    assert joiner.error is None
+    args = ["tokenize", "--tokenizer", data["tok"], "--input", data["all"], "--output", str(out),
+            "--address", cluster.address, "--keep-fields", "cls", "--batch-size", "64", "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    try:
+        deadline = time.monotonic() + 180
+        while not glob.glob(f"{out}/_manifest/*.json") and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        joined = time.monotonic()
+        nodes(1)
+        print(f"node joined in {time.monotonic() - joined:.1f} s, "
+              f"{len(glob.glob(f'{out}/_manifest/*.json'))} shards committed by then")
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads(stdout.split("summary: ")[-1])
     assert summary["failed_shards"] == {} and summary["workers_lost"] == 0
     assert summary["workers_started"] == 2
     pids = {m["worker"]["pid"] for m in manifests(out)}
-    assert len(pids) == 2                       # the joining node's worker committed shards too
-    check_rows(out, data)
+    assert len(pids) == 2, stdout               # the joining node's worker committed shards too
+    check_rows(out, data, JOIN_SHARDS)
 
 
 def test_no_node_left_stops_after_the_placement_timeout_and_a_rerun_resumes(cluster, nodes, data, tmp_path):
