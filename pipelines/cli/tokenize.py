@@ -14,7 +14,8 @@ import click
 @click.option("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray).")
 @click.option("--workers", default=0, show_default=True, type=int, help="Tokenizer workers; 0 = fill the cluster.")
 @click.option("--gpus-per-worker", default=None, type=float, help="Default: 1 on GPU clusters, else 0.")
-@click.option("--cpus-per-worker", default=None, type=float, help="Default: 1 on CPU clusters; on GPU nodes their CPU share (CPUs - 1 over GPUs).")
+@click.option("--cpus-per-worker", default=None, type=float,
+              help="Default: 1 on CPU clusters; on GPU nodes their CPU share (CPUs - 1 over GPUs).")
 @click.option("--batch-size", default=256, show_default=True, type=int, help="Images per encode call.")
 @click.option("--max-error-rate", default=0.01, show_default=True, type=float,
               help="Exit non-zero when (failed samples + shard errors) / read exceeds this.")
