@@ -225,8 +225,10 @@ class _Job:
             self.out.failed[shard] = f"gave up after {self.attempts[shard]} attempts: {why}"
 
     def timeout_message(self) -> str:
-        left = sorted(shard for _, shard in self.queue)
-        named = ", ".join(left[:SHOW_SHARDS]) + (f" and {len(left) - SHOW_SHARDS} more" if len(left) > SHOW_SHARDS else "")
+        left = sorted([shard for _, shard in self.queue] + list(self.out.failed))
+        named = ", ".join(left[:SHOW_SHARDS])
+        if len(left) > SHOW_SHARDS:
+            named += f" and {len(left) - SHOW_SHARDS} more"
         return (f"no tokenize worker could be placed on the Ray cluster for {self.s.placement_timeout:g} s "
                 f"(--placement-timeout); {len(left)} shard(s) not done: {named}. Add capacity (or lower "
                 "--cpus-per-worker/--gpus-per-worker) and rerun the same command: finished shards are skipped")
