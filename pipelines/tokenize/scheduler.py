@@ -167,16 +167,16 @@ class _Job:
     def wait_one(self, timeout: float) -> None:
         """Handle the next finished ready()/process() calls, or return after `timeout` s."""
         refs = list(self.pending) + list(self.inflight)
-        if not refs:        # nothing requested (the cluster has no room): just wait for the next check
+        if not refs:        # nothing to wait on: wait for the next look at the cluster
             self.s.sleep(timeout)
             return
         done, rest = self.ray.wait(refs, num_returns=1, timeout=timeout)
         if done and rest:   # everything else already finished too: seen together, shared fairly
             done += self.ray.wait(rest, num_returns=len(rest), timeout=0)[0]
-        for ref in done:
+        for ref in done:     # (a pending actor may have been cancelled by a resize meanwhile)
             if ref in self.pending:
                 self.on_ready(ref, self.pending.pop(ref))
-            else:
+            elif ref in self.inflight:
                 self.on_result(ref, *self.inflight.pop(ref))
 
     def on_ready(self, ref, w: _Worker) -> None:
