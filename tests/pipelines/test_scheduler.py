@@ -332,3 +332,14 @@ def test_actor_options_allow_slots_plus_one_calls_and_ready():
 def test_placement_timeout_is_validated():
     with pytest.raises(ConfigError, match="tokenize.placement_timeout = 0 must be > 0"):
         cfg(placement_timeout=0)
+
+
+def test_the_cli_passes_placement_timeout_to_the_config():
+    from click.testing import CliRunner
+
+    from pipelines.cli.tokenize import command
+
+    result = CliRunner().invoke(command, ["--tokenizer", "t", "--input", "x.tar", "--output", "o",
+                                          "--placement-timeout", "-1"])
+    assert isinstance(result.exception, ConfigError)
+    assert "tokenize.placement_timeout = -1.0 must be > 0" in str(result.exception)
