@@ -32,11 +32,12 @@ FAST_NODE_DEATH = {"health_check_initial_delay_ms": 0, "health_check_period_ms":
 def cluster():
     """A head node with 0 CPUs (no tokenize worker fits there) on 127.0.0.1; tests add worker
     nodes and remove them again. Token auth stays off on both sides, whatever ~/.ray holds."""
-    from ray.cluster_utils import Cluster
-
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_AUTH_MODE", "disabled")
         mp.delenv("RAY_ADDRESS", raising=False)
+        # after the mode is set: Ray reads it when first imported, and this process is the driver
+        from ray.cluster_utils import Cluster
+
         temp_dir = tempfile.mkdtemp(prefix="vqe-", dir="/tmp")   # short: Unix socket paths are limited
         c = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False,

@@ -194,7 +194,10 @@ def test_token_auth_is_enabled_only_when_a_token_exists(tmp_path, monkeypatch):
     from pipelines import ray_utils
     monkeypatch.setenv("HOME", str(tmp_path))
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-        monkeypatch.delenv(name, raising=False)
+        # set, then delete: monkeypatch records the original state only on a change, so the
+        # RAY_AUTH_MODE that configure_token_auth sets is undone after the test too
+        monkeypatch.setenv(name, "placeholder")
+        monkeypatch.delenv(name)
     ray_utils.configure_token_auth()
     assert "RAY_AUTH_MODE" not in os.environ
     (tmp_path / ".ray").mkdir()
