@@ -61,9 +61,9 @@ def nodes(cluster):
         return node
 
     yield add
-    for node in added:
+    for node in added:      # gracefully: the node deregisters at once, the next test never sees it
         if node in cluster.worker_nodes:
-            cluster.remove_node(node, allow_graceful=False)
+            cluster.remove_node(node, allow_graceful=True)
 
 
 SHARDS, PER_SHARD = 16, 1500      # the node-loss tests' job
