@@ -14,23 +14,28 @@ import click
 @click.option("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray).")
 @click.option("--workers", default=0, show_default=True, type=int, help="Tokenizer workers; 0 = fill the cluster.")
 @click.option("--gpus-per-worker", default=None, type=float, help="Default: 1 on GPU clusters, else 0.")
-@click.option("--cpus-per-worker", default=None, type=float, help="Default: 1 on CPU, up to 4 per GPU worker.")
+@click.option("--cpus-per-worker", default=None, type=float,
+              help="Default: 1 on CPU clusters; on GPU nodes their CPU share (CPUs - 1 over GPUs).")
 @click.option("--batch-size", default=256, show_default=True, type=int, help="Images per encode call.")
 @click.option("--max-error-rate", default=0.01, show_default=True, type=float,
               help="Exit non-zero when (failed samples + shard errors) / read exceeds this.")
 @click.option("--keep-fields", default="", help="Comma-separated sample fields to pass through, e.g. cls,json.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing output (e.g. of another tokenizer) first.")
 @click.option("--max-attempts", default=3, show_default=True, type=int, help="Attempts per shard.")
+@click.option("--placement-timeout", default=300.0, show_default=True, type=float,
+              help="Seconds with no worker placed or alive (e.g. every node lost) before the job stops; "
+                   "rerun the same command to resume.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def command(tokenizer, inputs, output, address, workers, gpus_per_worker, cpus_per_worker, batch_size,
-            max_error_rate, keep_fields, overwrite, max_attempts, no_progress):
+            max_error_rate, keep_fields, overwrite, max_attempts, placement_timeout, no_progress):
     """Tokenize image shards into OUTPUT/<shard>.parquet (key, shard, codes, kept fields)."""
     from pipelines.tokenize import TokenizeConfig, run_tokenize
 
     cfg = TokenizeConfig(tokenizer=tokenizer, inputs=list(inputs), output=output, address=address,
                          workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
                          batch_size=batch_size, max_error_rate=max_error_rate, keep_fields=keep_fields,
-                         overwrite=overwrite, max_attempts=max_attempts, progress=not no_progress)
+                         overwrite=overwrite, max_attempts=max_attempts, placement_timeout=placement_timeout,
+                         progress=not no_progress)
     summary = run_tokenize(cfg)
     click.echo(format_summary(summary))
     click.echo("summary: " + json.dumps(summary, sort_keys=True))
@@ -52,6 +57,7 @@ def format_summary(s: dict) -> str:
         lines.append("failed by reason: " + ", ".join(f"{k}={v}" for k, v in n["failed_by_reason"].items()))
     for shard, why in s["failed_shards"].items():
         lines.append(f"shard {shard} FAILED: {why}")
-    if s["retries"]:
-        lines.append(f"{s['retries']} shard attempt(s) retried, {s['replaced_workers']} worker(s) replaced")
+    if s["retries"] or s.get("workers_lost"):
+        lines.append(f"{s['retries']} shard attempt(s) retried; {s.get('workers_lost', 0)} worker(s) lost, "
+                     f"{s['replaced_workers']} replaced, {s.get('workers_started', 0)} started in all")
     return "\n".join(lines)

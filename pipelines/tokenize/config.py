@@ -14,12 +14,13 @@ class TokenizeConfig:
     address: str | None = None           # Ray cluster to join; None = RAY_ADDRESS or a local Ray
     workers: int = 0                     # 0 = as many as the cluster's GPUs (or CPUs) allow
     gpus_per_worker: float | None = None  # None = 1 when the cluster has GPUs, else 0
-    cpus_per_worker: float | None = None  # None = 1 on CPU-only clusters, up to 4 per GPU worker
+    cpus_per_worker: float | None = None  # None = 1 on CPU-only clusters, else the GPU node's CPU share
     batch_size: int = 256                # images per encode call (rounded up to the micro-batch)
     max_error_rate: float = 0.01         # exit non-zero above this (failed / read)
     keep_fields: list[str] = field(default_factory=list)  # e.g. ["cls"]; passed through
     overwrite: bool = False              # replace an output made by another tokenizer/settings
     max_attempts: int = 3                # per shard, counting worker deaths and storage errors
+    placement_timeout: float = 300.0     # seconds with no worker placed/alive before the job stops
     progress: bool = True
 
     def __post_init__(self):
@@ -39,6 +40,8 @@ class TokenizeConfig:
         check(0.0 <= self.max_error_rate <= 1.0, "tokenize.max_error_rate", self.max_error_rate,
                "must be in [0, 1]")
         check(self.max_attempts >= 1, "tokenize.max_attempts", self.max_attempts, "must be >= 1")
+        check(self.placement_timeout > 0, "tokenize.placement_timeout", self.placement_timeout,
+               "must be > 0 seconds")
         reserved = {"key", "shard", "codes"} & set(self.keep_fields)
         check(not reserved, "tokenize.keep_fields", self.keep_fields,
                f"must not name an output column ({', '.join(sorted(reserved))})")

@@ -51,17 +51,19 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
 
 
 def _run_on_ray(ray, cfg: TokenizeConfig, meta, todo, total: int, skipped: int, ray_t0: float):
-    """(outcome, seconds from Ray's start or join to every worker ready)."""
+    """(outcome, seconds from Ray's start or join to the first workers ready)."""
     from .worker import TokenizeWorker
 
-    workers, cpus, gpus = pool_size(ray.cluster_resources(), cfg, len(todo))
-    # a threaded actor: one thread per shard in flight (it runs `slots` of them at once)
-    actor_cls = ray.remote(num_cpus=cpus, num_gpus=gpus, max_restarts=0, max_task_retries=0,
-                           max_concurrency=int(cpus) + 2)(TokenizeWorker)
+    _, cpus, gpus = pool_size(live_nodes(ray), cfg, len(todo))
+    actor_cls = ray.remote(TokenizeWorker).options(**actor_options(cpus, gpus))
 
     def make_actor():
         return actor_cls.remote(cfg.tokenizer, meta.to_json(), out_url(cfg), cfg.keep_fields,
                                 cfg.batch_size, cpus)
+
+    def desired() -> int:     # the workers the live cluster has room for now (--workers: at most)
+        fit = fitting_workers(live_nodes(ray), cpus, gpus)
+        return min(cfg.workers, fit) if cfg.workers else fit
 
     bar = _progress(cfg.progress, total, skipped)
     counts = collections.Counter()
@@ -73,39 +75,78 @@ def _run_on_ray(ray, cfg: TokenizeConfig, meta, todo, total: int, skipped: int, 
             bar.update(1)
             bar.set_postfix(samples=counts["ok"], errors=counts["failed"], refresh=False)
 
-    scheduler = ShardScheduler(ray, make_actor, workers, cfg.max_attempts, on_done)
+    scheduler = ShardScheduler(ray, make_actor, desired, cfg.max_attempts, on_done,
+                               placement_timeout=cfg.placement_timeout)
+    run_t0 = time.perf_counter()
     try:
-        actors = scheduler.start()
-        startup = time.perf_counter() - ray_t0
-        outcome = scheduler.run(actors, todo)
+        outcome = scheduler.run(todo)
     finally:
         if bar is not None:
             bar.close()
-    return outcome, startup
+    return outcome, run_t0 - ray_t0 + outcome.startup_s
+
+
+def actor_options(cpus: float, gpus: float) -> dict:
+    """Ray options of one TokenizeWorker. A threaded actor: the scheduler keeps up to slots + 1
+    process() calls on it (slots from its ready(), derived from its CPUs), plus ready() itself;
+    the worker bounds how many run at once. Never restarted by Ray: the scheduler replaces lost
+    workers only where the cluster has room."""
+    return {"num_cpus": cpus, "num_gpus": gpus, "max_restarts": 0, "max_task_retries": 0,
+            "max_concurrency": max(1, int(cpus)) + 2}
 
 
 def out_url(cfg: TokenizeConfig) -> str:
     return cfg.output.rstrip("/")
 
 
-def pool_size(resources: dict, cfg: TokenizeConfig, shards: int) -> tuple[int, float, float]:
-    """(workers, cpus per worker, gpus per worker) for the cluster's resources."""
-    total_cpus, total_gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+# CPUs of each GPU node left to Ray's own processes (raylet, object store, the driver) when
+# accelerator workers take their node's CPU share
+RESERVED_CPUS_PER_NODE = 1.0
+
+
+def live_nodes(ray) -> list[dict]:
+    """The total resources of each live node of the cluster, e.g. [{"CPU": 96.0, "GPU": 8.0}]."""
+    return [dict(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+
+
+def pool_size(nodes: list[dict], cfg: TokenizeConfig, shards: int) -> tuple[int, float, float]:
+    """(workers, cpus per worker, gpus per worker) for the live nodes' resources."""
+    total_cpus = sum(float(n.get("CPU", 0)) for n in nodes)
+    total_gpus = sum(float(n.get("GPU", 0)) for n in nodes)
     gpus = cfg.gpus_per_worker if cfg.gpus_per_worker is not None else (1.0 if total_gpus >= 1 else 0.0)
-    if cfg.cpus_per_worker is not None:
-        cpus = cfg.cpus_per_worker
-    elif gpus > 0:   # decoders per GPU worker: a share of the node's CPUs, at most 4
-        cpus = float(max(1, min(4, int(total_cpus // max(total_gpus / gpus, 1)))))
-    else:
-        cpus = 1.0
-    if gpus > total_gpus or cpus > total_cpus:
-        raise UserError(f"one worker needs {cpus:g} CPU and {gpus:g} GPU, the Ray cluster has "
-                        f"{total_cpus:g} CPU and {total_gpus:g} GPU; lower --cpus-per-worker/--gpus-per-worker")
-    fit = int(total_gpus // gpus) if gpus > 0 else int(total_cpus // cpus)
-    if gpus > 0:
-        fit = min(fit, int(total_cpus // cpus))
-    workers = cfg.workers or fit
+    cpus = cfg.cpus_per_worker if cfg.cpus_per_worker is not None else default_cpus(nodes, gpus)
+    fit = fitting_workers(nodes, cpus, gpus)
+    if fit == 0:
+        raise UserError(f"one worker needs {cpus:g} CPU and {gpus:g} GPU, no node of the Ray cluster has that "
+                        f"({len(nodes)} node(s), {total_cpus:g} CPU and {total_gpus:g} GPU in all); "
+                        "lower --cpus-per-worker/--gpus-per-worker")
+    workers = min(cfg.workers, fit) if cfg.workers else fit
     return max(1, min(workers, shards)), cpus, gpus
+
+
+def default_cpus(nodes: list[dict], gpus: float) -> float:
+    """CPU workers: 1 (one worker per CPU). Accelerator workers: their node's CPU share, its CPUs
+    less RESERVED_CPUS_PER_NODE over the workers its accelerators take; on a mixed cluster the
+    smallest share of any accelerator node, so that every accelerator gets a worker."""
+    if gpus <= 0:
+        return 1.0
+    shares = [(float(n.get("CPU", 0)) - RESERVED_CPUS_PER_NODE) / _per_node(float(n.get("GPU", 0)), gpus)
+              for n in nodes if _per_node(float(n.get("GPU", 0)), gpus) >= 1]
+    return float(max(1, int(min(shares)))) if shares else 1.0
+
+
+def fitting_workers(nodes: list[dict], cpus: float, gpus: float) -> int:
+    """How many workers of (cpus, gpus) the nodes hold, counted node by node (a worker cannot
+    span nodes)."""
+    fit = 0
+    for n in nodes:
+        by_cpu = _per_node(float(n.get("CPU", 0)), cpus)
+        fit += min(by_cpu, _per_node(float(n.get("GPU", 0)), gpus)) if gpus > 0 else by_cpu
+    return fit
+
+
+def _per_node(have: float, need: float) -> int:
+    return int(have / need + 1e-9) if need > 0 else 0
 
 
 def _progress(enabled: bool, total: int, skipped: int):
@@ -133,6 +174,8 @@ def summarize(shards, manifests: dict, outcome, skipped: int, wall: float, start
         "shards": len(shards), "done": len(manifests), "skipped": skipped,
         "failed_shards": failed_shards, "retries": outcome.retries if outcome else 0,
         "replaced_workers": outcome.replaced_workers if outcome else 0,
+        "workers_started": outcome.workers_started if outcome else 0,
+        "workers_lost": outcome.workers_lost if outcome else 0,
         "samples": {"read": read, "ok": ok, "failed": failed,
                     "failed_by_reason": dict(sorted(reasons.items()))},
         "shard_errors": shard_errors,

@@ -1,18 +1,31 @@
-"""Shards onto a pool of Ray actors: up to two calls queued per actor (no idle gap between shards),
-a dead actor replaced and its shards retried, each shard attempted at most `max_attempts` times.
+"""Shards onto an elastic pool of Ray actors.
+
+- Only ready actors hold shards: an actor is created, its `ready()` call answers (with the number
+  of shards it processes at once, "slots"; 1 when absent), and only then does it get work, up to
+  `slots + 1` shards (one queued behind its running ones, so it never idles between shards).
+- The pool follows the live cluster: every `poll_s` while waiting on results, `desired()` (the
+  workers the cluster has room for now) is compared with ready + pending actors; more are started
+  while shards are queued, and pending ones beyond it are cancelled. A lost actor (its process or
+  node died) hands its shards back to the queue; a replacement is asked for only through that
+  comparison, so never for a node that is gone.
+- Never waits forever: when no actor is ready for `placement_timeout` seconds the job stops with
+  a UserError naming the shards left; the same command resumes (finished shards are skipped).
 
 Exactly once: a shard counts as done only when its call returned, which happens after its
 manifest (the commit marker) was written; a retry rewrites the same files under the same names.
+Each shard is attempted at most `max_attempts` times, counting worker deaths and storage errors.
 """
 from __future__ import annotations
 
 import collections
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import UserError
 
-PER_ACTOR = 2
+POLL_S = 2.0          # how often the pool is compared with the live cluster while waiting
+SHOW_SHARDS = 5       # shards named in the placement-timeout error
 
 
 @dataclass
@@ -20,77 +33,205 @@ class Outcome:
     manifests: dict[str, dict] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)         # shard -> last error
     retries: int = 0
-    replaced_workers: int = 0
+    replaced_workers: int = 0      # workers started to make up for lost ones
+    workers_started: int = 0
+    workers_lost: int = 0          # ready or pending actors that died (process or node lost)
+    startup_s: float = 0.0         # run() start -> the first actors all ready (or lost)
+
+
+@dataclass(eq=False)
+class _Worker:
+    actor: object
+    order: int                     # creation order: breadth-first ties go to the oldest
+    slots: int = 1                 # shards it processes at once (from ready())
+    load: int = 0                  # shards submitted and not yet returned
 
 
 class ShardScheduler:
-    def __init__(self, ray, make_actor: Callable, workers: int, max_attempts: int,
-                 on_done: Callable[[str, dict], None] = lambda s, m: None):
+    def __init__(self, ray, make_actor: Callable[[], object], desired: Callable[[], int],
+                 max_attempts: int, on_done: Callable[[str, dict], None] = lambda s, m: None,
+                 placement_timeout: float = 300.0, poll_s: float = POLL_S,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
         self.ray = ray
         self.make_actor = make_actor
-        self.workers = workers
+        self.desired = desired
         self.max_attempts = max_attempts
         self.on_done = on_done
+        self.placement_timeout = placement_timeout
+        self.poll_s = poll_s
+        self.clock = clock
+        self.sleep = sleep
 
-    def start(self) -> list:
-        """Create the pool and wait until every actor loaded the tokenizer."""
-        actors = [self.make_actor() for _ in range(self.workers)]
+    def run(self, todo: list[tuple[str, str]]) -> Outcome:
+        return _Job(self, todo).run()
+
+
+class _Job:
+    """One run's state: queue (url, shard), pending actors (ready ref -> worker), ready workers,
+    in-flight calls (ref -> (worker, url, shard))."""
+
+    def __init__(self, s: ShardScheduler, todo: list[tuple[str, str]]):
+        self.s = s
+        self.ray = s.ray
+        self.out = Outcome()
+        self.queue = collections.deque(todo)
+        self.attempts: collections.Counter = collections.Counter()
+        self.pending: dict = {}
+        self.ready: list[_Worker] = []
+        self.inflight: dict = {}
+        self.created = 0
+        self.t0 = 0.0
+        self.first_ready: float | None = None
+
+    def run(self) -> Outcome:
+        clock = self.s.clock
+        self.t0 = starved_since = clock()       # no ready actor since
+        self.resize()
+        next_check = self.t0 + self.s.poll_s
+        while self.queue or self.inflight:
+            self.fill()
+            self.wait_one(max(0.0, next_check - clock()))
+            now = clock()
+            if now >= next_check:
+                self.resize()
+                next_check = now + self.s.poll_s
+            if self.ready:
+                starved_since = None
+            elif starved_since is None:
+                starved_since = now
+            elif now - starved_since > self.s.placement_timeout:
+                self.stop_pending()
+                raise UserError(self.timeout_message())
+        self.stop_pending()
+        if not self.out.startup_s:     # some of the first wave never came up
+            self.out.startup_s = self.first_ready or 0.0
+        return self.out
+
+    # -- pool size --------------------------------------------------------------------------
+    def resize(self) -> None:
+        """Match ready + pending actors to what the live cluster has room for. At least one
+        stays requested while work remains (the one the placement timeout waits on; an
+        autoscaler sees its demand)."""
+        left = len(self.queue) + len(self.inflight)
+        want = min(max(1, self.s.desired()), left)
+        have = len(self.ready) + len(self.pending)
+        for ref in list(self.pending)[::-1]:    # cancel the newest pending ones first
+            if have <= want:
+                break
+            self.kill(self.pending.pop(ref).actor)
+            have -= 1
+        while have < want and self.queue and len(self.pending) < len(self.queue):
+            self.start_actor()
+            have += 1
+
+    def start_actor(self) -> None:
+        actor = self.s.make_actor()
+        self.pending[actor.ready.remote()] = _Worker(actor, self.created)
+        self.created += 1
+        self.out.workers_started += 1
+        if self.out.workers_lost > self.out.replaced_workers:
+            self.out.replaced_workers += 1
+
+    def stop_pending(self) -> None:
+        for worker in self.pending.values():
+            self.kill(worker.actor)
+        self.pending.clear()
+
+    def kill(self, actor) -> None:
         try:
-            self.ray.get([a.ready.remote() for a in actors])
-        except Exception as e:
-            raise UserError(f"tokenize workers could not start: {_cause(e)}") from None
-        return actors
+            self.ray.kill(actor, no_restart=True)
+        except Exception:   # already dead or never placed: nothing left to stop
+            pass
 
-    def run(self, actors: list, todo: list[tuple[str, str]]) -> Outcome:
+    # -- work -------------------------------------------------------------------------------
+    def fill(self) -> None:
+        # breadth first: the least loaded actor (in shards per slot) gets the next shard, so a
+        # job of as many shards as slots runs them all at once. A shard is queued behind running
+        # ones (one per actor) only while there is a shard for every slot, pending actors' too;
+        # the last few go to whichever actor frees a slot first (a shard queued early could wait
+        # behind a slower one while another actor idles)
+        while self.queue and self.ready:
+            w = min(self.ready, key=lambda w: (w.load / w.slots, w.order))
+            if w.load >= w.slots and (w.load > w.slots or len(self.queue) < self.slots_soon()):
+                return
+            url, shard = self.queue.popleft()
+            self.attempts[shard] += 1
+            self.inflight[w.actor.process.remote(url, shard, self.attempts[shard])] = (w, url, shard)
+            w.load += 1
+
+    def slots_soon(self) -> int:
+        """Slots of the ready actors, plus the pending ones' (guessed like the ready ones')."""
+        slots = [w.slots for w in self.ready]
+        return sum(slots) + len(self.pending) * max(slots, default=1)
+
+    def wait_one(self, timeout: float) -> None:
+        """Handle the next finished ready()/process() calls, or return after `timeout` s."""
+        refs = list(self.pending) + list(self.inflight)
+        if not refs:        # nothing to wait on: wait for the next look at the cluster
+            self.s.sleep(timeout)
+            return
+        done, rest = self.ray.wait(refs, num_returns=1, timeout=timeout)
+        if done and rest:   # everything else already finished too: seen together, shared fairly
+            done += self.ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+        for ref in done:     # (a pending actor may have been cancelled by a resize meanwhile)
+            if ref in self.pending:
+                self.on_ready(ref, self.pending.pop(ref))
+            elif ref in self.inflight:
+                self.on_result(ref, *self.inflight.pop(ref))
+
+    def on_ready(self, ref, w: _Worker) -> None:
         ray = self.ray
-        out = Outcome()
-        queue = collections.deque(todo)                # (url, shard)
-        attempts: collections.Counter = collections.Counter()
-        inflight: dict = {}                           # ref -> (slot, actor, url, shard)
-        load = collections.Counter()
+        try:
+            info = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            # its constructor raised (a bad tokenizer, a broken environment): with no worker
+            # up, every other would too; else only that node is at fault, the job goes on
+            if getattr(e, "actor_init_failed", False) and not self.ready:
+                raise UserError(f"tokenize workers could not start: {_cause(e)}") from None
+            self.out.workers_lost += 1                  # e.g. its node died before it was ready
+            return
+        except ray.exceptions.RayError as e:
+            raise UserError(f"tokenize workers could not start: {_cause(e)}") from None
+        w.slots = max(1, int(info.get("slots", 1))) if isinstance(info, dict) else 1
+        self.ready.append(w)
+        if self.first_ready is None:
+            self.first_ready = self.s.clock() - self.t0
+        if not self.pending and not self.out.startup_s:     # the first wave is up
+            self.out.startup_s = self.s.clock() - self.t0
 
-        def fill():
-            # breadth first: every actor gets its first shard before any gets a second, so that
-            # a job of as many shards as workers runs them all at once. A second shard is queued
-            # behind a running one only while there is work for every actor; the last few go to
-            # whichever actor frees up first (a shard queued early could wait behind a slower
-            # one while another actor idles)
-            while queue:
-                slot = min(range(len(actors)), key=lambda i: (load[i], i))
-                if load[slot] >= PER_ACTOR or (load[slot] > 0 and len(queue) < len(actors)):
-                    return
-                url, shard = queue.popleft()
-                attempts[shard] += 1
-                ref = actors[slot].process.remote(url, shard, attempts[shard])
-                inflight[ref] = (slot, actors[slot], url, shard)
-                load[slot] += 1
-
-        fill()
-        while inflight:
-            (ref,), _ = ray.wait(list(inflight), num_returns=1)
-            slot, actor, url, shard = inflight.pop(ref)
-            load[slot] -= 1
-            try:
-                manifest = ray.get(ref)
-            except ray.exceptions.RayActorError as e:
-                if actors[slot] is actor:              # first failure seen from this actor
-                    actors[slot] = self.make_actor()
-                    out.replaced_workers += 1
-                self._retry(queue, attempts, out, url, shard, f"worker died: {_cause(e)}")
-            except ray.exceptions.RayError as e:
-                self._retry(queue, attempts, out, url, shard, _cause(e))
-            else:
-                out.manifests[shard] = manifest
-                self.on_done(shard, manifest)
-            fill()
-        return out
-
-    def _retry(self, queue, attempts, out: Outcome, url: str, shard: str, why: str) -> None:
-        if attempts[shard] < self.max_attempts:
-            out.retries += 1
-            queue.appendleft((url, shard))
+    def on_result(self, ref, w: _Worker, url: str, shard: str) -> None:
+        ray = self.ray
+        w.load -= 1
+        try:
+            manifest = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            if w in self.ready:                  # first failure seen from this actor
+                self.ready.remove(w)
+                self.kill(w.actor)
+                self.out.workers_lost += 1
+            self.retry(url, shard, f"worker died: {_cause(e)}")
+            self.resize()                        # replace it now if the cluster has room
+        except ray.exceptions.RayError as e:
+            self.retry(url, shard, _cause(e))
         else:
-            out.failed[shard] = f"gave up after {attempts[shard]} attempts: {why}"
+            self.out.manifests[shard] = manifest
+            self.s.on_done(shard, manifest)
+
+    def retry(self, url: str, shard: str, why: str) -> None:
+        if self.attempts[shard] < self.s.max_attempts:
+            self.out.retries += 1
+            self.queue.appendleft((url, shard))
+        else:
+            self.out.failed[shard] = f"gave up after {self.attempts[shard]} attempts: {why}"
+
+    def timeout_message(self) -> str:
+        left = sorted([shard for _, shard in self.queue] + list(self.out.failed))
+        named = ", ".join(left[:SHOW_SHARDS])
+        if len(left) > SHOW_SHARDS:
+            named += f" and {len(left) - SHOW_SHARDS} more"
+        return (f"no tokenize worker could be placed on the Ray cluster for {self.s.placement_timeout:g} s "
+                f"(--placement-timeout); {len(left)} shard(s) not done: {named}. Add capacity (or lower "
+                "--cpus-per-worker/--gpus-per-worker) and rerun the same command: finished shards are skipped")
 
 
 def _cause(e: BaseException) -> str:

@@ -193,17 +193,6 @@ def test_config_validation_names_the_key():
     assert TokenizeConfig(tokenizer="t", inputs="a.tar", output="o", keep_fields="cls, json").keep_fields == ["cls", "json"]
 
 
-def test_pool_size_fits_the_cluster_and_never_oversubscribes_cpus():
-    from pipelines.tokenize.driver import pool_size
-    cfg = TokenizeConfig(tokenizer="t", inputs=["a.tar"], output="o")
-    assert pool_size({"CPU": 2.0}, cfg, shards=10) == (2, 1.0, 0.0)
-    assert pool_size({"CPU": 2.0}, cfg, shards=1) == (1, 1.0, 0.0)
-    assert pool_size({"CPU": 16.0, "GPU": 4.0}, cfg, shards=10) == (4, 4.0, 1.0)
-    big = TokenizeConfig(tokenizer="t", inputs=["a.tar"], output="o", cpus_per_worker=4)
-    with pytest.raises(UserError, match="lower --cpus-per-worker"):
-        pool_size({"CPU": 2.0}, big, shards=10)
-
-
 def test_storage_errors_propagate_but_damage_is_a_shard_error(tmp_path, monkeypatch):
     import fsspec
     td.write(tmp_path / "a.tar", td.tar_bytes([("k1", {"png": td.png(np.zeros((28, 28), np.uint8))})]))
@@ -256,55 +245,3 @@ def test_stop_autoscaler_monitor_kills_only_the_monitor(tmp_path):
         for proc in (monitor, other):
             proc.kill()
             proc.wait()
-
-
-class _Calls:
-    """Just enough of Ray's actor-call surface for ShardScheduler: calls finish in submit order.
-    `log` records ("a", "s0") for a submission to actor a and ("done", "s0") for a finished call."""
-
-    class exceptions:
-        RayError = RuntimeError
-        RayActorError = RuntimeError
-
-    def __init__(self):
-        self.log = []
-
-    def actor(self, name):
-        calls = self
-
-        class Method:
-            @staticmethod
-            def remote(url, shard, attempt):
-                calls.log.append((name, shard))
-                return shard
-
-        return type("Actor", (), {"process": Method})()
-
-    def wait(self, refs, num_returns):
-        return [refs[0]], refs[1:]
-
-    def get(self, ref):
-        self.log.append(("done", ref))
-        return {"counts": {"ok": 1, "failed": 0, "shard_errors": 0}}
-
-
-def _schedule(shards: int) -> list:
-    from pipelines.tokenize.scheduler import ShardScheduler
-    ray = _Calls()
-    todo = [(f"u{i}", f"s{i}") for i in range(shards)]
-    out = ShardScheduler(ray, None, workers=2, max_attempts=1).run([ray.actor("a"), ray.actor("b")], todo)
-    assert sorted(out.manifests) == [s for _, s in todo]
-    return ray.log
-
-
-def test_scheduler_gives_every_worker_a_shard_before_any_a_second():
-    assert _schedule(2) == [("a", "s0"), ("b", "s1"), ("done", "s0"), ("done", "s1")]
-    assert _schedule(6)[:4] == [("a", "s0"), ("b", "s1"), ("a", "s2"), ("b", "s3")]
-
-
-def test_scheduler_gives_the_last_shards_to_whichever_worker_frees_up():
-    # 3 shards, 2 workers: s2 is not queued behind a running shard; it goes to the first free actor
-    assert _schedule(3) == [("a", "s0"), ("b", "s1"), ("done", "s0"), ("a", "s2"),
-                            ("done", "s1"), ("done", "s2")]
-    log = _schedule(5)   # a: s0 s2, b: s1 s3 queued; s4 waits for an actor with nothing queued
-    assert log.index(("a", "s4")) > log.index(("done", "s2"))
