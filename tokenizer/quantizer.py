@@ -68,8 +68,7 @@ class VectorQuantizer(nn.Module):
                    chunk_size=config.chunk_size, **kw)
 
     # ---- search -------------------------------------------------------------------------------
-    # search_vectors and search_codebook are the space `nearest` searches in; an exact search of
-    # its own (e.g. the tokenize stage's batch-independent one) uses the same two
+    # search_vectors and search_codebook are the space `nearest` searches in
     def search_vectors(self, z: torch.Tensor) -> torch.Tensor:
         """(..., dim) -> (N, code_dim) fp32: projected, and normalised when cosine codes are on."""
         with torch.autocast(device_type=z.device.type, enabled=False):
@@ -83,7 +82,9 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        """z: (..., dim) -> (...) int64, exact argmin of squared L2 (cosine when l2-normalised)."""
+        """z: (..., dim) -> (...) int64, the float64 argmin of squared L2 in the search space
+        (cosine when l2-normalised), ties -> lowest index, independent of the batch (see
+        tokenizer/nearest.py)."""
         if z.shape[-1] != self.dim:
             raise ValueError(f"nearest: last dim of z is {z.shape[-1]}, the quantiser expects {self.dim}")
         flat = self.search_vectors(z)
@@ -179,7 +180,8 @@ class VectorQuantizer(nn.Module):
         k = self.codebook_size
         centroids = self._from_leader(_kmeans_plus_plus(flat, k))
         for _ in range(self.config.kmeans_iters):
-            idx = nearest_codes(flat, centroids, self.config.chunk_size)
+            # k-means only needs a good assignment: the fp32 argmin, no near-tie re-decision
+            idx = nearest_codes(flat, centroids, self.config.chunk_size, exact=False)
             sums = torch.zeros_like(centroids).index_add_(0, idx, flat)
             counts = torch.bincount(idx, minlength=k).float()
             self.all_reduce_fn(sums)
