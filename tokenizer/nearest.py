@@ -549,6 +549,10 @@ def _fused_entry(lib):
     return fused, gemm, set_local
 
 
+_CHILD_CHECK = ("import sys; sys.path.insert(0, sys.argv[1]); from tokenizer import nearest as m; "
+                "m._self_check_fused(m._fused_entry(m.ctypes.CDLL(sys.argv[2])))")
+
+
 def _checked_in_child(path: Path) -> None:
     """Run the fused self-check once in a child process (then cached next to the kernel, keyed by
     the torch build): sgemm_ is called by symbol, and a torch built with another BLAS ABI would
@@ -558,11 +562,9 @@ def _checked_in_child(path: Path) -> None:
     if marker.exists():
         return
     root = str(Path(__file__).resolve().parent.parent)          # holds the tokenizer package
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from tokenizer import nearest as m; "
-            "m._self_check_fused(m._fused_entry(m.ctypes.CDLL(sys.argv[2])))")
-    env = {**os.environ, "VQTOK_NEAREST_BACKEND": "torch", "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, "-c", code, root, str(path)], capture_output=True,
-                          text=True, timeout=300, env=env)
+    env = {**os.environ, "VQTOK_NEAREST_BACKEND": "torch"}
+    proc = subprocess.run([sys.executable, "-c", _CHILD_CHECK, root, str(path)],
+                          capture_output=True, text=True, timeout=300, env=env)
     if proc.returncode != 0:
         last = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
         raise RuntimeError(f"fused kernel check in a child process failed: {last[0]}")
