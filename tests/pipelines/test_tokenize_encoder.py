@@ -63,6 +63,10 @@ def photo_tokenizer(tmp_path_factory):
     return path
 
 
+def nearest_fp32(z: torch.Tensor, book: torch.Tensor) -> np.ndarray:
+    return nm.nearest_codes(z, book, exact=False).numpy()
+
+
 def encode_in_batches(model: VQVAE, images: np.ndarray, size: int) -> np.ndarray:
     x = torch.from_numpy(images).float() / 255
     return torch.cat([model.encode(x[i:i + size]) for i in range(0, len(x), size)]).reshape(
@@ -74,9 +78,15 @@ def test_encode_equals_the_code_encoder_at_every_position(photo_tokenizer):
     enc = CodeEncoder(photo_tokenizer, device="cpu")
     got = enc.encode(images)                               # micro-batches of 64, last padded
     model = VQVAE.from_pretrained(photo_tokenizer)
-    with torch.no_grad():                                  # near-ties are really there
+    with torch.no_grad():
         flat = model.quantizer.search_vectors(model.encode_latents(torch.from_numpy(images) / 255.0))
-    assert nm.ambiguous_fraction(flat, model.quantizer.search_codebook()) > 0.001
+    book = model.quantizer.search_codebook()
+    assert nm.ambiguous_fraction(flat, book) > 0.001       # near-ties are really there
+    # the float64 reference (expansion in float64: ~1e-16 relative, far below fp32's effects)
+    z64, book64 = flat.double(), book.double()
+    ref = (book64.pow(2).sum(1) - 2 * z64 @ book64.t()).argmin(1).reshape(got.shape).numpy()
+    assert (nearest_fp32(flat, book).reshape(got.shape) != ref).sum() >= 1   # fp32 alone errs
+    np.testing.assert_array_equal(got, ref)
     for size in (1, 7, 256):
         np.testing.assert_array_equal(encode_in_batches(model, images, size), got,
                                       err_msg=f"batch size {size}")
