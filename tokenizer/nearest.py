@@ -89,15 +89,24 @@ def nearest_codes(z: torch.Tensor, codebook: torch.Tensor, chunk_rows: int = 0, 
     if z.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=z.device)
     with torch.autocast(device_type=z.device.type, enabled=False):
-        kernel = _pick_kernel(z, codebook, backend)
-        if kernel is not None:
-            idx, best, second, unit = _fp32_native(kernel, z, codebook, chunk_rows)
-        else:
-            idx, best, second = _fp32_torch(z, codebook, chunk_rows, two=exact)
-            unit = torch_unit_roundoff(z.device)
-        if exact and codebook.shape[0] > 1:
-            _redecide(z, codebook, idx, best, second, unit)
+        idx, _ = _search(z, codebook, chunk_rows, backend, exact)
     return idx
+
+
+def _search(z: torch.Tensor, book: torch.Tensor, chunk_rows: int, backend: str, exact: bool):
+    """-> (idx (N,) int64, number of rows re-decided in float64)."""
+    exact = exact and book.shape[0] > 1
+    book_sq = book.pow(2).sum(1)                                         # (K,)
+    kernel = _pick_kernel(z, book, backend)
+    if kernel is not None:
+        idx, unsure = _fp32_native(kernel, z, book, book_sq, chunk_rows, exact)
+    else:
+        idx, unsure = _fp32_torch(z, book, book_sq, chunk_rows, exact)
+    if not exact:
+        return idx, 0
+    if isinstance(unsure, int):           # the fused kernel re-decided its rows itself
+        return idx, unsure
+    return idx, _redecide(z, book, book_sq, idx, unsure)
 
 
 def _pick_kernel(z: torch.Tensor, codebook: torch.Tensor, backend: str):
@@ -136,28 +145,34 @@ def torch_unit_roundoff(device: torch.device) -> float:
     return FP32_EPS
 
 
-def _redecide(z: torch.Tensor, book: torch.Tensor, idx: torch.Tensor, best: torch.Tensor,
-              second: torch.Tensor, unit: float) -> int:
-    """Rows whose fp32 best and second-best scores are within the error margin get the float64
-    argmin, written into idx in place. Returns how many rows were re-decided."""
-    k, d = book.shape
-    book_sq = book.pow(2).sum(1)                                         # (K,)
+def _unsure_rows(z: torch.Tensor, book_sq: torch.Tensor, best: torch.Tensor,
+                 second: torch.Tensor, unit: float) -> torch.Tensor:
+    """(N,) bool: rows whose fp32 best and second-best scores are within the error margin."""
     scale = z.pow(2).sum(1).double() + float(book_sq.max())              # (N,) S per row
     gap = second.double() - best.double()                                # NaN rows: never unsure
-    unsure = (gap <= error_margin(d, unit) * scale).nonzero().squeeze(1)
-    if unsure.numel() == 0:
+    return gap <= error_margin(z.shape[1], unit) * scale
+
+
+def _redecide(z: torch.Tensor, book: torch.Tensor, book_sq: torch.Tensor, idx: torch.Tensor,
+              unsure: torch.Tensor) -> int:
+    """The `unsure` rows (bool (N,)) get the float64 argmin, written into idx in place.
+    Returns how many rows were re-decided."""
+    rows = unsure.nonzero().squeeze(1)
+    if rows.numel() == 0:
         return 0
+    k, d = book.shape
     # re-score those rows in fp32 (any blocking will do: the candidate rule only needs the bound)
-    margin = error_margin(d, torch_unit_roundoff(z.device)) * scale[unsure]
     book_t = book.t()
+    coef = error_margin(d, torch_unit_roundoff(z.device))
     step = max(1, _EXACT_BYTES // (8 * k * d))
-    for j in range(0, unsure.numel(), step):
-        sel = unsure[j:j + step]
+    for j in range(0, rows.numel(), step):
+        sel = rows[j:j + step]
         zs = z[sel]
         scores = torch.addmm(book_sq, zs, book_t, beta=1.0, alpha=-2.0)   # (s, K)
-        limit = scores.min(1).values.double() + margin[j:j + step]
+        margin = coef * (zs.pow(2).sum(1).double() + float(book_sq.max()))
+        limit = scores.min(1).values.double() + margin
         idx[sel] = exact_among_candidates(zs, book, scores, limit)
-    return int(unsure.numel())
+    return int(rows.numel())
 
 
 def exact_among_candidates(z: torch.Tensor, book: torch.Tensor, scores: torch.Tensor,
@@ -168,7 +183,10 @@ def exact_among_candidates(z: torch.Tensor, book: torch.Tensor, scores: torch.Te
     s = z.shape[0]
     near = scores.double() <= limit[:, None]                             # (s, K)
     r, c = near.nonzero(as_tuple=True)                                   # candidate pairs, row-major
-    dist = (z.double()[r] - book.double()[c]).pow(2).sum(1)              # (P,) float64
+    diff = z.double()[r] - book.double()[c]                              # (P, d) float64, exact
+    dist = torch.zeros(r.shape[0], dtype=torch.float64, device=z.device)
+    for i in range(diff.shape[1]):   # summed in index order, as the C kernel: identical results
+        dist += diff[:, i] * diff[:, i]
     row_min = torch.full((s,), float("inf"), dtype=torch.float64, device=z.device)
     row_min.scatter_reduce_(0, r, dist, "amin")
     win = dist == row_min[r]
@@ -179,25 +197,20 @@ def exact_among_candidates(z: torch.Tensor, book: torch.Tensor, scores: torch.Te
 def ambiguous_fraction(z: torch.Tensor, codebook: torch.Tensor) -> float:
     """Share of rows the float64 re-decision handles (for benchmarks and docs)."""
     z, book = z.float().contiguous(), codebook.float().contiguous()
-    kernel = _pick_kernel(z, book, "auto")
-    if kernel is not None:
-        idx, best, second, unit = _fp32_native(kernel, z, book, 0)
-    else:
-        idx, best, second = _fp32_torch(z, book, 0, two=True)
-        unit = torch_unit_roundoff(z.device)
-    return _redecide(z, book, idx, best, second, unit) / max(z.shape[0], 1)
+    with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
+        return _search(z, book, 0, "auto", True)[1] / max(z.shape[0], 1)
 
 
-# ---- the fp32 pass: (idx, best, second) per row --------------------------------------------------
-def _fp32_torch(z: torch.Tensor, codebook: torch.Tensor, chunk_rows: int, two: bool):
-    """addmm per block (norms folded in), then argmin (two=False) or the best two. second is None
-    when two=False."""
+# ---- the fp32 pass: (idx, unsure) per row: the fp32 winner, and whether it is uncertain ---------
+def _fp32_torch(z: torch.Tensor, codebook: torch.Tensor, code_sq: torch.Tensor, chunk_rows: int,
+                two: bool):
+    """addmm per block (norms folded in), then argmin (two=False: unsure is None) or the best
+    two."""
     n, k = z.shape[0], codebook.shape[0]
     chunk = chunk_rows or auto_chunk_rows(k, z.device)
     idx = torch.empty(n, dtype=torch.long, device=z.device)
     best = torch.empty(n, dtype=torch.float32, device=z.device) if two else None
     second = torch.empty_like(best) if two else None
-    code_sq = codebook.pow(2).sum(1)                 # (K,)
     codebook_t = codebook.t().contiguous()           # (D, K): contiguous for the GEMM
     scores = torch.empty(min(chunk, n), k, dtype=torch.float32, device=z.device)
     for start in range(0, n, chunk):
@@ -209,7 +222,9 @@ def _fp32_torch(z: torch.Tensor, codebook: torch.Tensor, chunk_rows: int, two: b
             idx[start:stop], best[start:stop], second[start:stop] = best_two(block)
         else:
             torch.argmin(block, dim=1, out=idx[start:stop])
-    return idx, best, second
+    if not two:
+        return idx, None
+    return idx, _unsure_rows(z, code_sq, best, second, torch_unit_roundoff(z.device))
 
 
 def best_two(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -234,27 +249,41 @@ def _best_two_torch(scores: torch.Tensor):
     return arg, best, scores.min(dim=1).values
 
 
-def _fp32_native(kernel, z: torch.Tensor, codebook: torch.Tensor, chunk_rows: int):
-    code_sq = codebook.pow(2).sum(1).contiguous()          # (K,)
+def _fp32_native(kernel, z: torch.Tensor, codebook: torch.Tensor, code_sq: torch.Tensor,
+                 chunk_rows: int, exact: bool):
     book_t = (codebook * -2.0).t().contiguous()            # (D, K); *-2 is exact in fp32
-    if _fused is not None:                                 # MKL's own sgemm: fp32, whatever torch's settings
-        return (*_fused_pass(z, book_t, code_sq, chunk_rows), FP32_EPS)
-    return (*_blocked_pass(kernel, z, book_t, code_sq, chunk_rows), torch_unit_roundoff(z.device))
+    if _fused is not None:    # MKL's own sgemm (fp32 whatever torch's settings), re-decided in C
+        idx, unsure = _fused_pass(z, book_t, code_sq, chunk_rows, codebook if exact else None)
+        return idx, int(unsure.sum()) if exact else None
+    idx, best, second = _blocked_pass(kernel, z, book_t, code_sq, chunk_rows)
+    unsure = _unsure_rows(z, code_sq, best, second, torch_unit_roundoff(z.device)) if exact else None
+    return idx, unsure
 
 
-def _fused_pass(z, book_t, code_sq, chunk_rows: int):
-    """One C call: per-thread sgemm on small row blocks + best two from L2 (see _C_SOURCE)."""
+def fused_rows(k: int) -> int:
+    """Rows per block of the fused kernel: a (rows, K) fp32 block of about _FUSED_BLOCK_BYTES."""
+    return max(8, min(256, _FUSED_BLOCK_BYTES // (4 * k)))
+
+
+def _fused_pass(z, book_t, code_sq, chunk_rows: int, book=None, with_best_two: int = 1):
+    """One C call: per-thread sgemm on small row blocks + best two from L2, the unsure flag
+    computed there with the fp32 margin, and with `book` (K, D) the unsure rows re-decided there
+    in float64 too (see _C_SOURCE). with_best_two = 0: GEMM only."""
     n, d = z.shape
     k = book_t.shape[1]
-    rows = min(chunk_rows or max(8, min(256, _FUSED_BLOCK_BYTES // (4 * k))), n)
+    rows = min(chunk_rows or fused_rows(k), n)
     threads = max(1, min(torch.get_num_threads(), -(-n // rows)))
     work = torch.empty(threads * rows * k, dtype=torch.float32)   # one (rows, K) block per thread
     idx = torch.empty(n, dtype=torch.long)
     best, second = torch.empty(n), torch.empty(n)
+    unsure = torch.empty(n, dtype=torch.bool)
     fn, gemm, set_local = _fused
-    fn(gemm, set_local, z.data_ptr(), n, d, book_t.data_ptr(), k, code_sq.data_ptr(),
-       idx.data_ptr(), best.data_ptr(), second.data_ptr(), rows, threads, work.data_ptr(), 1)
-    return idx, best, second
+    fn(gemm, set_local, z.data_ptr(), n, d, book_t.data_ptr(),
+       None if book is None else book.data_ptr(), k, code_sq.data_ptr(),
+       idx.data_ptr(), best.data_ptr(), second.data_ptr(), unsure.data_ptr(),
+       error_margin(d, FP32_EPS), float(code_sq.max()), rows, threads, work.data_ptr(),
+       with_best_two)
+    return idx, unsure
 
 
 def _blocked_pass(kernel, z, book_t, code_sq, chunk_rows: int):
@@ -354,6 +383,23 @@ static void row_best_two(const float *s, const float *b, int64_t k, int64_t col0
     *idx = bi;
 }
 
+/* The float64 argmin of sum_i (z_i - e_i)^2 (summed in index order, as exact_among_candidates
+   in Python) over the codes whose fp32 score s[j] + b[j] is <= limit; lowest index on ties; -1
+   if none. book: (k, d) row-major. */
+static int64_t exact_among(const float *s, const float *b, int64_t k, double limit,
+                           const float *zr, const float *book, int d) {
+    double best = __builtin_inf();
+    int64_t win = -1;
+    for (int64_t j = 0; j < k; j++) {
+        if (!((double)(s[j] + b[j]) <= limit)) continue;
+        const float *e = book + j * d;
+        double acc = 0.0;
+        for (int i = 0; i < d; i++) { double t = (double)zr[i] - (double)e[i]; acc += t * t; }
+        if (acc < best) { best = acc; win = j; }
+    }
+    return win;
+}
+
 /* scores: (rows, k) with row stride ld; bias: (k,); col0: global index of column 0.
    best/second/idx: (rows,) running best two and the index of the best; reset when col0 == 0. */
 void vqtok_best_two_update(const float *scores, int64_t rows, int64_t k, int64_t ld,
@@ -369,7 +415,8 @@ void vqtok_best_two_update(const float *scores, int64_t rows, int64_t k, int64_t
 
 /* Fully fused search: ONE parallel region per call; each thread runs a single-threaded BLAS
    sgemm (Fortran interface, LP64) on its own small row block into its own L2-sized buffer and
-   takes the best two straight from cache. bookT: (D, K) row-major, pre-scaled by -2.
+   takes the best two straight from cache, and flags the rows whose best two are within the
+   error margin. bookT: (D, K) row-major, pre-scaled by -2.
    work: nthreads * rows * k floats (with_argmin = 0 skips the pass: the benchmark's
    arithmetic limit of this very blocking). set_local: optional mkl_set_num_threads_local. */
 typedef void (*sgemm_t)(const char *, const char *, const int *, const int *, const int *,
@@ -377,9 +424,9 @@ typedef void (*sgemm_t)(const char *, const char *, const int *, const int *, co
                         const float *, float *, const int *);
 typedef int (*set_local_t)(int);
 void vqtok_fused_nearest(void *gemm_ptr, void *set_local_ptr, const float *z, int64_t n, int d,
-                         const float *bookT, int64_t k, const float *bias, int64_t *out,
-                         float *best, float *second, int rows, int nthreads, float *work,
-                         int with_argmin) {
+                         const float *bookT, const float *book, int64_t k, const float *bias,
+                         int64_t *out, float *best, float *second, uint8_t *unsure, double coef,
+                         double max_sq, int rows, int nthreads, float *work, int with_argmin) {
     sgemm_t gemm = (sgemm_t)gemm_ptr;
     set_local_t set_local = (set_local_t)set_local_ptr;
     int64_t nblocks = (n + rows - 1) / rows;
@@ -404,6 +451,17 @@ void vqtok_fused_nearest(void *gemm_ptr, void *set_local_ptr, const float *z, in
                 int64_t g = r0 + r;
                 best[g] = __builtin_inff(); second[g] = __builtin_inff(); out[g] = 0;
                 row_best_two(buf + (int64_t)r * k, bias, k, 0, best + g, second + g, out + g);
+                /* unsure: gap <= coef * (|z|^2 + max|e|^2), in double (as _unsure_rows) */
+                const float *zr = z + g * d;
+                double zsq = 0.0;
+                for (int i = 0; i < d; i++) zsq += (double)zr[i] * zr[i];
+                double margin = coef * (zsq + max_sq);
+                unsure[g] = ((double)second[g] - (double)best[g]) <= margin;
+                if (unsure[g] && book) {   /* re-decide in float64 while the scores are in cache */
+                    int64_t w = exact_among(buf + (int64_t)r * k, bias, k,
+                                            (double)best[g] + margin, zr, book, d);
+                    if (w >= 0) out[g] = w;
+                }
             }
         }
         if (set_local) set_local(prev);
@@ -439,7 +497,7 @@ def native_kernel():
 
 
 def _flag_sets() -> list[list[str]]:
-    base = ["-O3", "-shared", "-fPIC", "-std=c99"]
+    base = ["-O3", "-shared", "-fPIC", "-std=c99", "-ffp-contract=off"]   # no FMA: t*t then +
     sets = []
     for omp in (["-fopenmp"], []):       # without OpenMP the kernel is single-threaded
         for arch in (["-march=native"], []):
@@ -542,8 +600,9 @@ def _load(path: Path):
 def _fused_entry(lib):
     fused = lib.vqtok_fused_nearest
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    fused.argtypes = [ptr, ptr, ptr, i64, c_int, ptr, i64, ptr, ptr, ptr, ptr, c_int, c_int, ptr,
-                      c_int]
+    dbl = ctypes.c_double
+    fused.argtypes = [ptr, ptr, ptr, i64, c_int, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, dbl,
+                      dbl, c_int, c_int, ptr, c_int]
     fused.restype = None
     gemm, set_local = _blas_symbols()
     return fused, gemm, set_local
@@ -605,10 +664,21 @@ def _self_check_fused(entry) -> None:
         code_sq = book.pow(2).sum(1).contiguous()
         work = torch.empty(threads * rows * k)
         out, best, second = torch.empty(n, dtype=torch.long), torch.empty(n), torch.empty(n)
-        fn(gemm, set_local, z.data_ptr(), n, d, book_t.data_ptr(), k, code_sq.data_ptr(),
-           out.data_ptr(), best.data_ptr(), second.data_ptr(), rows, threads, work.data_ptr(), 1)
+        unsure = torch.empty(n, dtype=torch.bool)
+        fn(gemm, set_local, z.data_ptr(), n, d, book_t.data_ptr(), None, k, code_sq.data_ptr(),
+           out.data_ptr(), best.data_ptr(), second.data_ptr(), unsure.data_ptr(), 0.0, 0.0,
+           rows, threads, work.data_ptr(), 1)
+        if not torch.equal(unsure, best == second):      # coef 0: exactly the tied rows
+            raise RuntimeError(f"fused self-check failed (unsure flags) for N={n} K={k} D={d}")
         if not all(torch.equal(a, b) for a, b in zip((out, best, second), expect)):
             raise RuntimeError(f"fused self-check failed for N={n} K={k} D={d}")
+        # with the codebook and the real margin: the float64 re-decision inside the kernel
+        fn(gemm, set_local, z.data_ptr(), n, d, book_t.data_ptr(), book.data_ptr(), k,
+           code_sq.data_ptr(), out.data_ptr(), best.data_ptr(), second.data_ptr(),
+           unsure.data_ptr(), error_margin(d), float(code_sq.max()), rows, threads,
+           work.data_ptr(), 1)
+        if not torch.equal(out, expect[0]):
+            raise RuntimeError(f"fused self-check failed (float64 re-decision) for N={n} K={k} D={d}")
 
 
 def _self_check(fn) -> None:
