@@ -253,8 +253,7 @@ def _fp32_native(kernel, z: torch.Tensor, codebook: torch.Tensor, code_sq: torch
                  chunk_rows: int, exact: bool):
     book_t = (codebook * -2.0).t().contiguous()            # (D, K); *-2 is exact in fp32
     if _fused is not None:    # MKL's own sgemm (fp32 whatever torch's settings), re-decided in C
-        idx, unsure = _fused_pass(z, book_t, code_sq, chunk_rows, codebook if exact else None)
-        return idx, int(unsure.sum()) if exact else None
+        return _fused_pass(z, book_t, code_sq, chunk_rows, codebook if exact else None)
     idx, best, second = _blocked_pass(kernel, z, book_t, code_sq, chunk_rows)
     unsure = _unsure_rows(z, code_sq, best, second, torch_unit_roundoff(z.device)) if exact else None
     return idx, unsure
@@ -266,24 +265,22 @@ def fused_rows(k: int) -> int:
 
 
 def _fused_pass(z, book_t, code_sq, chunk_rows: int, book=None, with_best_two: int = 1):
-    """One C call: per-thread sgemm on small row blocks + best two from L2, the unsure flag
-    computed there with the fp32 margin, and with `book` (K, D) the unsure rows re-decided there
-    in float64 too (see _C_SOURCE). with_best_two = 0: GEMM only."""
+    """One C call: per-thread sgemm on small row blocks + best two from L2, each row's unsure
+    flag computed there with the fp32 margin, and with `book` (K, D) the unsure rows re-decided
+    there in float64 too (see _C_SOURCE). -> (idx, number of unsure rows). with_best_two = 0:
+    GEMM only (the benchmark's arithmetic limit)."""
     n, d = z.shape
     k = book_t.shape[1]
     rows = min(chunk_rows or fused_rows(k), n)
     threads = max(1, min(torch.get_num_threads(), -(-n // rows)))
     work = torch.empty(threads * rows * k, dtype=torch.float32)   # one (rows, K) block per thread
     idx = torch.empty(n, dtype=torch.long)
-    best, second = torch.empty(n), torch.empty(n)
-    unsure = torch.empty(n, dtype=torch.bool)
     fn, gemm, set_local = _fused
-    fn(gemm, set_local, z.data_ptr(), n, d, book_t.data_ptr(),
-       None if book is None else book.data_ptr(), k, code_sq.data_ptr(),
-       idx.data_ptr(), best.data_ptr(), second.data_ptr(), unsure.data_ptr(),
-       error_margin(d, FP32_EPS), float(code_sq.max()), rows, threads, work.data_ptr(),
-       with_best_two)
-    return idx, unsure
+    count = fn(gemm, set_local, z.data_ptr(), n, d, book_t.data_ptr(),
+               None if book is None else book.data_ptr(), k, code_sq.data_ptr(), idx.data_ptr(),
+               None, None, None, error_margin(d, FP32_EPS), rows, threads, work.data_ptr(),
+               with_best_two)
+    return idx, count
 
 
 def _blocked_pass(kernel, z, book_t, code_sq, chunk_rows: int):
@@ -423,15 +420,18 @@ typedef void (*sgemm_t)(const char *, const char *, const int *, const int *, co
                         const float *, const float *, const int *, const float *, const int *,
                         const float *, float *, const int *);
 typedef int (*set_local_t)(int);
-void vqtok_fused_nearest(void *gemm_ptr, void *set_local_ptr, const float *z, int64_t n, int d,
-                         const float *bookT, const float *book, int64_t k, const float *bias,
-                         int64_t *out, float *best, float *second, uint8_t *unsure, double coef,
-                         double max_sq, int rows, int nthreads, float *work, int with_argmin) {
+int64_t vqtok_fused_nearest(void *gemm_ptr, void *set_local_ptr, const float *z, int64_t n,
+                            int d, const float *bookT, const float *book, int64_t k,
+                            const float *bias, int64_t *out, float *best_out, float *second_out,
+                            uint8_t *unsure_out, double coef, int rows, int nthreads, float *work,
+                            int with_argmin) {
     sgemm_t gemm = (sgemm_t)gemm_ptr;
     set_local_t set_local = (set_local_t)set_local_ptr;
-    int64_t nblocks = (n + rows - 1) / rows;
+    int64_t nblocks = (n + rows - 1) / rows, count = 0;
+    double max_sq = 0.0;                 /* max |e|^2: the bias is |e|^2 */
+    for (int64_t j = 0; j < k; j++) if (bias[j] > max_sq) max_sq = bias[j];
     if (nthreads < 1) nthreads = 1;
-    #pragma omp parallel num_threads(nthreads)
+    #pragma omp parallel num_threads(nthreads) reduction(+:count)
     {
         int t = 0;
 #ifdef _OPENMP
@@ -448,24 +448,28 @@ void vqtok_fused_nearest(void *gemm_ptr, void *set_local_ptr, const float *z, in
             /* column-major view: buf^T (K, m) = bookT^T (K, D) x z_blk^T (D, m) */
             gemm("N", "N", &kk, &m, &dd, &one, bookT, &kk, z + r0 * d, &dd, &zero, buf, &kk);
             for (int r = 0; r < m && with_argmin; r++) {   /* with_argmin = 0: GEMM-only timing */
-                int64_t g = r0 + r;
-                best[g] = __builtin_inff(); second[g] = __builtin_inff(); out[g] = 0;
-                row_best_two(buf + (int64_t)r * k, bias, k, 0, best + g, second + g, out + g);
+                int64_t g = r0 + r, idx = 0;
+                float best = __builtin_inff(), second = __builtin_inff();
+                row_best_two(buf + (int64_t)r * k, bias, k, 0, &best, &second, &idx);
                 /* unsure: gap <= coef * (|z|^2 + max|e|^2), in double (as _unsure_rows) */
                 const float *zr = z + g * d;
                 double zsq = 0.0;
                 for (int i = 0; i < d; i++) zsq += (double)zr[i] * zr[i];
                 double margin = coef * (zsq + max_sq);
-                unsure[g] = ((double)second[g] - (double)best[g]) <= margin;
-                if (unsure[g] && book) {   /* re-decide in float64 while the scores are in cache */
+                int unsure = ((double)second - (double)best) <= margin;
+                if (unsure && book) {   /* re-decide in float64 while the scores are in cache */
                     int64_t w = exact_among(buf + (int64_t)r * k, bias, k,
-                                            (double)best[g] + margin, zr, book, d);
-                    if (w >= 0) out[g] = w;
+                                            (double)best + margin, zr, book, d);
+                    if (w >= 0) idx = w;
                 }
+                out[g] = idx;
+                count += unsure;
+                if (best_out) { best_out[g] = best; second_out[g] = second; unsure_out[g] = unsure; }
             }
         }
         if (set_local) set_local(prev);
     }
+    return count;
 }
 """
 
@@ -602,8 +606,8 @@ def _fused_entry(lib):
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     dbl = ctypes.c_double
     fused.argtypes = [ptr, ptr, ptr, i64, c_int, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, dbl,
-                      dbl, c_int, c_int, ptr, c_int]
-    fused.restype = None
+                      c_int, c_int, ptr, c_int]
+    fused.restype = i64
     gemm, set_local = _blas_symbols()
     return fused, gemm, set_local
 
@@ -666,7 +670,7 @@ def _self_check_fused(entry) -> None:
         out, best, second = torch.empty(n, dtype=torch.long), torch.empty(n), torch.empty(n)
         unsure = torch.empty(n, dtype=torch.bool)
         fn(gemm, set_local, z.data_ptr(), n, d, book_t.data_ptr(), None, k, code_sq.data_ptr(),
-           out.data_ptr(), best.data_ptr(), second.data_ptr(), unsure.data_ptr(), 0.0, 0.0,
+           out.data_ptr(), best.data_ptr(), second.data_ptr(), unsure.data_ptr(), 0.0,
            rows, threads, work.data_ptr(), 1)
         if not torch.equal(unsure, best == second):      # coef 0: exactly the tied rows
             raise RuntimeError(f"fused self-check failed (unsure flags) for N={n} K={k} D={d}")
@@ -675,8 +679,7 @@ def _self_check_fused(entry) -> None:
         # with the codebook and the real margin: the float64 re-decision inside the kernel
         fn(gemm, set_local, z.data_ptr(), n, d, book_t.data_ptr(), book.data_ptr(), k,
            code_sq.data_ptr(), out.data_ptr(), best.data_ptr(), second.data_ptr(),
-           unsure.data_ptr(), error_margin(d), float(code_sq.max()), rows, threads,
-           work.data_ptr(), 1)
+           unsure.data_ptr(), error_margin(d), rows, threads, work.data_ptr(), 1)
         if not torch.equal(out, expect[0]):
             raise RuntimeError(f"fused self-check failed (float64 re-decision) for N={n} K={k} D={d}")
 

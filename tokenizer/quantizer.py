@@ -57,6 +57,7 @@ class VectorQuantizer(nn.Module):
         # 1 once k-means init ran (or was not asked for); saved with the weights
         self.register_buffer("initialized", torch.tensor(0 if kmeans_init else 1, dtype=torch.uint8))
         self.metrics: dict[str, torch.Tensor] = {}
+        self._search_cache: tuple | None = None   # (key, codebook as searched), eval mode only
         self._leader: bool | None = None
 
     @classmethod
@@ -76,7 +77,19 @@ class VectorQuantizer(nn.Module):
         return F.normalize(flat, dim=-1) if self.config.l2_normalize else flat
 
     def search_codebook(self) -> torch.Tensor:
-        """(K, code_dim) fp32 codebook as searched (normalised when cosine codes are on)."""
+        """(K, code_dim) fp32 codebook as searched (normalised when cosine codes are on). In eval
+        mode kept until the codebook changes (same tensor, storage and version counter), so
+        encoding does not renormalise it for every micro-batch."""
+        if self.training:
+            return self._search_codebook()
+        book = self.codebook
+        key = (id(book), book.data_ptr(), book._version, book.device, book.dtype,
+               torch.is_inference_mode_enabled())
+        if self._search_cache is None or self._search_cache[0] != key:
+            self._search_cache = (key, self._search_codebook())
+        return self._search_cache[1]
+
+    def _search_codebook(self) -> torch.Tensor:
         book = self.codebook.detach().float()
         return F.normalize(book, dim=-1) if self.config.l2_normalize else book
 

@@ -394,3 +394,30 @@ def test_fused_check_runs_in_a_child_once(fresh_kernel, tmp_path, monkeypatch):
     fresh_kernel.setattr(nm, "_tried", False)
     assert nm.native_kernel() is not None and nm._fused is not None
     assert not [a for a in runs if nm._CHILD_CHECK in a[0]]   # cached: no second child
+
+
+# ---- the quantiser searches through nearest_codes ----------------------------------------------
+def test_quantizer_search_follows_codebook_changes():
+    """The eval-mode cache of the searched (normalised) codebook is dropped on any change."""
+    from tokenizer import VectorQuantizer
+    torch.manual_seed(0)
+    q = VectorQuantizer(64, 16, l2_normalize=True, kmeans_init=False).eval()
+    z = torch.randn(500, 16)
+
+    def expect():
+        book = torch.nn.functional.normalize(q.codebook.detach(), dim=-1)
+        return float64_argmin(torch.nn.functional.normalize(z, dim=-1), book)
+    assert torch.equal(q.nearest(z), expect())
+    q._set_codebook(torch.randn(64, 16))                       # in place, as the EMA update
+    assert torch.equal(q.nearest(z), expect())
+    state = {k: v.clone() for k, v in q.state_dict().items()}
+    state["codebook"] = torch.randn(64, 16)
+    q.load_state_dict(state)
+    assert torch.equal(q.nearest(z), expect())
+    with torch.inference_mode():
+        inside = q.nearest(z)
+    assert torch.equal(inside, expect())
+    q.train()
+    _, idx, _ = q(z)                                           # training forward: no cache
+    q.eval()
+    assert torch.equal(q.nearest(z), expect())
