@@ -78,8 +78,8 @@ class VectorQuantizer(nn.Module):
 
     def search_codebook(self) -> torch.Tensor:
         """(K, code_dim) fp32 codebook as searched (normalised when cosine codes are on). In eval
-        mode kept until the codebook changes (same tensor, storage and version counter), so
-        encoding does not renormalise it for every micro-batch."""
+        mode kept until the codebook changes (same tensor, storage and version counter, or a
+        write through _set_codebook), so encoding does not renormalise it per micro-batch."""
         if self.training:
             return self._search_codebook()
         book = self.codebook
@@ -213,6 +213,7 @@ class VectorQuantizer(nn.Module):
 
     def _set_codebook(self, values: torch.Tensor) -> None:
         self.codebook.data.copy_(values.to(self.codebook.dtype))
+        self._search_cache = None     # .data writes do not bump the version counter
 
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, idx: torch.Tensor) -> None:
