@@ -333,13 +333,14 @@ static void row_best_two(const float *s, const float *b, int64_t k, int64_t col0
         __m256i c2 = _mm256_add_epi32(c0, _mm256_set1_epi32(16));
         __m256i c3 = _mm256_add_epi32(c0, _mm256_set1_epi32(24));
         const __m256i step = _mm256_set1_epi32(32);
-        /* v < m: second <- m, m <- v; else second <- min(v, second) (min_ps returns its second
-           operand when v is NaN) */
+        /* second <- min(max(m, v), second), m <- min(v, m): a NaN v leaves both (max_ps and
+           min_ps return their second operand when one is NaN: max(m, NaN) = NaN, then
+           min(NaN, second) = second; min(NaN, m) = m) */
 #define VQ_LANE(m, n2nd, i, c, off) do { \
             __m256 v = _mm256_add_ps(_mm256_loadu_ps(s + j + off), _mm256_loadu_ps(b + j + off)); \
             __m256 lt = _mm256_cmp_ps(v, m, _CMP_LT_OQ); \
-            n2nd = _mm256_blendv_ps(_mm256_min_ps(v, n2nd), m, lt); \
-            m = _mm256_blendv_ps(m, v, lt); \
+            n2nd = _mm256_min_ps(_mm256_max_ps(m, v), n2nd); \
+            m = _mm256_min_ps(v, m); \
             i = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(i), \
                                                      _mm256_castsi256_ps(c), lt)); \
             c = _mm256_add_epi32(c, step); } while (0)
@@ -348,21 +349,32 @@ static void row_best_two(const float *s, const float *b, int64_t k, int64_t col0
             VQ_LANE(m2, n2, i2, c2, 16); VQ_LANE(m3, n3, i3, c3, 24);
         }
 #undef VQ_LANE
-        float mv[32], nv[32];
-        int32_t iv[32];
-        _mm256_storeu_ps(mv, m0); _mm256_storeu_ps(mv + 8, m1);
-        _mm256_storeu_ps(mv + 16, m2); _mm256_storeu_ps(mv + 24, m3);
-        _mm256_storeu_ps(nv, n0); _mm256_storeu_ps(nv + 8, n1);
-        _mm256_storeu_ps(nv + 16, n2); _mm256_storeu_ps(nv + 24, n3);
-        _mm256_storeu_si256((__m256i *)iv, i0); _mm256_storeu_si256((__m256i *)(iv + 8), i1);
-        _mm256_storeu_si256((__m256i *)(iv + 16), i2); _mm256_storeu_si256((__m256i *)(iv + 24), i3);
+        /* merge the 4 accumulators lane-wise: b wins on a smaller minimum, or an equal one at
+           a lower index; the second is min(both seconds, the larger minimum) */
+#define VQ_MERGE(ma, na, ia, mb, nb, ib) do { \
+            __m256 ltb = _mm256_or_ps(_mm256_cmp_ps(mb, ma, _CMP_LT_OQ), \
+                _mm256_and_ps(_mm256_cmp_ps(mb, ma, _CMP_EQ_OQ), \
+                              _mm256_castsi256_ps(_mm256_cmpgt_epi32(ia, ib)))); \
+            na = _mm256_min_ps(_mm256_min_ps(na, nb), _mm256_max_ps(ma, mb)); \
+            ma = _mm256_blendv_ps(ma, mb, ltb); \
+            ia = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(ia), \
+                                                      _mm256_castsi256_ps(ib), ltb)); } while (0)
+        VQ_MERGE(m0, n0, i0, m1, n1, i1);
+        VQ_MERGE(m2, n2, i2, m3, n3, i3);
+        VQ_MERGE(m0, n0, i0, m2, n2, i2);
+#undef VQ_MERGE
+        float mv[8], nv[8];
+        int32_t iv[8];
+        _mm256_storeu_ps(mv, m0);
+        _mm256_storeu_ps(nv, n0);
+        _mm256_storeu_si256((__m256i *)iv, i0);
         /* each lane holds its own first minimum; the lowest index among equal minima wins */
         float tv = inf, ts = inf;
         int64_t ti = 0;
         int tl = -1;
-        for (int l = 0; l < 32; l++)
+        for (int l = 0; l < 8; l++)
             if (mv[l] < tv || (mv[l] == tv && iv[l] < ti)) { tv = mv[l]; ti = iv[l]; tl = l; }
-        for (int l = 0; l < 32; l++) {   /* second: every other lane's minimum, every lane's second */
+        for (int l = 0; l < 8; l++) {   /* second: every other lane's minimum, every lane's second */
             if (l != tl && mv[l] < ts) ts = mv[l];
             if (nv[l] < ts) ts = nv[l];
         }
@@ -451,10 +463,16 @@ int64_t vqtok_fused_nearest(void *gemm_ptr, void *set_local_ptr, const float *z,
                 int64_t g = r0 + r, idx = 0;
                 float best = __builtin_inff(), second = __builtin_inff();
                 row_best_two(buf + (int64_t)r * k, bias, k, 0, &best, &second, &idx);
-                /* unsure: gap <= coef * (|z|^2 + max|e|^2), in double (as _unsure_rows) */
+                /* unsure: gap <= coef * (|z|^2 + max|e|^2); |z|^2 in fp32 with 8 independent
+                   partial sums (vectorised; the margin allows for its rounding) */
                 const float *zr = z + g * d;
+                float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+                int i = 0;
+                for (; i + 8 <= d; i += 8)
+                    for (int l = 0; l < 8; l++) part[l] += zr[i + l] * zr[i + l];
+                for (; i < d; i++) part[0] += zr[i] * zr[i];
                 double zsq = 0.0;
-                for (int i = 0; i < d; i++) zsq += (double)zr[i] * zr[i];
+                for (int l = 0; l < 8; l++) zsq += part[l];
                 double margin = coef * (zsq + max_sq);
                 int unsure = ((double)second - (double)best) <= margin;
                 if (unsure && book) {   /* re-decide in float64 while the scores are in cache */
