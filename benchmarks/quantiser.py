@@ -1,12 +1,13 @@
-"""Nearest-codebook search benchmark: tokenizer.nearest_codes against its arithmetic limit and
-the usual alternatives, measured side by side (round-robin repeats, so load from other processes
+"""Nearest-codebook search benchmark: tokenizer.nearest_codes (exact) against its arithmetic
+limit and the usual alternatives, measured side by side (round-robin repeats, so load from other processes
 hits every method alike) and printed as ratios.
 
     /work/venv/bin/python benchmarks/quantiser.py            # N=65536 K=4096 D=64, ~1-2 min
     /work/venv/bin/python benchmarks/quantiser.py --quick    # smaller, for a smoke run
 
 Needs the `bench` extra (faiss-cpu, vector-quantize-pytorch); a missing one is reported and
-skipped. Exit status 1 when a hard target of issue 2 is missed.
+skipped. Exit status 1 when a hard target is missed (<= 1.3x the limit, faster than faiss,
+>= 5x faster than vector-quantize-pytorch, < 1.5 GiB).
 """
 from __future__ import annotations
 
@@ -49,17 +50,10 @@ def limit_fn(z, book_t, rows):
 
 
 def fused_limit_fn(z, book):
-    """The fused kernel's own blocking (per-thread sgemm into an L2-sized buffer) with the argmin
-    switched off: the arithmetic limit of exactly what nearest_codes runs."""
-    fn, gemm, set_local = nearest_module._fused
-    n, d = z.shape
-    k = book.shape[0]
-    rows = max(8, min(256, nearest_module._FUSED_BLOCK_BYTES // (4 * k)))
-    threads = max(1, min(torch.get_num_threads(), -(-n // rows)))
-    book_t, bias = book.t().contiguous(), book.pow(2).sum(1)
-    work, out = torch.empty(threads * rows * k), torch.empty(n, dtype=torch.long)
-    return lambda: fn(gemm, set_local, z.data_ptr(), n, d, book_t.data_ptr(), k, bias.data_ptr(),
-                      out.data_ptr(), rows, threads, work.data_ptr(), 0)
+    """The fused kernel's own blocking (per-thread sgemm into an L2-sized buffer) with the
+    best-two pass switched off: the arithmetic limit of exactly what nearest_codes runs."""
+    book_t, bias = (book * -2.0).t().contiguous(), book.pow(2).sum(1)
+    return lambda: nearest_module._fused_pass(z, book_t, bias, 0, with_best_two=0)
 
 
 def _blocked(z, book):
@@ -75,9 +69,10 @@ def build_methods(z, book):
     book_t = book.t().contiguous()
     methods = {f"limit (GEMM only, {r}-row blocks)": limit_fn(z, book_t, r) for r in LIMIT_ROWS}
     methods["nearest_codes"] = lambda: nearest_codes(z, book)
+    methods["nearest_codes fp32 only (exact=False)"] = lambda: nearest_codes(z, book, exact=False)
     if native_kernel() is not None and nearest_module._fused is not None:
         methods["limit (GEMM only, fused kernel's blocks)"] = fused_limit_fn(z, book)
-        methods["nearest_codes blocked (mm + C argmin)"] = lambda: _blocked(z, book)
+        methods["nearest_codes blocked (mm + C best two)"] = lambda: _blocked(z, book)
     methods["nearest_codes torch back end"] = lambda: nearest_codes(z, book, backend="torch")
     methods["full torch.mm (N x K output)"] = lambda: torch.mm(z, book_t)
     methods["torch.cdist(...).argmin()"] = lambda: torch.cdist(z, book).argmin(1)
@@ -222,12 +217,17 @@ def main(argv=None) -> int:
         print(f"{name:40s} {min(v):8.4f} {statistics.median(v):9.4f} {min(v) / limit:8.2f} "
               f"{'' if agree is None else f'{agree:8.4f}'}")
     ours = min(times["nearest_codes"])
-    ok = ours / limit <= 2.0
-    print(f"\nnearest_codes / arithmetic limit = {ours / limit:.2f}x (target <= 2.0, aim <= 1.2)")
-    for name in ("faiss IndexFlatL2 k=1", "nearest_codes blocked (mm + C argmin)", "vector-quantize-pytorch eval fwd",
+    ok = ours / limit <= 1.3
+    print(f"\nnearest_codes (exact) / arithmetic limit = {ours / limit:.2f}x (target <= 1.3)")
+    for name in ("faiss IndexFlatL2 k=1", "nearest_codes fp32 only (exact=False)",
+                 "nearest_codes blocked (mm + C best two)", "vector-quantize-pytorch eval fwd",
                  "torch.cdist(...).argmin()", "nearest_codes torch back end"):
         if name in times:
             print(f"{name} / nearest_codes = {min(times[name]) / ours:.2f}x")
+    if "faiss IndexFlatL2 k=1" in times:
+        ok &= min(times["faiss IndexFlatL2 k=1"]) > ours
+        print("  (target: faiss slower than nearest_codes)")
+    print(f"re-decided rows (float64): {100 * nearest_module.ambiguous_fraction(z, book):.4f}%")
     vq = "vector-quantize-pytorch eval fwd"
     if vq in times:
         ok &= min(times[vq]) / ours >= 5.0

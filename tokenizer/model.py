@@ -66,7 +66,13 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) float in [0, 1] -> (B, h, w) int64 codes."""
+        """(B, C, H, W) float in [0, 1] -> (B, h, w) int64 codes. A sample's codes do not depend
+        on the batch it comes in: the search is exact (tokenizer/nearest.py), and a lone image is
+        encoded as a batch of two, because oneDNN convolves a batch of one with another
+        algorithm whose latents differ in the last bit (every larger batch agrees)."""
+        self._check_input(x)
+        if x.shape[0] == 1:
+            return self.quantizer.nearest(self.encode_latents(x.expand(2, *x.shape[1:])))[:1]
         return self.quantizer.nearest(self.encode_latents(x))
 
     @torch.no_grad()

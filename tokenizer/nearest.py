@@ -1,20 +1,30 @@
-"""Exact nearest-codebook search without the N x K distance matrix.
+"""The one nearest-codebook search: exact, and independent of the batch.
 
-argmin_k ||z - e_k||^2 = argmin_k (||e_k||^2 - 2 z.e_k): the ||z||^2 term is constant per row, so
-one GEMM per block gives the ranking. Rows are processed in blocks sized so the (rows, K) score
-block stays in cache; memory is O(rows x K), never O(N x K). All arithmetic is fp32.
+`nearest_codes(z, codebook)` returns, for each row of z, the index of the nearest code by squared
+L2, EQUAL to the float64 argmin of sum((z - e)^2) over the same fp32 inputs, lowest index among
+equal minima, whatever the batch size, the row's position in it, the thread count or back end.
+The quantiser (search and training forward), `VQVAE.encode` and the tokenize stage all use it.
 
-Back ends, same semantics (first index among equal minima, like torch.argmin):
+How: argmin_k ||z - e_k||^2 = argmin_k (||e_k||^2 - 2 z.e_k): one fp32 GEMM per row block ranks
+the codes (||z||^2 is constant per row). Each back end returns per row the fp32 winner, its score
+and the second-best score. Every fp32 score is within E of its exact value (`error_margin`), so a
+row whose best and second-best scores are more than 2E apart has a certain winner, the same one
+however the GEMM was blocked; only the other rows ("ambiguous": near-ties) are re-decided in
+float64, among the codes scoring within 2E of their best (`_redecide`). Memory is O(rows x K),
+never O(N x K).
+
+Back ends of the fp32 pass, same results:
 - "native" (CPU), fused: one C call, ONE OpenMP parallel region; each thread runs MKL's
   single-threaded sgemm_ (exported by libtorch_cpu, the routine torch's own GEMMs use) on its own
   small row block into an L2-sized buffer, against the codebook pre-scaled by -2 (exact), then
-  adds ||e||^2 and takes the row argmin from cache in one AVX2 pass. torch.argmin over a block
-  costs ~70% of the GEMM on a 2-core AVX2 machine; this pass a few %, and one region per call
-  means one barrier (busy machines stall every barrier). Without MKL: "blocked", torch.mm per
-  block + the same C pass. The C code links the libgomp torch already loaded, so it runs on
-  torch's own worker threads. It is compiled with the system C compiler on first use, cached,
-  and checked against brute force; if any of that fails the "torch" back end is used.
-- "torch" (any device, and CPU fallback): addmm with the norms folded in, then torch.argmin.
+  adds ||e||^2 and takes the best two of each row from cache in one AVX2 pass. Calling sgemm_ by
+  symbol assumes MKL's LP64 ABI: the fused kernel is therefore first run in a child process
+  (cached per kernel and torch build), so a mismatched BLAS kills the child, never the caller.
+  Without MKL, or if that check fails: "blocked", torch.mm per block (torch's public API) + the
+  same C best-two pass. The C code links the libgomp torch already loaded, so it runs on torch's
+  own worker threads. It is compiled with the system C compiler on first use, cached, and checked
+  against brute force; if any of that fails the "torch" back end is used.
+- "torch" (any device, and CPU fallback): addmm with the norms folded in, then the best two.
 Set VQTOK_NEAREST_BACKEND=torch to skip the compiler altogether.
 """
 from __future__ import annotations
@@ -26,20 +36,25 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
 
 _CACHE_BYTES = 4 << 20      # torch back end on CPU: target size of one score block (measured)
-_NATIVE_ROWS = 512          # native back end: rows per block (GEMM efficiency vs cache, measured)
-_NATIVE_TILE_BYTES = 16 << 20  # native back end: split K into column tiles beyond a 16 MiB block
-_FUSED_BLOCK_BYTES = 1 << 20  # fused path: per-thread score block (64 rows at K=4096, measured)
+_NATIVE_ROWS = 512          # blocked native back end: rows per block (GEMM efficiency vs cache)
+_NATIVE_TILE_BYTES = 16 << 20  # blocked native back end: split K into column tiles beyond 16 MiB
+_FUSED_BLOCK_BYTES = 1 << 20  # fused path: per-thread score block (64 rows at K=4096)
+_EXACT_BYTES = 64 << 20     # bound on one float64 candidate block of the re-decision
 BACKENDS = ("auto", "native", "torch")
+
+FP32_EPS = 2.0 ** -24       # unit roundoff of fp32
 
 
 def auto_chunk_rows(num_codes: int, device: torch.device) -> int:
@@ -52,11 +67,13 @@ def auto_chunk_rows(num_codes: int, device: torch.device) -> int:
 
 @torch.no_grad()
 def nearest_codes(z: torch.Tensor, codebook: torch.Tensor, chunk_rows: int = 0, *,
-                  backend: str = "auto") -> torch.Tensor:
-    """z: (N, D), codebook: (K, D) -> (N,) int64 index of the nearest code (squared L2, fp32).
+                  backend: str = "auto", exact: bool = True) -> torch.Tensor:
+    """z: (N, D), codebook: (K, D) -> (N,) int64 index of the nearest code (squared L2).
 
+    exact=True: the float64 argmin (ties -> lowest index), independent of batch and position.
+    exact=False: the fp32 argmin alone (near-ties may go either way, depending on blocking).
     chunk_rows: rows per score block (0 = automatic). backend: "auto" (native kernel on CPU when
-    it compiles, else torch), "native" (raise if unavailable) or "torch".
+    it builds, else torch), "native" (raise if unavailable) or "torch".
     """
     if z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1]:
         raise ValueError(f"nearest_codes: z {tuple(z.shape)} and codebook {tuple(codebook.shape)} "
@@ -67,16 +84,29 @@ def nearest_codes(z: torch.Tensor, codebook: torch.Tensor, chunk_rows: int = 0, 
         raise ValueError("nearest_codes: the codebook is empty (K = 0)")
     if chunk_rows < 0:
         raise ValueError(f"nearest_codes: chunk_rows = {chunk_rows} must be >= 0 (0 = automatic)")
-    z = z.float()
-    codebook = codebook.to(device=z.device, dtype=torch.float32)
-    n = z.shape[0]
-    if n == 0:
+    z = z.float().contiguous()
+    codebook = codebook.to(device=z.device, dtype=torch.float32).contiguous()
+    if z.shape[0] == 0:
         return torch.empty(0, dtype=torch.long, device=z.device)
     with torch.autocast(device_type=z.device.type, enabled=False):
-        kernel = _pick_kernel(z, codebook, backend)
-        if kernel is not None:
-            return _nearest_native(kernel, z, codebook, chunk_rows)
-        return _nearest_torch(z, codebook, chunk_rows)
+        idx, _ = _search(z, codebook, chunk_rows, backend, exact)
+    return idx
+
+
+def _search(z: torch.Tensor, book: torch.Tensor, chunk_rows: int, backend: str, exact: bool):
+    """-> (idx (N,) int64, number of rows re-decided in float64)."""
+    exact = exact and book.shape[0] > 1
+    book_sq = book.pow(2).sum(1)                                         # (K,)
+    kernel = _pick_kernel(z, book, backend)
+    if kernel is not None:
+        idx, unsure = _fp32_native(kernel, z, book, book_sq, chunk_rows, exact)
+    else:
+        idx, unsure = _fp32_torch(z, book, book_sq, chunk_rows, exact)
+    if not exact:
+        return idx, 0
+    if isinstance(unsure, int):           # the fused kernel re-decided its rows itself
+        return idx, unsure
+    return idx, _redecide(z, book, book_sq, idx, unsure)
 
 
 def _pick_kernel(z: torch.Tensor, codebook: torch.Tensor, backend: str):
@@ -90,11 +120,97 @@ def _pick_kernel(z: torch.Tensor, codebook: torch.Tensor, backend: str):
     return kernel
 
 
-def _nearest_torch(z: torch.Tensor, codebook: torch.Tensor, chunk_rows: int) -> torch.Tensor:
+# ---- exactness: the error bound and the float64 re-decision --------------------------------------
+def error_margin(d: int, unit: float = FP32_EPS) -> float:
+    """2E / (||z||^2 + max_k ||e_k||^2), E bounding the error of one computed score
+    s_k = fl(fl(||e_k||^2) + fl(-2 z.e_k)) in floating point of unit roundoff `unit`:
+    fl(||e||^2) errs by <= g_d ||e||^2 (g_d = d u / (1 - d u), any summation order, so also MKL's
+    blocked sums and FMA); -2 is a power of two, so fl(-2 z.e) = -2 fl(z.e) (the pre-scaled
+    codebook changes nothing) and errs by <= 2 g_d sum|z_i e_i| <= g_d (||z||^2 + ||e||^2); the
+    bias add rounds once more, by <= u (||e||^2 + 2|z||e|) (1 + g_d) <= 2u (1 + g_d) (||z||^2 + ||e||^2).
+    So 2E <= (4 d + 4) u (1 + 2 d u) S for S = ||z||^2 + max ||e||^2; S itself is computed in fp32
+    (relative error <= g_d + u): (4 d + 8) u (1 + 2 d u) covers that with room to spare."""
+    d = max(int(d), 1)
+    return (4.0 * d + 8.0) * unit * (1.0 + 2.0 * d * unit)
+
+
+def torch_unit_roundoff(device: torch.device) -> float:
+    """Unit roundoff of torch's fp32 GEMMs under the current matmul precision settings: TF32
+    ("high", or CUDA's allow_tf32) keeps 10 mantissa bits, bf16 ("medium") 7."""
+    precision = torch.get_float32_matmul_precision()
+    if precision == "medium":
+        return 2.0 ** -8
+    if precision == "high" or (device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32):
+        return 2.0 ** -11
+    return FP32_EPS
+
+
+def _unsure_rows(z: torch.Tensor, book_sq: torch.Tensor, best: torch.Tensor,
+                 second: torch.Tensor, unit: float) -> torch.Tensor:
+    """(N,) bool: rows whose fp32 best and second-best scores are within the error margin."""
+    scale = z.pow(2).sum(1).double() + float(book_sq.max())              # (N,) S per row
+    gap = second.double() - best.double()                                # NaN rows: never unsure
+    return gap <= error_margin(z.shape[1], unit) * scale
+
+
+def _redecide(z: torch.Tensor, book: torch.Tensor, book_sq: torch.Tensor, idx: torch.Tensor,
+              unsure: torch.Tensor) -> int:
+    """The `unsure` rows (bool (N,)) get the float64 argmin, written into idx in place.
+    Returns how many rows were re-decided."""
+    rows = unsure.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return 0
+    k, d = book.shape
+    # re-score those rows in fp32 (any blocking will do: the candidate rule only needs the bound)
+    book_t = book.t()
+    coef = error_margin(d, torch_unit_roundoff(z.device))
+    step = max(1, _EXACT_BYTES // (8 * k * d))
+    for j in range(0, rows.numel(), step):
+        sel = rows[j:j + step]
+        zs = z[sel]
+        scores = torch.addmm(book_sq, zs, book_t, beta=1.0, alpha=-2.0)   # (s, K)
+        margin = coef * (zs.pow(2).sum(1).double() + float(book_sq.max()))
+        limit = scores.min(1).values.double() + margin
+        idx[sel] = exact_among_candidates(zs, book, scores, limit)
+    return int(rows.numel())
+
+
+def exact_among_candidates(z: torch.Tensor, book: torch.Tensor, scores: torch.Tensor,
+                           limit: torch.Tensor) -> torch.Tensor:
+    """Near-tie rows: the float64 argmin over each row's candidates (every code whose fp32 score
+    is <= `limit`, the row's best + 2E: the exact nearest is among them, by the error bound),
+    ties -> lowest index. z: (s, d), scores: (s, K) fp32, limit: (s,) float64 -> (s,) int64."""
+    s = z.shape[0]
+    near = scores.double() <= limit[:, None]                             # (s, K)
+    r, c = near.nonzero(as_tuple=True)                                   # candidate pairs, row-major
+    diff = z.double()[r] - book.double()[c]                              # (P, d) float64, exact
+    dist = torch.zeros(r.shape[0], dtype=torch.float64, device=z.device)
+    for i in range(diff.shape[1]):   # summed in index order, as the C kernel: identical results
+        dist += diff[:, i] * diff[:, i]
+    row_min = torch.full((s,), float("inf"), dtype=torch.float64, device=z.device)
+    row_min.scatter_reduce_(0, r, dist, "amin")
+    win = dist == row_min[r]
+    out = torch.full((s,), book.shape[0], dtype=torch.long, device=z.device)
+    return out.scatter_reduce_(0, r[win], c[win], "amin")
+
+
+def ambiguous_fraction(z: torch.Tensor, codebook: torch.Tensor) -> float:
+    """Share of rows the float64 re-decision handles (for benchmarks and docs)."""
+    z, book = z.float().contiguous(), codebook.float().contiguous()
+    with torch.no_grad(), torch.autocast(device_type=z.device.type, enabled=False):
+        return _search(z, book, 0, "auto", True)[1] / max(z.shape[0], 1)
+
+
+# ---- the fp32 pass: (idx, unsure) per row: the fp32 winner, and whether it is uncertain ---------
+def _fp32_torch(z: torch.Tensor, codebook: torch.Tensor, code_sq: torch.Tensor, chunk_rows: int,
+                two: bool):
+    """addmm per block (norms folded in), then argmin (two=False: unsure is None) or the best
+    two."""
     n, k = z.shape[0], codebook.shape[0]
     chunk = chunk_rows or auto_chunk_rows(k, z.device)
-    out = torch.empty(n, dtype=torch.long, device=z.device)
-    code_sq = codebook.pow(2).sum(1)                 # (K,)
+    idx = torch.empty(n, dtype=torch.long, device=z.device)
+    best = torch.empty(n, dtype=torch.float32, device=z.device) if two else None
+    second = torch.empty_like(best) if two else None
     codebook_t = codebook.t().contiguous()           # (D, K): contiguous for the GEMM
     scores = torch.empty(min(chunk, n), k, dtype=torch.float32, device=z.device)
     for start in range(0, n, chunk):
@@ -102,52 +218,90 @@ def _nearest_torch(z: torch.Tensor, codebook: torch.Tensor, chunk_rows: int) -> 
         block = scores[: stop - start]
         # block = ||e||^2 - 2 z e^T   (rows, K)
         torch.addmm(code_sq, z[start:stop], codebook_t, beta=1.0, alpha=-2.0, out=block)
-        torch.argmin(block, dim=1, out=out[start:stop])
-    return out
+        if two:
+            idx[start:stop], best[start:stop], second[start:stop] = best_two(block)
+        else:
+            torch.argmin(block, dim=1, out=idx[start:stop])
+    if not two:
+        return idx, None
+    return idx, _unsure_rows(z, code_sq, best, second, torch_unit_roundoff(z.device))
 
 
-def _nearest_native(kernel, z: torch.Tensor, codebook: torch.Tensor, chunk_rows: int) -> torch.Tensor:
-    z = z.contiguous()
-    code_sq = codebook.pow(2).sum(1).contiguous()          # (K,)
+def best_two(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(n, K) fp32 -> (argmin (n,) int64, min (n,), second smallest (n,)); the argmin entry of
+    each row is overwritten with +inf. First index among equal minima, like torch.min. On CPU
+    through numpy, whose SIMD argmin/min are several times faster than torch.min(dim=1)."""
+    return _best_two_numpy(scores) if scores.device.type == "cpu" else _best_two_torch(scores)
+
+
+def _best_two_numpy(scores: torch.Tensor):
+    s = scores.numpy()                                              # shares memory
+    rows = np.arange(s.shape[0])
+    arg = s.argmin(axis=1)
+    best = s[rows, arg]
+    s[rows, arg] = np.inf
+    return torch.from_numpy(arg), torch.from_numpy(best), torch.from_numpy(s.min(axis=1))
+
+
+def _best_two_torch(scores: torch.Tensor):
+    best, arg = scores.min(dim=1)
+    scores.scatter_(1, arg[:, None], float("inf"))
+    return arg, best, scores.min(dim=1).values
+
+
+def _fp32_native(kernel, z: torch.Tensor, codebook: torch.Tensor, code_sq: torch.Tensor,
+                 chunk_rows: int, exact: bool):
     book_t = (codebook * -2.0).t().contiguous()            # (D, K); *-2 is exact in fp32
-    if _fused is not None:
-        return _nearest_fused(z, book_t, code_sq, chunk_rows)
-    return _nearest_blocked(kernel, z, book_t, code_sq, chunk_rows)
+    if _fused is not None:    # MKL's own sgemm (fp32 whatever torch's settings), re-decided in C
+        return _fused_pass(z, book_t, code_sq, chunk_rows, codebook if exact else None)
+    idx, best, second = _blocked_pass(kernel, z, book_t, code_sq, chunk_rows)
+    unsure = _unsure_rows(z, code_sq, best, second, torch_unit_roundoff(z.device)) if exact else None
+    return idx, unsure
 
 
-def _nearest_fused(z, book_t, code_sq, chunk_rows: int) -> torch.Tensor:
-    """One C call: per-thread sgemm on small row blocks + argmin from L2 (see _C_SOURCE)."""
+def fused_rows(k: int) -> int:
+    """Rows per block of the fused kernel: a (rows, K) fp32 block of about _FUSED_BLOCK_BYTES."""
+    return max(8, min(256, _FUSED_BLOCK_BYTES // (4 * k)))
+
+
+def _fused_pass(z, book_t, code_sq, chunk_rows: int, book=None, with_best_two: int = 1):
+    """One C call: per-thread sgemm on small row blocks + best two from L2, each row's unsure
+    flag computed there with the fp32 margin, and with `book` (K, D) the unsure rows re-decided
+    there in float64 too (see _C_SOURCE). -> (idx, number of unsure rows). with_best_two = 0:
+    GEMM only (the benchmark's arithmetic limit)."""
     n, d = z.shape
     k = book_t.shape[1]
-    rows = min(chunk_rows or max(8, min(256, _FUSED_BLOCK_BYTES // (4 * k))), n)
+    rows = min(chunk_rows or fused_rows(k), n)
     threads = max(1, min(torch.get_num_threads(), -(-n // rows)))
     work = torch.empty(threads * rows * k, dtype=torch.float32)   # one (rows, K) block per thread
-    out = torch.empty(n, dtype=torch.long)
+    idx = torch.empty(n, dtype=torch.long)
     fn, gemm, set_local = _fused
-    fn(gemm, set_local, z.data_ptr(), n, d, book_t.data_ptr(), k, code_sq.data_ptr(),
-       out.data_ptr(), rows, threads, work.data_ptr(), 1)
-    return out
+    count = fn(gemm, set_local, z.data_ptr(), n, d, book_t.data_ptr(),
+               None if book is None else book.data_ptr(), k, code_sq.data_ptr(), idx.data_ptr(),
+               None, None, None, error_margin(d, FP32_EPS), rows, threads, work.data_ptr(),
+               with_best_two)
+    return idx, count
 
 
-def _nearest_blocked(kernel, z, book_t, code_sq, chunk_rows: int) -> torch.Tensor:
-    """torch.mm per block (torch's threads) + the C bias/argmin pass; when no BLAS symbol."""
+def _blocked_pass(kernel, z, book_t, code_sq, chunk_rows: int):
+    """torch.mm per block (torch's threads) + the C bias/best-two pass; when no BLAS symbol."""
     n, k = z.shape[0], book_t.shape[1]
     rows = min(chunk_rows or _NATIVE_ROWS, n)
     tile = k if chunk_rows else max(64, min(k, _NATIVE_TILE_BYTES // (4 * rows)))
-    out = torch.empty(n, dtype=torch.long)
-    best = torch.empty(rows, dtype=torch.float32)          # running minimum over column tiles
+    idx = torch.empty(n, dtype=torch.long)
+    best, second = torch.empty(n), torch.empty(n)           # running best two over column tiles
     scores = torch.empty(rows * tile, dtype=torch.float32)  # one (rows, cols) block, reused
     threads = torch.get_num_threads()
     for r0 in range(0, n, rows):
         r1 = min(r0 + rows, n)
-        best.fill_(float("inf"))
         for c0 in range(0, k, tile):
             c1 = min(c0 + tile, k)
             block = scores[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
             torch.mm(z[r0:r1], book_t[:, c0:c1], out=block)   # -2 z e^T  (rows, cols)
             kernel(block.data_ptr(), r1 - r0, c1 - c0, c1 - c0, code_sq.data_ptr() + 4 * c0, c0,
-                   best.data_ptr(), out.data_ptr() + 8 * r0, threads)
-    return out
+                   best.data_ptr() + 4 * r0, second.data_ptr() + 4 * r0,
+                   idx.data_ptr() + 8 * r0, threads)
+    return idx, best, second
 
 
 # ---- the native kernel: C source, compilation, cache ---------------------------------------------
@@ -160,87 +314,136 @@ _C_SOURCE = r"""
 #include <immintrin.h>
 #endif
 
-/* Running argmin of one row: v_j = s[j] + b[j], j in [0, k); updates (*best, *idx) when some v_j
-   is strictly smaller, so the first index among equal minima wins, also across column tiles.
-   NaNs never compare smaller and are skipped. */
-static void row_update(const float *s, const float *b, int64_t k, int64_t col0,
-                       float *best, int64_t *idx) {
-    float bv = *best;
+/* Running best two of one row: v_j = s[j] + b[j], j in [0, k). (*best, *idx) is the minimum and
+   its index, updated only when some v_j is strictly smaller, so the first index among equal
+   minima wins, also across column tiles; *second is the smallest value at any other index (equal
+   to *best on a tie). NaNs never compare smaller and are skipped. */
+static void row_best_two(const float *s, const float *b, int64_t k, int64_t col0,
+                         float *best, float *second, int64_t *idx) {
+    float bv = *best, sv = *second;
     int64_t bi = *idx, j = 0;
 #ifdef __AVX2__
     if (k >= 32) {
         const float inf = __builtin_inff();
-        __m256 m0 = _mm256_set1_ps(inf), m1 = m0, m2 = m0, m3 = m0;
+        __m256 m0 = _mm256_set1_ps(inf), m1 = m0, m2 = m0, m3 = m0;    /* lane minima */
+        __m256 n0 = m0, n1 = m0, n2 = m0, n3 = m0;                      /* lane second minima */
         __m256i i0 = _mm256_setzero_si256(), i1 = i0, i2 = i0, i3 = i0;
         __m256i c0 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
         __m256i c1 = _mm256_add_epi32(c0, _mm256_set1_epi32(8));
         __m256i c2 = _mm256_add_epi32(c0, _mm256_set1_epi32(16));
         __m256i c3 = _mm256_add_epi32(c0, _mm256_set1_epi32(24));
         const __m256i step = _mm256_set1_epi32(32);
-#define VQ_LANE(m, i, c, off) do { \
+        /* second <- min(max(m, v), second), m <- min(v, m): a NaN v leaves both (max_ps and
+           min_ps return their second operand when one is NaN: max(m, NaN) = NaN, then
+           min(NaN, second) = second; min(NaN, m) = m) */
+#define VQ_LANE(m, n2nd, i, c, off) do { \
             __m256 v = _mm256_add_ps(_mm256_loadu_ps(s + j + off), _mm256_loadu_ps(b + j + off)); \
             __m256 lt = _mm256_cmp_ps(v, m, _CMP_LT_OQ); \
-            m = _mm256_blendv_ps(m, v, lt); \
+            n2nd = _mm256_min_ps(_mm256_max_ps(m, v), n2nd); \
+            m = _mm256_min_ps(v, m); \
             i = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(i), \
                                                      _mm256_castsi256_ps(c), lt)); \
             c = _mm256_add_epi32(c, step); } while (0)
         for (; j + 32 <= k; j += 32) {
-            VQ_LANE(m0, i0, c0, 0); VQ_LANE(m1, i1, c1, 8);
-            VQ_LANE(m2, i2, c2, 16); VQ_LANE(m3, i3, c3, 24);
+            VQ_LANE(m0, n0, i0, c0, 0); VQ_LANE(m1, n1, i1, c1, 8);
+            VQ_LANE(m2, n2, i2, c2, 16); VQ_LANE(m3, n3, i3, c3, 24);
         }
 #undef VQ_LANE
-        float mv[32];
-        int32_t iv[32];
-        _mm256_storeu_ps(mv, m0); _mm256_storeu_ps(mv + 8, m1);
-        _mm256_storeu_ps(mv + 16, m2); _mm256_storeu_ps(mv + 24, m3);
-        _mm256_storeu_si256((__m256i *)iv, i0); _mm256_storeu_si256((__m256i *)(iv + 8), i1);
-        _mm256_storeu_si256((__m256i *)(iv + 16), i2); _mm256_storeu_si256((__m256i *)(iv + 24), i3);
+        /* merge the 4 accumulators lane-wise: b wins on a smaller minimum, or an equal one at
+           a lower index; the second is min(both seconds, the larger minimum) */
+#define VQ_MERGE(ma, na, ia, mb, nb, ib) do { \
+            __m256 ltb = _mm256_or_ps(_mm256_cmp_ps(mb, ma, _CMP_LT_OQ), \
+                _mm256_and_ps(_mm256_cmp_ps(mb, ma, _CMP_EQ_OQ), \
+                              _mm256_castsi256_ps(_mm256_cmpgt_epi32(ia, ib)))); \
+            na = _mm256_min_ps(_mm256_min_ps(na, nb), _mm256_max_ps(ma, mb)); \
+            ma = _mm256_blendv_ps(ma, mb, ltb); \
+            ia = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(ia), \
+                                                      _mm256_castsi256_ps(ib), ltb)); } while (0)
+        VQ_MERGE(m0, n0, i0, m1, n1, i1);
+        VQ_MERGE(m2, n2, i2, m3, n3, i3);
+        VQ_MERGE(m0, n0, i0, m2, n2, i2);
+#undef VQ_MERGE
+        float mv[8], nv[8];
+        int32_t iv[8];
+        _mm256_storeu_ps(mv, m0);
+        _mm256_storeu_ps(nv, n0);
+        _mm256_storeu_si256((__m256i *)iv, i0);
         /* each lane holds its own first minimum; the lowest index among equal minima wins */
-        float tv = inf;
+        float tv = inf, ts = inf;
         int64_t ti = 0;
-        for (int l = 0; l < 32; l++)
-            if (mv[l] < tv || (mv[l] == tv && iv[l] < ti)) { tv = mv[l]; ti = iv[l]; }
-        if (tv < bv) { bv = tv; bi = col0 + ti; }
+        int tl = -1;
+        for (int l = 0; l < 8; l++)
+            if (mv[l] < tv || (mv[l] == tv && iv[l] < ti)) { tv = mv[l]; ti = iv[l]; tl = l; }
+        for (int l = 0; l < 8; l++) {   /* second: every other lane's minimum, every lane's second */
+            if (l != tl && mv[l] < ts) ts = mv[l];
+            if (nv[l] < ts) ts = nv[l];
+        }
+        if (tv < bv) { sv = bv < ts ? bv : ts; bv = tv; bi = col0 + ti; }
+        else { if (tv < sv) sv = tv; if (ts < sv) sv = ts; }
     }
 #endif
     for (; j < k; j++) {
         float v = s[j] + b[j];
-        if (v < bv) { bv = v; bi = col0 + j; }
+        if (v < bv) { sv = bv; bv = v; bi = col0 + j; }
+        else if (v < sv) sv = v;
     }
     *best = bv;
+    *second = sv;
     *idx = bi;
 }
 
+/* The float64 argmin of sum_i (z_i - e_i)^2 (summed in index order, as exact_among_candidates
+   in Python) over the codes whose fp32 score s[j] + b[j] is <= limit; lowest index on ties; -1
+   if none. book: (k, d) row-major. */
+static int64_t exact_among(const float *s, const float *b, int64_t k, double limit,
+                           const float *zr, const float *book, int d) {
+    double best = __builtin_inf();
+    int64_t win = -1;
+    for (int64_t j = 0; j < k; j++) {
+        if (!((double)(s[j] + b[j]) <= limit)) continue;
+        const float *e = book + j * d;
+        double acc = 0.0;
+        for (int i = 0; i < d; i++) { double t = (double)zr[i] - (double)e[i]; acc += t * t; }
+        if (acc < best) { best = acc; win = j; }
+    }
+    return win;
+}
+
 /* scores: (rows, k) with row stride ld; bias: (k,); col0: global index of column 0.
-   best/idx: (rows,) running minimum and its index; idx is only read when best is finite. */
-void vqtok_argmin_update(const float *scores, int64_t rows, int64_t k, int64_t ld,
-                         const float *bias, int64_t col0, float *best, int64_t *idx,
-                         int nthreads) {
+   best/second/idx: (rows,) running best two and the index of the best; reset when col0 == 0. */
+void vqtok_best_two_update(const float *scores, int64_t rows, int64_t k, int64_t ld,
+                           const float *bias, int64_t col0, float *best, float *second,
+                           int64_t *idx, int nthreads) {
     if (nthreads < 1) nthreads = 1;
     #pragma omp parallel for num_threads(nthreads) schedule(static) if (rows * k >= 65536)
     for (int64_t r = 0; r < rows; r++) {
-        if (col0 == 0) idx[r] = 0;
-        row_update(scores + r * ld, bias, k, col0, best + r, idx + r);
+        if (col0 == 0) { best[r] = __builtin_inff(); second[r] = __builtin_inff(); idx[r] = 0; }
+        row_best_two(scores + r * ld, bias, k, col0, best + r, second + r, idx + r);
     }
 }
 
 /* Fully fused search: ONE parallel region per call; each thread runs a single-threaded BLAS
    sgemm (Fortran interface, LP64) on its own small row block into its own L2-sized buffer and
-   takes the argmin straight from cache. bookT: (D, K) row-major, pre-scaled by -2.
-   work: nthreads * rows * k floats (with_argmin = 0 skips the argmin: the benchmark's
+   takes the best two straight from cache, and flags the rows whose best two are within the
+   error margin. bookT: (D, K) row-major, pre-scaled by -2.
+   work: nthreads * rows * k floats (with_argmin = 0 skips the pass: the benchmark's
    arithmetic limit of this very blocking). set_local: optional mkl_set_num_threads_local. */
 typedef void (*sgemm_t)(const char *, const char *, const int *, const int *, const int *,
                         const float *, const float *, const int *, const float *, const int *,
                         const float *, float *, const int *);
 typedef int (*set_local_t)(int);
-void vqtok_fused_nearest(void *gemm_ptr, void *set_local_ptr, const float *z, int64_t n, int d,
-                         const float *bookT, int64_t k, const float *bias, int64_t *out,
-                         int rows, int nthreads, float *work, int with_argmin) {
+int64_t vqtok_fused_nearest(void *gemm_ptr, void *set_local_ptr, const float *z, int64_t n,
+                            int d, const float *bookT, const float *book, int64_t k,
+                            const float *bias, int64_t *out, float *best_out, float *second_out,
+                            uint8_t *unsure_out, double coef, int rows, int nthreads, float *work,
+                            int with_argmin) {
     sgemm_t gemm = (sgemm_t)gemm_ptr;
     set_local_t set_local = (set_local_t)set_local_ptr;
-    int64_t nblocks = (n + rows - 1) / rows;
+    int64_t nblocks = (n + rows - 1) / rows, count = 0;
+    double max_sq = 0.0;                 /* max |e|^2: the bias is |e|^2 */
+    for (int64_t j = 0; j < k; j++) if (bias[j] > max_sq) max_sq = bias[j];
     if (nthreads < 1) nthreads = 1;
-    #pragma omp parallel num_threads(nthreads)
+    #pragma omp parallel num_threads(nthreads) reduction(+:count)
     {
         int t = 0;
 #ifdef _OPENMP
@@ -257,14 +460,34 @@ void vqtok_fused_nearest(void *gemm_ptr, void *set_local_ptr, const float *z, in
             /* column-major view: buf^T (K, m) = bookT^T (K, D) x z_blk^T (D, m) */
             gemm("N", "N", &kk, &m, &dd, &one, bookT, &kk, z + r0 * d, &dd, &zero, buf, &kk);
             for (int r = 0; r < m && with_argmin; r++) {   /* with_argmin = 0: GEMM-only timing */
-                float best = __builtin_inff();
-                int64_t idx = 0;
-                row_update(buf + (int64_t)r * k, bias, k, 0, &best, &idx);
-                out[r0 + r] = idx;
+                int64_t g = r0 + r, idx = 0;
+                float best = __builtin_inff(), second = __builtin_inff();
+                row_best_two(buf + (int64_t)r * k, bias, k, 0, &best, &second, &idx);
+                /* unsure: gap <= coef * (|z|^2 + max|e|^2); |z|^2 in fp32 with 8 independent
+                   partial sums (vectorised; the margin allows for its rounding) */
+                const float *zr = z + g * d;
+                float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+                int i = 0;
+                for (; i + 8 <= d; i += 8)
+                    for (int l = 0; l < 8; l++) part[l] += zr[i + l] * zr[i + l];
+                for (; i < d; i++) part[0] += zr[i] * zr[i];
+                double zsq = 0.0;
+                for (int l = 0; l < 8; l++) zsq += part[l];
+                double margin = coef * (zsq + max_sq);
+                int unsure = ((double)second - (double)best) <= margin;
+                if (unsure && book) {   /* re-decide in float64 while the scores are in cache */
+                    int64_t w = exact_among(buf + (int64_t)r * k, bias, k,
+                                            (double)best + margin, zr, book, d);
+                    if (w >= 0) idx = w;
+                }
+                out[g] = idx;
+                count += unsure;
+                if (best_out) { best_out[g] = best; second_out[g] = second; unsure_out[g] = unsure; }
             }
         }
         if (set_local) set_local(prev);
     }
+    return count;
 }
 """
 
@@ -296,7 +519,7 @@ def native_kernel():
 
 
 def _flag_sets() -> list[list[str]]:
-    base = ["-O3", "-shared", "-fPIC", "-std=c99"]
+    base = ["-O3", "-shared", "-fPIC", "-std=c99", "-ffp-contract=off"]   # no FMA: t*t then +
     sets = []
     for omp in (["-fopenmp"], []):       # without OpenMP the kernel is single-threaded
         for arch in (["-march=native"], []):
@@ -381,28 +604,58 @@ def _compile(compiler: str, flags: list[str], folder: Path, name: str) -> Path:
 
 def _load(path: Path):
     lib = ctypes.CDLL(str(path))   # ctypes releases the GIL during calls
-    fn = lib.vqtok_argmin_update
+    fn = lib.vqtok_best_two_update
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    fn.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, c_int]
+    fn.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, c_int]
     fn.restype = None
     _self_check(fn)
-    fused = lib.vqtok_fused_nearest
-    fused.argtypes = [ptr, ptr, ptr, i64, c_int, ptr, i64, ptr, ptr, c_int, c_int, ptr, c_int]
-    fused.restype = None
     try:
-        gemm, set_local = _blas_symbols()
-        entry = (fused, gemm, set_local)
+        entry = _fused_entry(lib)
+        _checked_in_child(path)          # a BLAS ABI mismatch must crash a child, not us
         _self_check_fused(entry)
     except Exception as exc:       # no usable BLAS symbol: the blocked path (torch.mm + pass)
-        log.info("vqtok: fused nearest kernel unavailable (%s); using GEMM + argmin pass", exc)
+        log.info("vqtok: fused nearest kernel unavailable (%s); using torch.mm + best-two pass", exc)
         entry = None
     return fn, entry
 
 
+def _fused_entry(lib):
+    fused = lib.vqtok_fused_nearest
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    dbl = ctypes.c_double
+    fused.argtypes = [ptr, ptr, ptr, i64, c_int, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, dbl,
+                      c_int, c_int, ptr, c_int]
+    fused.restype = i64
+    gemm, set_local = _blas_symbols()
+    return fused, gemm, set_local
+
+
+_CHILD_CHECK = ("import sys; sys.path.insert(0, sys.argv[1]); from tokenizer import nearest as m; "
+                "m._self_check_fused(m._fused_entry(m.ctypes.CDLL(sys.argv[2])))")
+
+
+def _checked_in_child(path: Path) -> None:
+    """Run the fused self-check once in a child process (then cached next to the kernel, keyed by
+    the torch build): sgemm_ is called by symbol, and a torch built with another BLAS ABI would
+    crash whichever process calls it first."""
+    torch_key = hashlib.sha256(f"{torch.__file__}|{torch.__version__}".encode()).hexdigest()[:12]
+    marker = path.with_name(f"{path.name}.{torch_key}.fused-ok")
+    if marker.exists():
+        return
+    root = str(Path(__file__).resolve().parent.parent)          # holds the tokenizer package
+    env = {**os.environ, "VQTOK_NEAREST_BACKEND": "torch"}
+    proc = subprocess.run([sys.executable, "-c", _CHILD_CHECK, root, str(path)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    if proc.returncode != 0:
+        last = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+        raise RuntimeError(f"fused kernel check in a child process failed: {last[0]}")
+    marker.write_text("ok\n")
+
+
 def _blas_symbols():
     """Address of the MKL sgemm_ (LP64 Fortran interface) that torch's CPU library exports and
-    uses for its own GEMMs. Only with MKL: another BLAS's ABI (e.g. ILP64) would crash, not fail.
-    Inside an OpenMP parallel region MKL runs sequentially (nested parallelism is off)."""
+    uses for its own GEMMs. Only with MKL; the first call is made in a child process
+    (`_checked_in_child`). Inside an OpenMP parallel region MKL runs sequentially."""
     if not torch.backends.mkl.is_available():
         raise RuntimeError("torch is not built with MKL")
     lib_dir = Path(torch.__file__).parent / "lib"
@@ -413,41 +666,60 @@ def _blas_symbols():
     return ctypes.cast(lib.sgemm_, ctypes.c_void_p).value, None
 
 
+def _brute_best_two(z: torch.Tensor, book: torch.Tensor):
+    """Small-integer data, exact in fp32: (first argmin, min, second smallest) of the scores."""
+    scores = book.pow(2).sum(1) - 2 * z @ book.t()
+    two = scores.topk(2, dim=1, largest=False).values if book.shape[0] > 1 else None
+    return scores.argmin(1), scores.min(1).values, (two[:, 1] if two is not None else None)
+
+
 def _self_check_fused(entry) -> None:
     """Small-integer data (exact in fp32, so exact ties): must equal the first brute-force
-    minimum, for several row counts, codebook widths and both 1 and 2 threads."""
+    minimum and the best two scores, for several row counts, codebook widths and 1 and 2 threads."""
     fn, gemm, set_local = entry
     gen = torch.Generator().manual_seed(1)
     for n, k, d, rows, threads in ((7, 5, 3, 2, 1), (50, 70, 6, 8, 2), (33, 257, 64, 16, 2)):
         z = torch.randint(-3, 4, (n, d), generator=gen).float()
         book = torch.randint(-3, 4, (k, d), generator=gen).float()
-        dist = (z[:, None, :] - book[None, :, :]).pow(2).sum(-1)
-        expect = torch.argmin(dist, dim=1)
+        expect = _brute_best_two(z, book)
         book_t = (book * -2.0).t().contiguous()
         code_sq = book.pow(2).sum(1).contiguous()
         work = torch.empty(threads * rows * k)
-        out = torch.empty(n, dtype=torch.long)
-        fn(gemm, set_local, z.data_ptr(), n, d, book_t.data_ptr(), k, code_sq.data_ptr(),
-           out.data_ptr(), rows, threads, work.data_ptr(), 1)
-        if not torch.equal(out, expect):
+        out, best, second = torch.empty(n, dtype=torch.long), torch.empty(n), torch.empty(n)
+        unsure = torch.empty(n, dtype=torch.bool)
+        fn(gemm, set_local, z.data_ptr(), n, d, book_t.data_ptr(), None, k, code_sq.data_ptr(),
+           out.data_ptr(), best.data_ptr(), second.data_ptr(), unsure.data_ptr(), 0.0,
+           rows, threads, work.data_ptr(), 1)
+        if not torch.equal(unsure, best == second):      # coef 0: exactly the tied rows
+            raise RuntimeError(f"fused self-check failed (unsure flags) for N={n} K={k} D={d}")
+        if not all(torch.equal(a, b) for a, b in zip((out, best, second), expect)):
             raise RuntimeError(f"fused self-check failed for N={n} K={k} D={d}")
+        # with the codebook and the real margin: the float64 re-decision inside the kernel
+        fn(gemm, set_local, z.data_ptr(), n, d, book_t.data_ptr(), book.data_ptr(), k,
+           code_sq.data_ptr(), out.data_ptr(), best.data_ptr(), second.data_ptr(),
+           unsure.data_ptr(), error_margin(d), rows, threads, work.data_ptr(), 1)
+        if not torch.equal(out, expect[0]):
+            raise RuntimeError(f"fused self-check failed (float64 re-decision) for N={n} K={k} D={d}")
 
 
 def _self_check(fn) -> None:
     """A miscompiled or mismatched kernel must never be used: compare with torch on a few blocks
-    (several widths so both the vector body and the scalar tail run, plus a column-tiled call)."""
+    (several widths so both the vector body and the scalar tail run, plus a column-tiled call;
+    small integers, so exact ties and a second best equal to the best occur)."""
     gen = torch.Generator().manual_seed(0)
-    for rows, k in ((5, 7), (9, 40), (33, 100), (3, 257)):
-        scores = torch.randn(rows, k, generator=gen)
-        bias = torch.randn(k, generator=gen)
-        expect = torch.argmin(scores + bias, dim=1)
+    for rows, k in ((5, 7), (9, 40), (33, 100), (3, 257), (40, 64)):
+        scores = torch.randint(-20, 20, (rows, k), generator=gen).float()
+        bias = torch.randint(-20, 20, (k,), generator=gen).float()
+        total = scores + bias
+        two = total.topk(2, dim=1, largest=False).values
+        expect = (torch.argmin(total, dim=1), two[:, 0], two[:, 1])
         for tile in (k, 33):
-            best = torch.full((rows,), float("inf"))
+            best, second = torch.empty(rows), torch.empty(rows)
             idx = torch.empty(rows, dtype=torch.long)
             for c0 in range(0, k, tile):
                 c1 = min(c0 + tile, k)
                 block = scores[:, c0:c1].contiguous()
                 fn(block.data_ptr(), rows, c1 - c0, c1 - c0, bias[c0:].data_ptr(), c0,
-                   best.data_ptr(), idx.data_ptr(), 1)
-            if not torch.equal(idx, expect):
+                   best.data_ptr(), second.data_ptr(), idx.data_ptr(), 1)
+            if not all(torch.equal(a, b) for a, b in zip((idx, best, second), expect)):
                 raise RuntimeError(f"self-check failed for a ({rows}, {k}) block, tile {tile}")

@@ -51,10 +51,10 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("initialized",
                              torch.tensor(0 if config.kmeans_init else 1, dtype=torch.uint8))
         self.metrics: dict[str, torch.Tensor] = {}
+        self._search_cache: tuple | None = None   # (key, codebook as searched), eval mode only
 
     # ---- search -------------------------------------------------------------------------------
-    # search_vectors and search_codebook are the space `nearest` searches in; an exact search of
-    # its own (e.g. the tokenize stage's batch-independent one) uses the same two
+    # search_vectors and search_codebook are the space `nearest` searches in
     def search_vectors(self, z: torch.Tensor) -> torch.Tensor:
         """(..., dim) -> (N, code_dim) fp32: projected, and normalised when cosine codes are on."""
         with torch.autocast(device_type=z.device.type, enabled=False):
@@ -62,13 +62,27 @@ class VectorQuantizer(nn.Module):
         return F.normalize(flat, dim=-1) if self.config.l2_normalize else flat
 
     def search_codebook(self) -> torch.Tensor:
-        """(K, code_dim) fp32 codebook as searched (normalised when cosine codes are on)."""
+        """(K, code_dim) fp32 codebook as searched (normalised when cosine codes are on). In eval
+        mode kept until the codebook changes (same tensor, storage and version counter, or a
+        write through _set_codebook), so encoding does not renormalise it per micro-batch."""
+        if self.training:
+            return self._search_codebook()
+        book = self.codebook
+        key = (id(book), book.data_ptr(), book._version, book.device, book.dtype,
+               torch.is_inference_mode_enabled())
+        if self._search_cache is None or self._search_cache[0] != key:
+            self._search_cache = (key, self._search_codebook())
+        return self._search_cache[1]
+
+    def _search_codebook(self) -> torch.Tensor:
         book = self.codebook.detach().float()
         return F.normalize(book, dim=-1) if self.config.l2_normalize else book
 
     @torch.no_grad()
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        """z: (..., dim) -> (...) int64, exact argmin of squared L2 (cosine when l2-normalised)."""
+        """z: (..., dim) -> (...) int64, the float64 argmin of squared L2 in the search space
+        (cosine when l2-normalised), ties -> lowest index, independent of the batch (see
+        tokenizer/nearest.py)."""
         if z.shape[-1] != self.dim:
             raise ValueError(f"nearest: last dim of z is {z.shape[-1]}, the quantiser expects {self.dim}")
         flat = self.search_vectors(z)
@@ -130,7 +144,8 @@ class VectorQuantizer(nn.Module):
         k = self.codebook_size
         centroids = self._from_rank0((k, self.code_dim), lambda: _kmeans_plus_plus(flat, k))
         for _ in range(self.config.kmeans_iters):
-            idx = nearest_codes(flat, centroids, self.config.chunk_size)
+            # k-means only needs a good assignment: the fp32 argmin, no near-tie re-decision
+            idx = nearest_codes(flat, centroids, self.config.chunk_size, exact=False)
             sums = torch.zeros_like(centroids).index_add_(0, idx, flat)
             counts = torch.bincount(idx, minlength=k).float()
             self.collectives.sum_(sums)
@@ -149,6 +164,7 @@ class VectorQuantizer(nn.Module):
 
     def _set_codebook(self, values: torch.Tensor) -> None:
         self.codebook.data.copy_(values.to(self.codebook.dtype))
+        self._search_cache = None     # .data writes do not bump the version counter
 
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, idx: torch.Tensor) -> None:

@@ -1,74 +1,105 @@
-"""stable_nearest: the float64 argmin (ties -> lowest index) also on near-ties that fp32 cannot
-order, through both best-two back ends (numpy on CPU, torch elsewhere)."""
+"""CodeEncoder: its codes are `VQVAE.encode`'s at every position, whatever the batch size, on real
+photographs with a barely trained (k-means-initialised) tokenizer, where near-ties are common;
+the encoder has no search of its own (tokenizer/nearest.py decides every code)."""
 from __future__ import annotations
+
+import glob
 
 import numpy as np
 import pytest
 import torch
 
-from pipelines.tokenize import encoder as enc_mod
-from pipelines.tokenize.encoder import stable_nearest
+from pipelines.tokenize.encoder import CodeEncoder
+from tokenizer import VQVAE, VQVAEConfig
+from tokenizer import nearest as nm
+
+WALLPAPERS = "/usr/share/wallpapers/*/contents/images*/*.jpg"
 
 
-def float64_argmin(z: torch.Tensor, book: torch.Tensor) -> np.ndarray:
-    """Brute force on the same fp32 inputs: float64 squared distances, first index on ties."""
-    dist = ((z.double()[:, None, :] - book.double()[None]) ** 2).sum(-1)
-    return dist.numpy().argmin(axis=1)
+def photo_crops(count: int = 512, seed: int = 0) -> np.ndarray:
+    """(count, 3, 32, 32) uint8 crops of the system's wallpaper photographs, a few per photo;
+    where none are installed, smooth random images (sums of blurred noise) stand in."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    files = sorted(glob.glob(WALLPAPERS))[::4][:16]
+    crops = []
+    for path in files:
+        with Image.open(path) as raw:
+            raw.draft("RGB", (raw.width // 8, raw.height // 8))   # JPEG: decode at 1/8 scale
+            im = np.asarray(raw.convert("RGB"))
+        for _ in range(-(-count // len(files))):
+            y, x = rng.integers(0, im.shape[0] - 32), rng.integers(0, im.shape[1] - 32)
+            crops.append(im[y:y + 32, x:x + 32].transpose(2, 0, 1))
+    if not crops:
+        low = rng.random((count, 3, 4, 4))
+        smooth = low.repeat(8, axis=2).repeat(8, axis=3) + 0.1 * rng.random((count, 3, 32, 32))
+        return (255 * smooth / smooth.max()).astype(np.uint8)
+    return np.stack(crops[:count])
 
 
-def near_tie_problem(seed: int = 0):
-    """A codebook with an exact duplicate and codes one fp32 ulp apart, and queries on, between
-    and near those codes: rows fp32 scores cannot order."""
-    g = torch.Generator().manual_seed(seed)
-    d, k = 16, 64
-    book = torch.nn.functional.normalize(torch.randn(k, d, generator=g), dim=1)
-    book[10] = book[3]                                               # exact tie: 3 must win
-    book[20] = book[5]
-    book[20, 0] = torch.nextafter(book[5, 0], torch.tensor(2.0))     # one ulp apart
-    book[30] = book[7] * (1 + 2 ** -22)                              # a few ulp apart
-    mids = [(book[a] + book[b]) / 2 for a, b in ((3, 10), (5, 20), (7, 30), (1, 2), (4, 9))]
-    on = book[[3, 10, 5, 20, 7, 30, 0, 63]]
-    noisy = book[torch.randint(0, k, (200,), generator=g)] + 1e-3 * torch.randn(200, d, generator=g)
-    z = torch.cat([torch.stack(mids), on, noisy, torch.randn(100, d, generator=g)]).float()
-    return z, book.float()
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread, as a tokenize worker runs (and many small calls stall less on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("back_end", ["numpy", "torch"])
-def test_stable_nearest_is_the_float64_argmin_on_near_ties(monkeypatch, back_end):
-    z, book = near_tie_problem()
-    if back_end == "torch":   # the accelerator path, run on the CPU
-        monkeypatch.setattr(enc_mod, "best_two", enc_mod._best_two_torch)
-    rechecked = []
-    exact = enc_mod.exact_among_candidates
-
-    def spy(zs, *args):
-        rechecked.append(zs.shape[0])
-        return exact(zs, *args)
-
-    monkeypatch.setattr(enc_mod, "exact_among_candidates", spy)
-    got = stable_nearest(z, book).numpy()
-    plain = torch.addmm(book.pow(2).sum(1), z, book.t(), beta=1, alpha=-2).argmin(1).numpy()
-    assert (plain != float64_argmin(z, book)).sum() >= 3   # fp32 alone gets some rows wrong
-    assert sum(rechecked) >= 8                      # the near-tie rows really took the float64 path
-    np.testing.assert_array_equal(got, float64_argmin(z, book))
-    assert got[5] == 3 and got[6] == 3              # the duplicate pair resolves to the lower index
+@pytest.fixture(scope="module")
+def photo_tokenizer(tmp_path_factory):
+    """An RGB 32x32 tokenizer whose codebook is k-means-initialised on photo crops, untrained."""
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEConfig(in_channels=3, resolution=32, hidden=32, res_hidden=32, code_dim=64))
+    x = torch.from_numpy(photo_crops(128, seed=1)).float() / 255
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        model(x)                                   # k-means init of the codebook
+    torch.set_num_threads(threads)
+    path = str(tmp_path_factory.mktemp("tok"))
+    model.eval().save_pretrained(path)
+    return path
 
 
-def test_stable_nearest_does_not_depend_on_row_position():
-    z, book = near_tie_problem(seed=1)
-    full = stable_nearest(z, book)
-    order = torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(0))
-    assert torch.equal(stable_nearest(z[order], book), full[order])
-    parts = torch.cat([stable_nearest(z[i:i + 7], book) for i in range(0, z.shape[0], 7)])
-    assert torch.equal(parts, full)
+def nearest_fp32(z: torch.Tensor, book: torch.Tensor) -> np.ndarray:
+    return nm.nearest_codes(z, book, exact=False).numpy()
 
 
-def test_best_two_back_ends_agree_on_ties():
-    g = torch.Generator().manual_seed(0)
-    scores = torch.randint(0, 5, (300, 40), generator=g).float()    # many exact ties
-    a = enc_mod._best_two_numpy(scores.clone())
-    b = enc_mod._best_two_torch(scores.clone())
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
-    arg = a[0]
-    assert torch.equal(arg, torch.from_numpy(scores.numpy().argmin(axis=1)))   # first minimum
+def encode_in_batches(model: VQVAE, images: np.ndarray, size: int) -> np.ndarray:
+    x = torch.from_numpy(images).float() / 255
+    return torch.cat([model.encode(x[i:i + size]) for i in range(0, len(x), size)]).reshape(
+        len(x), -1).numpy()
+
+
+def test_encode_equals_the_code_encoder_at_every_position(photo_tokenizer):
+    images = photo_crops(512)
+    enc = CodeEncoder(photo_tokenizer, device="cpu")
+    got = enc.encode(images)                               # micro-batches of 64, last padded
+    model = VQVAE.from_pretrained(photo_tokenizer)
+    with torch.no_grad():
+        flat = model.quantizer.search_vectors(model.encode_latents(torch.from_numpy(images) / 255.0))
+    book = model.quantizer.search_codebook()
+    assert nm.ambiguous_fraction(flat, book) > 0.001       # near-ties are really there
+    # the float64 reference (expansion in float64: ~1e-16 relative, far below fp32's effects)
+    z64, book64 = flat.double(), book.double()
+    ref = (book64.pow(2).sum(1) - 2 * z64 @ book64.t()).argmin(1).reshape(got.shape).numpy()
+    assert (nearest_fp32(flat, book).reshape(got.shape) != ref).sum() >= 1   # fp32 alone errs
+    np.testing.assert_array_equal(got, ref)
+    for size in (1, 7, 256):
+        np.testing.assert_array_equal(encode_in_batches(model, images, size), got,
+                                      err_msg=f"batch size {size}")
+    order = np.random.default_rng(0).permutation(len(images))
+    np.testing.assert_array_equal(enc.encode(images[order]), got[order])
+
+
+def test_the_torch_fallback_gives_identical_codes(photo_tokenizer, monkeypatch):
+    images = photo_crops(200, seed=2)
+    enc = CodeEncoder(photo_tokenizer, device="cpu")
+    native = enc.encode(images)
+    assert nm.native_kernel() is not None, nm._native_error
+    monkeypatch.setattr(nm, "_native", None)       # as after VQTOK_NEAREST_BACKEND=torch
+    monkeypatch.setattr(nm, "_fused", None)
+    monkeypatch.setattr(nm, "_tried", True)
+    np.testing.assert_array_equal(enc.encode(images), native)

@@ -1,4 +1,6 @@
-"""nearest_codes: exactness against brute force, chunking, autocast, both back ends, fallbacks."""
+"""nearest_codes: the float64 argmin (ties -> lowest index) through every back end, also on
+near-ties fp32 cannot order; independent of batch size and position; chunking, autocast,
+fallbacks."""
 from __future__ import annotations
 
 import threading
@@ -13,7 +15,7 @@ BACKENDS = ["fused", "blocked", "torch"]
 
 
 def search(z, book, backend, **kw):
-    """nearest_codes through one back end: "fused" (one C call: per-thread sgemm + argmin),
+    """nearest_codes through one back end: "fused" (one C call: per-thread sgemm + best two),
     "blocked" (torch.mm per block + the C argmin pass, used when no MKL symbol) or "torch"."""
     if backend == "torch":
         return nearest_codes(z, book, backend="torch", **kw)
@@ -33,6 +35,35 @@ def brute_sq_dist(z: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
     relative otherwise, far below the fp32 effects under test)."""
     z, book = z.double(), book.double()
     return z.pow(2).sum(1, keepdim=True) - 2 * z @ book.t() + book.pow(2).sum(1)
+
+
+def float64_argmin(z: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
+    """The reference: float64 sum((z - e)^2) on the same fp32 inputs, first index on ties."""
+    out = []
+    for i in range(0, z.shape[0], 256):
+        zc = z[i:i + 256].double()
+        out.append(((zc[:, None, :] - book.double()[None]) ** 2).sum(-1).argmin(1))
+    return torch.cat(out)
+
+
+def near_tie_problem(seed: int = 0, d: int = 16, k: int = 64):
+    """A codebook with exact duplicates and codes one or a few fp32 ulp apart, and queries on,
+    between and near those codes: rows whose fp32 scores cannot be ordered."""
+    g = torch.Generator().manual_seed(seed)
+    book = torch.nn.functional.normalize(torch.randn(k, d, generator=g), dim=1)
+    book[10] = book[3]                                               # exact tie: 3 must win
+    book[20] = book[5]
+    book[20, 0] = torch.nextafter(book[5, 0], torch.tensor(2.0))     # one ulp apart
+    book[30] = book[7] * (1 + 2 ** -22)                              # a few ulp apart
+    book[40] = book[8]
+    book[40, d - 1] = torch.nextafter(book[8, d - 1], torch.tensor(-2.0))
+    mids = [(book[a] + book[b]) / 2 for a, b in ((3, 10), (5, 20), (7, 30), (8, 40), (1, 2), (4, 9))]
+    on = book[[3, 10, 5, 20, 7, 30, 8, 40, 0, k - 1]]
+    picks = torch.tensor([3, 5, 7, 8, 10, 20, 30, 40]).repeat(40)
+    noisy = book[picks] + 1e-7 * torch.randn(picks.numel(), d, generator=g)
+    far = book[torch.randint(0, k, (200,), generator=g)] + 1e-3 * torch.randn(200, d, generator=g)
+    z = torch.cat([torch.stack(mids), on, noisy, far, torch.randn(100, d, generator=g)]).float()
+    return z, book.float()
 
 
 def assert_as_near(z, book, idx):
@@ -63,7 +94,9 @@ def integer_data(n, k, d, seed=0):
 def test_matches_brute_force(backend, n, k, d):
     g = torch.Generator().manual_seed(n * 7919 + k)
     z, book = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
-    assert_as_near(z, book, search(z, book, backend))
+    idx = search(z, book, backend)
+    assert_as_near(z, book, idx)
+    assert torch.equal(idx, float64_argmin(z, book))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -72,7 +105,7 @@ def test_far_from_origin(backend):
     g = torch.Generator().manual_seed(3)
     book = torch.randn(300, 16, generator=g) + 50.0
     z = torch.randn(700, 16, generator=g) + 50.0
-    assert_as_near(z, book, search(z, book, backend))
+    assert torch.equal(search(z, book, backend), float64_argmin(z, book))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -97,7 +130,7 @@ def test_chunked_equals_unchunked(backend, chunk_rows):
 def test_chunked_random_data_as_near(chunk_rows):
     g = torch.Generator().manual_seed(5)
     z, book = torch.randn(777, 32, generator=g), torch.randn(999, 32, generator=g)
-    assert_as_near(z, book, nearest_codes(z, book, chunk_rows=chunk_rows))
+    assert torch.equal(nearest_codes(z, book, chunk_rows=chunk_rows), float64_argmin(z, book))
 
 
 @pytest.mark.parametrize("tile_cols", [1000, 4096, None])
@@ -198,6 +231,7 @@ def fresh_kernel(monkeypatch, tmp_path):
     """Forget the loaded kernel and build into an empty private cache dir."""
     monkeypatch.setattr(nm, "_tried", False)
     monkeypatch.setattr(nm, "_native", None)
+    monkeypatch.setattr(nm, "_fused", None)
     monkeypatch.setattr(nm, "_native_error", None)
     monkeypatch.setenv("VQTOK_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(nm, "_private_tmp", lambda: tmp_path / "private")
@@ -207,6 +241,8 @@ def fresh_kernel(monkeypatch, tmp_path):
 def _check_fallback_works():
     z, book = integer_data(300, 77, 5, seed=4)
     assert torch.equal(nearest_codes(z, book), brute_sq_dist(z, book).argmin(1))  # auto -> torch
+    z, book = near_tie_problem(seed=3)
+    assert torch.equal(nearest_codes(z, book), float64_argmin(z, book))
     with pytest.raises(RuntimeError, match="native CPU kernel is unavailable"):
         nearest_codes(z, book, backend="native")
 
@@ -253,3 +289,135 @@ def test_blocked_path_when_no_blas_symbol(fresh_kernel):
     assert nm.native_kernel() is not None and nm._fused is None
     z, book = integer_data(700, 300, 5, seed=9)
     assert torch.equal(nearest_codes(z, book, backend="native"), brute_sq_dist(z, book).argmin(1))
+
+
+# ---- exactness on near-ties, independence of the batch -------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d", [16, 64])
+def test_near_ties_get_the_float64_argmin(monkeypatch, backend, d):
+    z, book = near_tie_problem(d=d)
+    expect = float64_argmin(z, book)
+    redecided = []
+    real = nm._search
+
+    def spy(*args):
+        idx, count = real(*args)
+        redecided.append(count)
+        return idx, count
+    monkeypatch.setattr(nm, "_search", spy)
+    got = search(z, book, backend)
+    assert sum(redecided) >= 20                     # the near-tie rows took the float64 path
+    assert torch.equal(got, expect)
+    plain = search(z, book, backend, exact=False)   # fp32 alone cannot order them
+    assert (plain != expect).sum() >= 3
+    assert got[6] == 3 and got[7] == 3              # on a duplicated code: the lower index
+    assert got[0] == 3                              # the midpoint of a duplicate pair
+
+
+@pytest.mark.parametrize("backend", ["torch_numpy", "torch_accelerator_path"])
+def test_best_two_back_ends_of_the_torch_path(monkeypatch, backend):
+    """The torch back end's best-two on accelerators (torch.min) gives the same as numpy's."""
+    if backend == "torch_accelerator_path":
+        monkeypatch.setattr(nm, "best_two", nm._best_two_torch)
+    z, book = near_tie_problem(seed=2)
+    assert torch.equal(nearest_codes(z, book, backend="torch"), float64_argmin(z, book))
+
+
+def test_best_two_agree_on_ties():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (300, 40), generator=g).float()    # many exact ties
+    a = nm._best_two_numpy(scores.clone())
+    b = nm._best_two_torch(scores.clone())
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    assert torch.equal(a[0], torch.from_numpy(scores.numpy().argmin(axis=1)))   # first minimum
+    assert torch.equal(a[2], scores.topk(2, dim=1, largest=False).values[:, 1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_independent_of_batch_size_position_and_threads(backend):
+    z, book = near_tie_problem(seed=1, d=32, k=512)
+    z = torch.cat([z, z[:37] * (1 + 2 ** -23)])
+    full = search(z, book, backend)
+    assert torch.equal(full, float64_argmin(z, book))
+    for size in (1, 7, 256):
+        parts = torch.cat([search(z[i:i + size], book, backend) for i in range(0, z.shape[0], size)])
+        assert torch.equal(parts, full), size
+    order = torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(search(z[order], book, backend), full[order])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(search(z, book, backend), full)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_error_margin_covers_the_computed_scores():
+    """The bound behind the re-decision, checked on the worst case of the expansion (codes and
+    queries far from the origin, so the scores are large differences): every fp32 score of the
+    torch path is within E = margin / 2 of its float64 value."""
+    g = torch.Generator().manual_seed(11)
+    for d in (4, 32, 256):
+        book = torch.randn(300, d, generator=g) * 3 + 40.0
+        z = torch.randn(500, d, generator=g) * 3 + 40.0
+        scores = torch.addmm(book.pow(2).sum(1), z, book.t(), beta=1.0, alpha=-2.0).double()
+        exact = book.double().pow(2).sum(1) - 2 * z.double() @ book.double().t()
+        scale = z.double().pow(2).sum(1, keepdim=True) + book.double().pow(2).sum(1).max()
+        assert torch.all((scores - exact).abs() <= nm.error_margin(d) / 2 * scale)
+
+
+def test_untouched_fp32_winners_are_certain():
+    """exact=False and exact=True agree wherever the fp32 gap is beyond the margin."""
+    g = torch.Generator().manual_seed(12)
+    z, book = torch.randn(4000, 32, generator=g), torch.randn(512, 32, generator=g)
+    assert torch.equal(nearest_codes(z, book, exact=False), nearest_codes(z, book))
+
+
+def test_a_crash_in_the_fused_check_falls_back_without_harm(fresh_kernel, tmp_path):
+    """The fused kernel calls MKL's sgemm_ by symbol, first in a child process: a child that dies
+    (here by a deliberate segfault, as a BLAS ABI mismatch would) leaves this process running on
+    the blocked path (torch.mm + the C pass), with identical codes, and nothing is cached as ok."""
+    fresh_kernel.setattr(nm, "_CHILD_CHECK", "import ctypes; ctypes.string_at(0)")
+    assert nm.native_kernel() is not None and nm._fused is None
+    assert not list((tmp_path / "cache").glob("*.fused-ok"))
+    z, book = near_tie_problem(seed=4)
+    assert torch.equal(nearest_codes(z, book, backend="native"), float64_argmin(z, book))
+
+
+def test_fused_check_runs_in_a_child_once(fresh_kernel, tmp_path, monkeypatch):
+    assert nm.native_kernel() is not None and nm._fused is not None, nm._native_error
+    assert len(list((tmp_path / "cache").glob("*.fused-ok"))) == 1
+    runs = []
+    real_run = nm.subprocess.run
+    monkeypatch.setattr(nm.subprocess, "run", lambda *a, **kw: runs.append(a) or real_run(*a, **kw))
+    fresh_kernel.setattr(nm, "_tried", False)
+    assert nm.native_kernel() is not None and nm._fused is not None
+    assert not [a for a in runs if nm._CHILD_CHECK in a[0]]   # cached: no second child
+
+
+# ---- the quantiser searches through nearest_codes ----------------------------------------------
+def test_quantizer_search_follows_codebook_changes():
+    """The eval-mode cache of the searched (normalised) codebook is dropped on any change."""
+    from tokenizer import QuantizerConfig, VectorQuantizer
+    torch.manual_seed(0)
+    q = VectorQuantizer(QuantizerConfig(codebook_size=64, l2_normalize=True, kmeans_init=False), 16).eval()
+    z = torch.randn(500, 16)
+
+    def expect():
+        book = torch.nn.functional.normalize(q.codebook.detach(), dim=-1)
+        return float64_argmin(torch.nn.functional.normalize(z, dim=-1), book)
+    assert torch.equal(q.nearest(z), expect())
+    q._set_codebook(torch.randn(64, 16))                       # in place, as the EMA update
+    assert torch.equal(q.nearest(z), expect())
+    state = {k: v.clone() for k, v in q.state_dict().items()}
+    state["codebook"] = torch.randn(64, 16)
+    q.load_state_dict(state)
+    assert torch.equal(q.nearest(z), expect())
+    with torch.inference_mode():
+        inside = q.nearest(z)
+    assert torch.equal(inside, expect())
+    q.train()
+    _, idx, _ = q(z)                                           # training forward: no cache
+    q.eval()
+    assert torch.equal(q.nearest(z), expect())
