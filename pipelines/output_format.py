@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from urllib.parse import quote
 
@@ -171,6 +172,22 @@ def list_data_files(output: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     if not paths:
         raise UserError(f"{output}: no {DATA_SUFFIX} data files; is this a `vqtok tokenize` output?")
     return fs, sorted(paths)
+
+
+def read_manifests(fs: fsspec.AbstractFileSystem, paths: list[str], threads: int = 32) -> dict[str, dict | Exception]:
+    """{path: parsed JSON, or the exception that reading or parsing it raised}, in the order of
+    `paths`. Read concurrently: on an object store each read is a round trip, so 100k manifests
+    one after another would take many minutes."""
+    def one(path):
+        try:
+            return json.loads(fs.cat_file(path))
+        except (OSError, ValueError) as e:
+            return e
+
+    if len(paths) <= 1:
+        return {p: one(p) for p in paths}
+    with ThreadPoolExecutor(max_workers=min(threads, len(paths)), thread_name_prefix="vqtok-manifest") as pool:
+        return dict(zip(paths, pool.map(one, paths)))
 
 
 def read_metadata(file: str, filesystem: fsspec.AbstractFileSystem | None = None) -> OutputMetadata:

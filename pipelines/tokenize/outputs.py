@@ -12,7 +12,7 @@ import fsspec
 
 from ..errors import UserError
 from ..output_format import (DATA_SUFFIX, ERRORS_DIR, MANIFEST_DIR, SUCCESS_NAME, OutputMetadata, join,
-                             manifest_path, success_path)
+                             manifest_path, read_manifests, success_path)
 from .writer import TMP_DIR, put_atomic
 
 RUN_FILE = "_vqtok.json"
@@ -90,23 +90,21 @@ class OutputDir:
             self.fs.rm(path, recursive=True)
 
     def finished(self, shards: list[str], sha: str) -> dict[str, dict]:
-        """shard -> manifest for shards whose manifest (the commit marker) exists and matches."""
-        done = {}
+        """shard -> {"counts", "durations_s"} of its manifest, for shards whose manifest (the
+        commit marker) and data file exist and whose tokenizer matches. Two listings, then the
+        manifests are read concurrently; only what the summary needs is kept."""
         try:
             present = {p.rsplit("/", 1)[-1] for p in self.fs.ls(join(self.root, MANIFEST_DIR), detail=False)}
         except FileNotFoundError:
-            return done
+            return {}
         data = {p.rsplit("/", 1)[-1] for p in self._data_files()}
-        for shard in shards:
-            if shard + ".json" not in present or shard + DATA_SUFFIX not in data:
-                continue
-            with self.fs.open(manifest_path(self.root, shard), "rb") as f:
-                try:
-                    manifest = json.loads(f.read())
-                except ValueError:
-                    continue          # a torn manifest cannot exist (atomic), but never trust one
-            if manifest.get("tokenizer_sha256") == sha:
-                done[shard] = manifest
+        candidates = [s for s in shards if s + ".json" in present and s + DATA_SUFFIX in data]
+        paths = [manifest_path(self.root, s) for s in candidates]
+        done = {}
+        for shard, manifest in zip(candidates, read_manifests(self.fs, paths).values()):
+            # an unreadable or torn manifest cannot exist (atomic commits), but never trust one
+            if isinstance(manifest, dict) and manifest.get("tokenizer_sha256") == sha:
+                done[shard] = {"counts": manifest["counts"], "durations_s": manifest["durations_s"]}
         return done
 
     def mark_success(self, summary: dict) -> None:
