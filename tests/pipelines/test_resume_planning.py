@@ -11,6 +11,7 @@ import pytest
 
 from pipelines.data import expand_urls
 from pipelines.errors import UserError
+from pipelines.output_format import read_manifests
 from pipelines.tokenize.outputs import OutputDir
 
 SHA = "ab" * 32
@@ -101,17 +102,18 @@ def test_finished_shards_cost_two_listings_plus_concurrent_reads(s3, n):
 
 
 def test_manifest_reads_run_concurrently(tmp_path, monkeypatch):
-    """The reads overlap: with a 50 ms stall per read, 64 manifests finish in far less than 64 x 50 ms."""
+    """The reads overlap (object stores are latency-bound): with a 50 ms stall per read, many are
+    in flight at once."""
     import threading
     import time
 
     import fsspec
 
-    shards = _committed_output(fsspec.filesystem("file"), str(tmp_path), 64)
-    out = OutputDir(str(tmp_path))
+    fs = fsspec.filesystem("file")
+    shards = _committed_output(fs, str(tmp_path), 64)
     active, peak = [0], [0]
     lock = threading.Lock()
-    original = out.fs.cat_file
+    original = fs.cat_file
 
     def slow_cat(path, *a, **kw):
         with lock:
@@ -122,6 +124,40 @@ def test_manifest_reads_run_concurrently(tmp_path, monkeypatch):
             active[0] -= 1
         return original(path, *a, **kw)
 
-    monkeypatch.setattr(out.fs, "cat_file", slow_cat)
-    assert len(out.finished(shards, SHA)) == 64
+    monkeypatch.setattr(fs, "cat_file", slow_cat)
+    paths = [f"{tmp_path}/_manifest/{s}.json" for s in shards] + [f"{tmp_path}/_manifest/nope.json"]
+    got = read_manifests(fs, paths, threads=32)
+    assert list(got) == paths and all(got[p]["tokenizer_sha256"] == SHA for p in paths[:-1])
+    assert isinstance(got[paths[-1]], FileNotFoundError)
     assert peak[0] >= 8
+
+
+def test_index_of_the_last_run_replaces_the_manifest_reads(s3):
+    """After a run recorded its index, planning reads one object, not one manifest per shard; the
+    listings still decide what is finished (a deleted manifest or data file is not done, a shard
+    the index does not know is read from its manifest)."""
+    fs, calls = s3
+    root = "vqtok-plan/indexed"
+    shards = _committed_output(fs, root, 50)
+    out = OutputDir(f"s3://{root}")
+    done = out.finished(shards, SHA)
+    out.record_finished(done, SHA, changed=False)           # stale: every manifest was read
+    _fresh(fs, calls)
+    again = OutputDir(f"s3://{root}")
+    assert again.finished(shards, SHA) == done
+    assert calls["get_object"] == 1 and sum(calls.values()) <= 3, calls
+    again.record_finished(done, SHA, changed=False)        # nothing new: not rewritten
+    assert calls["put_object"] == 0
+
+    fs.rm(f"{root}/_manifest/{shards[0]}.json")            # the listings win over the index
+    fs.rm(f"{root}/{shards[1]}.parquet")
+    extra = _committed_output(fs, "vqtok-plan/extra", 51)[50]   # a shard the index does not know
+    fs.copy([f"vqtok-plan/extra/{extra}.parquet", f"vqtok-plan/extra/_manifest/{extra}.json"],
+            [f"{root}/{extra}.parquet", f"{root}/_manifest/{extra}.json"])
+    _fresh(fs, calls)
+    done = OutputDir(f"s3://{root}").finished(shards + [extra], SHA)
+    assert set(done) == set(shards[2:]) | {extra}
+    assert calls["get_object"] == 2, calls                  # the index and the unknown manifest
+
+    _fresh(fs, calls)                                       # another tokenizer's index is ignored
+    assert OutputDir(f"s3://{root}").finished(shards, "cd" * 32) == {}
