@@ -14,11 +14,10 @@ import fsspec
 from tokenizer.storage import is_local_fs
 
 from ..errors import UserError
-from ..output_format import (DATA_SUFFIX, ERRORS_DIR, MANIFEST_DIR, SUCCESS_NAME, OutputMetadata, join,
+from ..output_format import (DATA_SUFFIX, ERRORS_DIR, MANIFEST_DIR, RUN_FILE, SUCCESS_NAME, OutputMetadata, join,
                              manifest_path, read_manifests, success_path)
 from .writer import TMP_DIR, put_atomic
 
-RUN_FILE = "_vqtok.json"
 INDEX_NAME = "_index.json.gz"    # OUTPUT/_manifest/_index.json.gz: finished shards' slim manifests
 
 
