@@ -162,6 +162,7 @@ def measure(where: str, n: int, tok: str, pattern: str, out: str, env: dict, fir
         return
     first, summary = tokenize(tok, pattern, out, env)
     assert summary["done"] == n and summary["skipped"] == 0, summary
+    print(f"{where:5s} {n:6d} shards  first run {first:7.1f} s", flush=True)
     again, summary = tokenize(tok, pattern, out, env)
     assert summary["skipped"] == n, summary
     runs = [new_planning(pattern, out, sha) for _ in range(3)]
@@ -169,7 +170,7 @@ def measure(where: str, n: int, tok: str, pattern: str, out: str, env: dict, fir
     old, done_old = old_planning(pattern, out, sha)
     assert done_new == done_old == n, (done_new, done_old)
     new = inputs + finished
-    print(f"{where:5s} {n:6d} shards  first run {first:7.1f} s  no-op rerun {again:5.2f} s  "
+    print(f"{where:5s} {n:6d} shards  no-op rerun {again:5.2f} s  "
           f"planning {new:6.3f} s (inputs {inputs:.3f} + finished {finished:.3f}; best of 3)  "
           f"sequential before: {old:6.2f} s ({old / new:5.1f}x)", flush=True)
 
