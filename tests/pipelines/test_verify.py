@@ -155,3 +155,20 @@ def test_keys_across_shards_only_when_asked(out):
 def test_not_an_output_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no such tokenize output directory"):
         verify_output(str(tmp_path / "nope"))
+
+
+def test_output_on_s3(tokenized_output, s3_env):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    if not fs.exists("vqtok-verify"):
+        fs.mkdir("vqtok-verify")
+    fs.put(tokenized_output["output"] + "/", "vqtok-verify/out/", recursive=True)
+    report = verify_output("s3://vqtok-verify/out")
+    assert report["ok"] and report["rows"] == 62 and report["checksums_checked"] == 4, report["findings"]
+    fs.rm("vqtok-verify/out/train-000001.parquet")
+    fs.pipe("vqtok-verify/out/train-000002.parquet", b"PAR1 not really")
+    report = verify_output("s3://vqtok-verify/out")
+    assert [f["path"] for f in report["findings"]] == ["s3://vqtok-verify/out/train-000001.parquet",
+                                                      "s3://vqtok-verify/out/train-000002.parquet",
+                                                      "s3://vqtok-verify/out/train-000002.parquet"]
