@@ -22,16 +22,24 @@ GLOB_CHARS = "*?["
 
 
 def expand_urls(patterns: list[str]) -> list[str]:
-    """['data/train-{000000..000009}.tar', 's3://b/x/*.tar', 'dir/'] -> sorted, de-duplicated
-    shard URLs. A directory stands for the .tar files inside it. Raises UserError naming the
-    first pattern that matches nothing."""
+    """['data/train-{000000..000009}.tar', 's3://b/x/*.tar', 'dir/'] -> de-duplicated shard URLs
+    (brace ranges in order, glob and directory matches sorted). A directory stands for the .tar
+    files inside it. Raises UserError naming the first pattern that matches nothing, or the first
+    name of a brace range that does not exist.
+
+    The names of a brace range are checked against ONE listing of each directory they live in,
+    not one request per name: at 100k shards on an object store that is a few paginated listings
+    instead of 100k round trips."""
     if isinstance(patterns, str):
         patterns = [patterns]
     urls: list[str] = []
     for pattern in patterns:
+        items = list(braceexpand(pattern))
+        listed = _list_parents([i for i in items if not any(c in i for c in GLOB_CHARS)]) \
+            if len(items) > 1 else {}
         found: list[str] = []
-        for item in braceexpand(pattern):
-            matches = _expand_one(item)
+        for item in items:
+            matches = listed[item] if item in listed else _expand_one(item)
             if not matches and not any(c in item for c in GLOB_CHARS) and item != pattern:
                 # an explicit name from a brace range is missing: a gap, not an empty glob
                 raise UserError(f"no shard matches {pattern!r}: {item} does not exist")
@@ -40,6 +48,37 @@ def expand_urls(patterns: list[str]) -> list[str]:
             raise UserError(f"no shard matches {pattern!r}")
         urls += found
     return list(dict.fromkeys(urls))
+
+
+def _list_parents(items: list[str]) -> dict[str, list[str]]:
+    """{item: [its URL]} for the plain files among `items` (concrete names, no globs), found with
+    one listing per parent directory. Items not answered here (missing, directories, a parent that
+    cannot be listed, HTTP, whose "listing" is a scraped page) are left to `_expand_one`."""
+    groups: dict[tuple[int, str], tuple] = {}     # (filesystem, parent) -> (fs, [(item, path)])
+    for item in items:
+        try:
+            fs, path = fsspec.core.url_to_fs(item)
+        except (OSError, ValueError):
+            continue
+        if _protocol(fs) in ("http", "https") or "/" not in path.rstrip("/"):
+            continue
+        parent = path.rstrip("/").rsplit("/", 1)[0]
+        groups.setdefault((id(fs), parent), (fs, []))[1].append((item, path))
+    out: dict[str, list[str]] = {}
+    for (_, parent), (fs, members) in groups.items():
+        try:
+            entries = fs.ls(parent, detail=True)
+        except (OSError, ValueError):
+            continue
+        files = {e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "file"}
+        for item, path in members:
+            if path.rsplit("/", 1)[-1] in files:
+                out[item] = [_full_url(fs, item, path)]
+    return out
+
+
+def _protocol(fs) -> str:
+    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
 
 
 def _expand_one(url: str) -> list[str]:
@@ -59,8 +98,7 @@ def _expand_one(url: str) -> list[str]:
 
 
 def _full_url(fs, original: str, path: str) -> str:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("file", "local") and "://" not in original:
+    if _protocol(fs) in ("file", "local") and "://" not in original:
         return path
     return fs.unstrip_protocol(path)
 

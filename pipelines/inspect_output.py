@@ -2,14 +2,13 @@
 (no code rows are read)."""
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import pyarrow.parquet as pq
 
 from .errors import UserError
 from .output_format import (ERRORS_DIR, MANIFEST_DIR, SUCCESS_NAME, DATA_SUFFIX, join,
-                            list_data_files, read_metadata, require_same_tokenizer)
+                            list_data_files, read_manifests, read_metadata, require_same_tokenizer)
 
 
 def inspect_output(output: str) -> dict:
@@ -57,14 +56,10 @@ def _manifests(fs, output: str) -> dict[str, dict]:
     out = {}
     if not fs.isdir(root):
         return out
-    for path in sorted(fs.find(root)):
-        if not path.endswith(".json"):
-            continue
-        try:
-            with fs.open(path, "rb") as f:
-                data = json.load(f)
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: unreadable shard manifest ({e})") from None
+    paths = sorted(p for p in fs.find(root) if p.endswith(".json"))
+    for path, data in read_manifests(fs, paths).items():      # concurrent: one round trip each
+        if isinstance(data, Exception):
+            raise UserError(f"{path}: unreadable shard manifest ({data})")
         out[path] = data if isinstance(data, dict) else {}
     return out
 

@@ -6,6 +6,7 @@ Layout of an OUTPUT directory (local path or fsspec URL):
     OUTPUT/_errors/<shard>.parquet  columns shard, key (null = shard-level), error
     OUTPUT/_manifest/<shard>.json   per finished shard: counts, stage durations, tokenizer sha
     OUTPUT/_SUCCESS                 written when every shard is done
+    OUTPUT/_vqtok.json              the run record (tokenizer sha, grid, kept fields, preprocessing)
 Every data file carries schema metadata under b"vqtok": JSON describing the tokenizer (see
 OutputMetadata). Paths whose name starts with "_" or "." are not data (the convention of pyarrow,
 pandas, polars, duckdb, Ray Data and HF datasets), so those readers see only code rows.
@@ -16,10 +17,12 @@ import hashlib
 import json
 import os
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from urllib.parse import quote
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -30,6 +33,7 @@ METADATA_KEY = b"vqtok"
 KEY, SHARD, CODES = "key", "shard", "codes"   # data columns (plus any --keep-fields)
 ERROR_COLUMNS = ("shard", "key", "error")
 ERRORS_DIR, MANIFEST_DIR, SUCCESS_NAME = "_errors", "_manifest", "_SUCCESS"
+RUN_FILE = "_vqtok.json"                      # the run record: tokenizer, grid, kept fields
 DATA_SUFFIX = ".parquet"
 MAX_INT16_CODEBOOK = 32768                    # codes 0..32767 fit int16
 _MAX_NAME_BYTES = 200                         # stay well under the usual 255-byte name limit
@@ -163,14 +167,36 @@ def list_data_files(output: str) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     root = root.rstrip("/")
     if not fs.isdir(root):
         raise UserError(f"{output}: no such tokenize output directory")
-    paths = []
-    for path in fs.find(root):
-        rel = path[len(root):].lstrip("/")
-        if rel.endswith(DATA_SUFFIX) and not is_hidden(rel):
-            paths.append(path)
+    paths = data_files_among(root, fs.find(root))
     if not paths:
         raise UserError(f"{output}: no {DATA_SUFFIX} data files; is this a `vqtok tokenize` output?")
-    return fs, sorted(paths)
+    return fs, paths
+
+
+def data_files_among(root: str, paths) -> list[str]:
+    """The data files (sorted) among `paths` found under `root`: .parquet, no `_`/`.` part."""
+    out = []
+    for path in paths:
+        rel = path[len(root):].lstrip("/")
+        if rel.endswith(DATA_SUFFIX) and not is_hidden(rel):
+            out.append(path)
+    return sorted(out)
+
+
+def read_manifests(fs: fsspec.AbstractFileSystem, paths: list[str], threads: int = 32) -> dict[str, dict | Exception]:
+    """{path: parsed JSON, or the exception that reading or parsing it raised}, in the order of
+    `paths`. Read concurrently: on an object store each read is a round trip, so 100k manifests
+    one after another would take many minutes."""
+    def one(path):
+        try:
+            return json.loads(fs.cat_file(path))
+        except (OSError, ValueError) as e:
+            return e
+
+    if len(paths) <= 1:
+        return {p: one(p) for p in paths}
+    with ThreadPoolExecutor(max_workers=min(threads, len(paths)), thread_name_prefix="vqtok-manifest") as pool:
+        return dict(zip(paths, pool.map(one, paths)))
 
 
 def read_metadata(file: str, filesystem: fsspec.AbstractFileSystem | None = None) -> OutputMetadata:
@@ -252,3 +278,21 @@ def safe_output_path(out_dir: str, key: str, suffix: str = "") -> str:
             raise UserError(f"{out_dir}: refusing to write key {key[:80]!r} outside the output "
                             f"directory (resolves to {os.path.realpath(path)})")
     return path
+
+
+def codes_array(column: pa.ChunkedArray, meta: OutputMetadata, path: str, size: int) -> np.ndarray:
+    """list<int> column -> (n, size) int64, checked against the grid and the codebook."""
+    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if array.null_count:
+        raise UserError(f"{path}: {array.null_count} rows have null codes")
+    lengths = np.diff(array.offsets.to_numpy(zero_copy_only=False))
+    if len(lengths) and (lengths != size).any():
+        bad = int(np.flatnonzero(lengths != size)[0])
+        raise UserError(f"{path}: a row has {int(lengths[bad])} codes, the grid {meta.grid} "
+                        f"needs {size}")
+    values = array.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() >= meta.codebook_size):
+        bad = values[(values < 0) | (values >= meta.codebook_size)]
+        raise UserError(f"{path}: codes outside [0, {meta.codebook_size}) ({bad.size} values, "
+                        f"e.g. {int(bad[0])})")
+    return values.reshape(len(array), size)

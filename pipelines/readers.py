@@ -26,8 +26,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .errors import UserError
-from .output_format import (CODES, KEY, SHARD, OutputMetadata, list_data_files, metadata_from_schema,
-                            require_same_tokenizer, success_path)
+from .output_format import (CODES, KEY, SHARD, OutputMetadata, codes_array, list_data_files,
+                            metadata_from_schema, require_same_tokenizer, success_path)
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ class CodesDataset(IterableDataset):
                     parquet = pq.ParquetFile(handle)
                 table = parquet.read_row_group(piece.group.index, columns=columns)
                 table = table.slice(piece.start, piece.stop - piece.start)
-                codes = _codes_array(table.column(CODES), self.metadata, open_path, h * w)
+                codes = codes_array(table.column(CODES), self.metadata, open_path, h * w)
                 yield Block(table.column(KEY).to_pylist(), codes.reshape(-1, h, w),
                             {name: table.column(name).to_pylist() for name in self.fields})
         finally:
@@ -246,22 +246,6 @@ def _rows(blocks: Iterator["Block"], fields: tuple[str, ...]) -> Iterator[dict]:
             for name in fields:
                 row[name] = block.extra[name][i]
             yield row
-
-
-def _codes_array(column: pa.ChunkedArray, meta: OutputMetadata, path: str, size: int) -> np.ndarray:
-    """list<int> column -> (n, size) int64, checked against the grid and the codebook."""
-    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    if array.null_count:
-        raise UserError(f"{path}: {array.null_count} rows have null codes")
-    lengths = np.diff(array.offsets.to_numpy(zero_copy_only=False))
-    if len(lengths) and (lengths != size).any():
-        bad = int(np.flatnonzero(lengths != size)[0])
-        raise UserError(f"{path}: a row has {int(lengths[bad])} codes, the grid {meta.grid} "
-                        f"needs {size}")
-    values = array.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-    if values.size and (values.min() < 0 or values.max() >= meta.codebook_size):
-        raise UserError(f"{path}: codes outside [0, {meta.codebook_size})")
-    return values.reshape(len(array), size)
 
 
 def _pool_shuffle(blocks: Iterator["Block"], size: int, rng: np.random.Generator) -> Iterator["Block"]:

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "decode": "decode",
     "eval": "evaluate",
     "inspect": "inspect",
+    "verify": "verify",
     "demo": "demo",
 }
 

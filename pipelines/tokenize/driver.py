@@ -44,6 +44,7 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
         with ray_session(cfg.address) as ray:
             outcome, startup = _run_on_ray(ray, cfg, meta, todo, len(shards), len(done), ray_t0)
     manifests = {**done, **(outcome.manifests if outcome else {})}
+    out.record_finished(manifests, meta.tokenizer_sha256, changed=outcome is not None)
     summary = summarize(shards, manifests, outcome, len(done), time.perf_counter() - t0, startup)
     if not summary["failed_shards"]:
         out.mark_success(summary)

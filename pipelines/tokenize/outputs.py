@@ -6,16 +6,24 @@ previous outputs first, so one directory never mixes codes of two tokenizers.
 """
 from __future__ import annotations
 
+import gzip
 import json
 
 import fsspec
 
+from tokenizer.storage import is_local_fs
+
 from ..errors import UserError
-from ..output_format import (DATA_SUFFIX, ERRORS_DIR, MANIFEST_DIR, SUCCESS_NAME, OutputMetadata, join,
-                             manifest_path, success_path)
+from ..output_format import (DATA_SUFFIX, ERRORS_DIR, MANIFEST_DIR, RUN_FILE, SUCCESS_NAME, OutputMetadata, join,
+                             manifest_path, read_manifests, success_path)
 from .writer import TMP_DIR, put_atomic
 
-RUN_FILE = "_vqtok.json"
+INDEX_NAME = "_index.json.gz"    # OUTPUT/_manifest/_index.json.gz: finished shards' slim manifests
+
+
+def slim_manifest(manifest: dict) -> dict:
+    """What a rerun's summary needs of a shard's manifest; the rest stays in the manifest file."""
+    return {"counts": manifest["counts"], "durations_s": manifest["durations_s"]}
 
 
 class OutputDir:
@@ -26,6 +34,7 @@ class OutputDir:
         except (ValueError, ImportError) as e:
             raise UserError(f"--output {url}: unsupported URL ({e})") from None
         self.root = self.root.rstrip("/")
+        self._index_stale = True      # until `finished` found every finished shard in the index
 
     def identity(self, meta: OutputMetadata, keep_fields: list[str]) -> dict:
         return {"tokenizer_sha256": meta.tokenizer_sha256, "codebook_size": meta.codebook_size,
@@ -90,24 +99,50 @@ class OutputDir:
             self.fs.rm(path, recursive=True)
 
     def finished(self, shards: list[str], sha: str) -> dict[str, dict]:
-        """shard -> manifest for shards whose manifest (the commit marker) exists and matches."""
-        done = {}
+        """shard -> its slim manifest ({"counts", "durations_s"}: what the summary needs) for the
+        shards whose manifest (the commit marker) and data file exist and whose tokenizer matches.
+
+        Costs two listings (the manifests, the data files) plus one read of the index that the
+        previous run left (`record_finished`); only manifests the index does not know are read,
+        concurrently. Whether a shard is done always comes from the listings: the index is a
+        cache of manifest contents, never a substitute for a manifest."""
         try:
             present = {p.rsplit("/", 1)[-1] for p in self.fs.ls(join(self.root, MANIFEST_DIR), detail=False)}
         except FileNotFoundError:
-            return done
+            return {}
         data = {p.rsplit("/", 1)[-1] for p in self._data_files()}
-        for shard in shards:
-            if shard + ".json" not in present or shard + DATA_SUFFIX not in data:
-                continue
-            with self.fs.open(manifest_path(self.root, shard), "rb") as f:
-                try:
-                    manifest = json.loads(f.read())
-                except ValueError:
-                    continue          # a torn manifest cannot exist (atomic), but never trust one
-            if manifest.get("tokenizer_sha256") == sha:
-                done[shard] = manifest
+        candidates = [s for s in shards if s + ".json" in present and s + DATA_SUFFIX in data]
+        index = self._read_index(sha) if INDEX_NAME in present else {}
+        done = {s: index[s] for s in candidates if s in index}
+        unknown = [s for s in candidates if s not in index]
+        paths = [manifest_path(self.root, s) for s in unknown]
+        threads = 1 if is_local_fs(self.fs) else 32     # local reads: threads cost more than they save
+        for shard, manifest in zip(unknown, read_manifests(self.fs, paths, threads).values()):
+            # an unreadable or torn manifest cannot exist (atomic commits), but never trust one
+            if isinstance(manifest, dict) and manifest.get("tokenizer_sha256") == sha:
+                done[shard] = slim_manifest(manifest)
+        self._index_stale = bool(unknown)
         return done
+
+    def record_finished(self, manifests: dict[str, dict], sha: str, changed: bool) -> None:
+        """Write the index of finished shards (shard -> slim manifest) that the next run's
+        `finished` reads instead of one manifest per shard. Skipped when nothing changed."""
+        if not (changed or self._index_stale) or not manifests:
+            return
+        index = {"version": 1, "tokenizer_sha256": sha,
+                 "shards": {s: slim_manifest(m) for s, m in manifests.items()}}
+        put_atomic(join(self.url, MANIFEST_DIR, INDEX_NAME),
+                   gzip.compress(json.dumps(index, separators=(",", ":")).encode(), mtime=0), self.url)
+
+    def _read_index(self, sha: str) -> dict[str, dict]:
+        try:
+            index = json.loads(gzip.decompress(self.fs.cat_file(join(self.root, MANIFEST_DIR, INDEX_NAME))))
+        except (OSError, ValueError, EOFError):
+            return {}                 # no usable index: every manifest is read instead
+        if not isinstance(index, dict) or index.get("tokenizer_sha256") != sha:
+            return {}
+        shards = index.get("shards")
+        return shards if isinstance(shards, dict) else {}
 
     def mark_success(self, summary: dict) -> None:
         put_atomic(success_path(self.url), json.dumps(summary, indent=1).encode(), self.url)

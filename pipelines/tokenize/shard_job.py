@@ -103,7 +103,8 @@ class ShardTokenizer:
             "worker": {"pid": os.getpid(), "host": socket.gethostname(), "device": str(self.encoder.device),
                        "decode_processes": self.decoders.size if isinstance(self.decoders, DecodePool) else 0},
         }
-        self.committer.commit_data(shard, parquet_bytes(table), data_path(self.output, shard), errors)
+        manifest["files"] = self.committer.commit_data(shard, parquet_bytes(table),   # {"data", "errors"} digests
+                                                       data_path(self.output, shard), errors)
         manifest["durations_s"]["write"] = round(time.perf_counter() - t0, 4)
         manifest["durations_s"]["wall"] = round(time.perf_counter() - wall0, 4)
         manifest["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -7,6 +7,7 @@ PUT of the finished bytes (atomic per object): tokenizer.storage.write_bytes_ato
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 
@@ -49,6 +50,11 @@ def remove(url: str) -> None:
         pass
 
 
+def file_digest(data: bytes) -> dict:
+    """{"sha256", "bytes"} of a file's bytes as committed (recorded in the shard's manifest)."""
+    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
 def parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS)
@@ -81,12 +87,19 @@ class ShardCommitter:
     def __init__(self, output: str):
         self.output = output
 
-    def commit_data(self, shard: str, data: bytes, data_url: str, errors: list) -> None:
+    def commit_data(self, shard: str, data: bytes, data_url: str, errors: list) -> dict:
+        """Commit the error file (or remove a stale one) and the data file; returns
+        {"data": digest, "errors": digest or None} for the manifest, so that `vqtok verify` can
+        prove later that the files are still the bytes committed."""
+        errors_digest = None
         if errors:
-            put_atomic(errors_path(self.output, shard), parquet_bytes(errors_table(errors)), self.output)
+            errors_bytes = parquet_bytes(errors_table(errors))
+            put_atomic(errors_path(self.output, shard), errors_bytes, self.output)
+            errors_digest = file_digest(errors_bytes)
         else:
             remove(errors_path(self.output, shard))   # stale errors of an earlier attempt
         put_atomic(data_url, data, self.output)
+        return {"data": file_digest(data), "errors": errors_digest}
 
     def commit_manifest(self, shard: str, manifest: dict) -> None:
         put_atomic(manifest_path(self.output, shard), json.dumps(manifest, indent=1).encode(), self.output)

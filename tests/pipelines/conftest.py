@@ -149,3 +149,30 @@ def _stop_group(proc) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     proc.wait()
+
+
+@pytest.fixture(scope="session")
+def tokenized_output(tmp_path_factory):
+    """A clean output made once by the real `vqtok tokenize` (embedded local Ray): shards
+    train-00000{0,1,2} of 20 Fashion-MNIST images and bad-000000 (2 good samples, 1 undecodable:
+    it has an _errors file). train-000003.tar exists but was not tokenized. Copy `output` before
+    changing it. {'output', 'dir', 'tok', 'inputs': the job's --input patterns}."""
+    import tok_data as td
+
+    root = tmp_path_factory.mktemp("verify")
+    tok, shards = root / "tok", root / "in"
+    shards.mkdir()
+    td.save_tokenizer(tok)
+    td.write_fmnist_shards(shards, 4, 20)
+    images, labels = td.fashion_mnist(2)
+    bad = td.fmnist_samples(images, labels, "bad-") + [("bad-garbage", {"png": b"not a png", "cls": b"0"})]
+    td.write(shards / "bad-000000.tar", td.tar_bytes(bad))
+    inputs = [f"{shards}/train-{{000000..000002}}.tar", f"{shards}/bad-000000.tar"]
+    out = str(root / "out")
+    args = ["tokenize", "--tokenizer", str(tok), "--output", out, "--keep-fields", "cls", "--workers", "2",
+            "--max-error-rate", "0.5", "--no-progress"]
+    for pattern in inputs:
+        args += ["--input", pattern]
+    proc = td.vqtok(args, env={"HOME": str(root / "home")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"output": out, "dir": str(shards), "tok": str(tok), "inputs": inputs}

@@ -1,0 +1,174 @@
+"""`verify_output`: a clean output made by the real `vqtok tokenize` passes; each kind of damage
+is one finding naming the file and the cause."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.errors import UserError
+from pipelines.verify import format_report, verify_output
+
+
+@pytest.fixture
+def out(tokenized_output, tmp_path):
+    """A private copy of the clean output."""
+    path = str(tmp_path / "out")
+    shutil.copytree(tokenized_output["output"], path)
+    return path
+
+
+def causes(report: dict, name: str) -> list[str]:
+    """The causes of the findings about the file `name` (a path relative to the output)."""
+    return [f["cause"] for f in report["findings"] if f["path"].endswith("/" + name)]
+
+
+def rewrite(path: str, change) -> None:
+    """Rewrite a data file as valid Parquet (schema metadata kept) with change(table) -> table."""
+    table = pq.read_table(path)
+    pq.write_table(change(table), path, compression="zstd")
+
+
+def with_codes(table: pa.Table, row: int, position: int, value: int) -> pa.Table:
+    codes = table.column("codes").to_pylist()
+    codes[row][position] = value
+    return table.set_column(table.schema.get_field_index("codes"), table.schema.field("codes"),
+                            pa.array(codes, type=table.schema.field("codes").type))
+
+
+def test_clean_output_passes_with_every_check(out, tokenized_output):
+    report = verify_output(out, tokenized_output["inputs"])
+    assert report["findings"] == [] and report["ok"]
+    assert report["shards"] == 4 and report["data_files"] == 4 and report["rows"] == 62
+    assert report["checksums_checked"] == 4 and report["unchecked_files"] == 0
+    manifest = json.load(open(f"{out}/_manifest/bad-000000.json"))
+    assert manifest["files"]["errors"]["bytes"] == os.path.getsize(f"{out}/_errors/bad-000000.parquet")
+    assert manifest["files"]["data"]["bytes"] == os.path.getsize(f"{out}/bad-000000.parquet")
+    assert format_report(report).startswith(f"OK {out}: 4 shards, 4 data files, 62 rows")
+
+
+def test_deleted_parquet(out):
+    os.remove(f"{out}/train-000001.parquet")
+    report = verify_output(out)
+    assert not report["ok"]
+    assert causes(report, "train-000001.parquet") == ["missing: its manifest says the shard was committed"]
+    assert len(report["findings"]) == 1
+
+
+def test_truncated_parquet(out):
+    path = f"{out}/train-000002.parquet"
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    found = causes(verify_output(out), "train-000002.parquet")
+    assert found[0] == f"{len(data) // 2} bytes, {len(data)} were committed (truncated or replaced)"
+    assert any(c.startswith("not a readable Parquet file") for c in found)
+
+
+def test_altered_bytes_same_size(out):
+    path = f"{out}/train-000000.parquet"
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 3] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    found = causes(verify_output(out), "train-000000.parquet")
+    assert "sha256 differs from the one recorded at commit (altered)" in found
+
+
+def test_rewritten_as_valid_parquet_with_a_changed_code(out):
+    path = f"{out}/train-000001.parquet"
+    rewrite(path, lambda t: with_codes(t, 3, 5, (t.column("codes")[3][5].as_py() + 1) % 64))
+    found = causes(verify_output(out), "train-000001.parquet")
+    assert found and all("committed" in c or "altered" in c for c in found), found   # checksum only
+
+
+def test_codes_out_of_range(out):
+    rewrite(f"{out}/train-000000.parquet", lambda t: with_codes(t, 0, 0, 64))
+    found = causes(verify_output(out), "train-000000.parquet")
+    assert "codes outside [0, 64) (1 values, e.g. 64)" in found
+
+
+def test_duplicate_key(out):
+    rewrite(f"{out}/train-000002.parquet", lambda t: pa.concat_tables([t, t.slice(7, 1)]))
+    found = causes(verify_output(out), "train-000002.parquet")
+    assert "1 duplicate key(s), e.g. 's2-000047'" in found
+    assert "21 rows, its manifest committed 20" in found
+
+
+def test_missing_input_shard(out, tokenized_output):
+    d = tokenized_output["dir"]
+    report = verify_output(out, [f"{d}/train-{{000000..000003}}.tar", f"{d}/bad-000000.tar"])
+    assert [f["path"] for f in report["findings"]] == [f"{d}/train-000003.tar"]
+    assert report["findings"][0]["cause"].startswith("input shard not accounted for")
+    assert verify_output(out, tokenized_output["inputs"])["ok"]
+
+
+def test_one_tokenizer(out):
+    path = f"{out}/_manifest/train-000001.json"
+    manifest = json.load(open(path))
+    manifest["tokenizer_sha256"] = "0" * 64
+    json.dump(manifest, open(path, "w"))
+    found = causes(verify_output(out), "_manifest/train-000001.json")
+    assert len(found) == 1 and found[0].startswith("names tokenizer 000000000000...")
+
+
+def test_uncommitted_and_failed_shards(out):
+    os.remove(f"{out}/_manifest/train-000000.json")          # data without its commit marker
+    os.remove(f"{out}/_manifest/bad-000000.json")            # errors without a manifest
+    os.remove(f"{out}/bad-000000.parquet")
+    os.remove(f"{out}/_SUCCESS")
+    report = verify_output(out)
+    assert causes(report, "train-000000.parquet")[0].startswith("no manifest: the shard was not committed")
+    assert causes(report, "_errors/bad-000000.parquet")[0].startswith("a failed shard")
+    assert causes(report, "_SUCCESS")[0].startswith("missing: the job did not finish")
+    assert len(report["findings"]) == 3
+
+
+def test_errors_file_checked_against_its_manifest(out):
+    os.remove(f"{out}/_errors/bad-000000.parquet")
+    assert causes(verify_output(out), "_errors/bad-000000.parquet") == ["missing: its manifest counts 1 errors"]
+
+
+def test_output_without_recorded_checksums_is_checked_otherwise(out):
+    for path in glob.glob(f"{out}/_manifest/*.json"):
+        manifest = json.load(open(path))
+        del manifest["files"]
+        json.dump(manifest, open(path, "w"))
+    report = verify_output(out)
+    assert report["ok"] and report["unchecked_files"] == 4 and report["checksums_checked"] == 0
+    rewrite(f"{out}/train-000000.parquet", lambda t: with_codes(t, 0, 0, 99))
+    assert "codes outside [0, 64) (1 values, e.g. 99)" in causes(verify_output(out), "train-000000.parquet")
+
+
+def test_keys_across_shards_only_when_asked(out):
+    keys = pq.read_table(f"{out}/train-000000.parquet").column("key")
+    rewrite(f"{out}/train-000001.parquet",
+            lambda t: t.set_column(t.schema.get_field_index("key"), "key", keys))
+    assert not any("also in shard" in f["cause"] for f in verify_output(out)["findings"])
+    found = causes(verify_output(out, unique_keys=True), "train-000001.parquet")
+    assert "key 's0-000000' is also in shard train-000000" in found
+
+
+def test_not_an_output_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no such tokenize output directory"):
+        verify_output(str(tmp_path / "nope"))
+
+
+def test_output_on_s3(tokenized_output, s3_env):
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    if not fs.exists("vqtok-verify"):
+        fs.mkdir("vqtok-verify")
+    fs.put(tokenized_output["output"] + "/", "vqtok-verify/out/", recursive=True)
+    report = verify_output("s3://vqtok-verify/out")
+    assert report["ok"] and report["rows"] == 62 and report["checksums_checked"] == 4, report["findings"]
+    fs.rm("vqtok-verify/out/train-000001.parquet")
+    fs.pipe("vqtok-verify/out/train-000002.parquet", b"PAR1 not really")
+    report = verify_output("s3://vqtok-verify/out")
+    assert [f["path"] for f in report["findings"]] == ["s3://vqtok-verify/out/train-000001.parquet",
+                                                      "s3://vqtok-verify/out/train-000002.parquet",
+                                                      "s3://vqtok-verify/out/train-000002.parquet"]
