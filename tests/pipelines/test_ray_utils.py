@@ -115,34 +115,40 @@ def test_unreachable_address_is_a_clear_error(tmp_path, tok_dir, shards):
     assert "cannot connect to the Ray cluster at 127.0.0.1:" in proc.stderr and "nothing answers" in proc.stderr
 
 
-def test_token_available_and_auth_mode_follow_ray_itself(tmp_path, monkeypatch):
-    from ray._raylet import AuthenticationMode, get_authentication_mode
+TOKEN_AND_MODE = r"""
+import os, pathlib, sys
+from ray._raylet import AuthenticationMode, get_authentication_mode
+from pipelines import ray_utils
+home = pathlib.Path(sys.argv[1])
+assert not ray_utils.token_available()
+(home / ".ray").mkdir()
+(home / ".ray" / "auth_token").write_text("a" * 32)
+assert ray_utils.token_available()
+(home / ".ray" / "auth_token").unlink()
+(home / "t").write_text("b" * 32)
+os.environ["RAY_AUTH_TOKEN_PATH"] = str(home / "t")
+assert ray_utils.token_available()
+del os.environ["RAY_AUTH_TOKEN_PATH"]
+os.environ["RAY_AUTH_TOKEN"] = "c" * 32
+assert ray_utils.token_available()
+ray_utils.set_auth_mode(True)       # Ray's cached config sees it at once
+assert os.environ["RAY_AUTH_MODE"] == "token"
+assert get_authentication_mode() == AuthenticationMode.TOKEN
+ray_utils.set_auth_mode(False)
+assert get_authentication_mode() == AuthenticationMode.DISABLED
+print("ok")
+"""
 
-    from pipelines import ray_utils
-    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    assert not ray_utils.token_available()
-    (tmp_path / ".ray").mkdir()
-    (tmp_path / ".ray" / "auth_token").write_text("a" * 32)
-    assert ray_utils.token_available()
-    (tmp_path / ".ray" / "auth_token").unlink()
-    (tmp_path / "t").write_text("b" * 32)
-    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "t"))
-    assert ray_utils.token_available()
-    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", "c" * 32)
-    assert ray_utils.token_available()
-    try:
-        ray_utils.set_auth_mode(True)       # Ray's cached config sees it at once
-        assert os.environ["RAY_AUTH_MODE"] == "token"
-        assert get_authentication_mode() == AuthenticationMode.TOKEN
-        ray_utils.set_auth_mode(False)
-        assert get_authentication_mode() == AuthenticationMode.DISABLED
-    finally:
-        monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-        from ray._raylet import Config
-        Config.initialize("")
+
+def test_token_available_and_auth_mode_follow_ray_itself(tmp_path):
+    # in a process of its own: Ray's token loader and cached config are process-wide, and a
+    # token or mode left behind here would reach every later in-process Ray driver of the suite
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(tmp_path)
+    out = subprocess.run([sys.executable, "-c", TOKEN_AND_MODE, str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_cluster_address_from_option_or_environment(monkeypatch):

@@ -35,7 +35,10 @@ def cluster():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_AUTH_MODE", "disabled")
         mp.delenv("RAY_ADDRESS", raising=False)
-        # after the mode is set: Ray reads it when first imported, and this process is the driver
+        # Ray caches the mode when first imported (an earlier test may have imported it in token
+        # mode): re-read it, so the cluster this process starts has token auth off too
+        from pipelines.ray_utils import set_auth_mode
+        set_auth_mode(False)
         from ray.cluster_utils import Cluster
 
         temp_dir = tempfile.mkdtemp(prefix="vqe-", dir="/tmp")   # short: Unix socket paths are limited
