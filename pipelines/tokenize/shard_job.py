@@ -48,10 +48,14 @@ class ShardTokenizer:
         self.decoders.close()
 
     def run(self, url: str, shard: str, attempt: int = 1) -> dict:
-        wall0 = time.perf_counter()
+        queued0 = time.perf_counter()
         res = {"keys": [], "codes": [], "kept": {n: [] for n in self.keep_fields}, "errors": [],
                "read": 0.0, "decode": 0.0, "encode": 0.0, "encode_wait": 0.0, "read_samples": 0}
         with self.decoders.acquire() as source:
+            # the shard's wall time starts here: a call queued behind the worker's slots waits
+            # above, and that wait is not this shard's work
+            wall0 = time.perf_counter()
+            res["queued"] = wall0 - queued0
             batches = source.batches(url)
             while True:
                 try:
@@ -98,7 +102,8 @@ class ShardTokenizer:
                        "shard_errors": 1 if end.error else 0},
             "shard_error": end.error,
             "durations_s": {"read": round(res["read"], 4), "decode": round(res["decode"], 4),
-                            "encode": round(res["encode"], 4), "encode_wait": round(res["encode_wait"], 4)},
+                            "encode": round(res["encode"], 4), "encode_wait": round(res["encode_wait"], 4),
+                            "queued": round(res["queued"], 4)},
             "attempt": attempt,
             "worker": {"pid": os.getpid(), "host": socket.gethostname(), "device": str(self.encoder.device),
                        "decode_processes": self.decoders.size if isinstance(self.decoders, DecodePool) else 0},
