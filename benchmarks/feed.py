@@ -38,9 +38,9 @@ import numpy as np
 
 
 from pipelines.output_format import OutputMetadata  # noqa: E402
-from pipelines.tokenize.preprocess import ImagePreprocessor, find_image  # noqa: E402
+from pipelines.images import ImagePreprocessor, find_image  # noqa: E402
 from pipelines.tokenize.shard_job import ShardTokenizer  # noqa: E402
-from pipelines.tokenize.shards import TarShardReader  # noqa: E402
+from pipelines.shards.reader import TarShardReader  # noqa: E402
 
 
 class StandInEncoder:

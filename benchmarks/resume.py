@@ -122,7 +122,7 @@ def fresh_filesystems():
 
 def new_planning(pattern: str, out: str, sha: str) -> tuple[float, float, int]:
     """(seconds listing the inputs, seconds finding the finished shards, shards found finished)."""
-    from pipelines.tokenize.driver import list_shards
+    from pipelines.shards.urls import list_shards
     from pipelines.tokenize.outputs import OutputDir
 
     fresh_filesystems()
@@ -138,8 +138,8 @@ def old_planning(pattern: str, out: str, sha: str) -> tuple[float, int]:
     import fsspec
     from braceexpand import braceexpand
 
-    from pipelines.data import _expand_one
-    from pipelines.output_format import shard_name
+    from pipelines.shards.urls import _expand_one
+    from pipelines.shards.urls import shard_name
 
     fresh_filesystems()
     t0 = time.perf_counter()

@@ -97,7 +97,7 @@ def read_png_bytes(paths: list[str]) -> list[bytes]:
 def machine_limit(paths: list[str], tok: str) -> dict:
     """Core-seconds of decode and encode, each on one thread."""
     from pipelines.tokenize.encoder import CodeEncoder
-    from pipelines.tokenize.preprocess import ImagePreprocessor
+    from pipelines.images import ImagePreprocessor
     data = read_png_bytes(paths)
     pre = ImagePreprocessor(1, 28)
     c0, w0 = time.thread_time(), time.perf_counter()
@@ -117,7 +117,7 @@ def machine_limit(paths: list[str], tok: str) -> dict:
 def naive_loop(paths: list[str], tok: str, out: str) -> float:
     """Read, decode, encode (torch's default threads), write; one shard after the other."""
     from tokenizer import VQVAE
-    from pipelines.tokenize.preprocess import ImagePreprocessor
+    from pipelines.images import ImagePreprocessor
     t0 = time.perf_counter()
     model = VQVAE.from_pretrained(tok)
     pre = ImagePreprocessor(1, 28)

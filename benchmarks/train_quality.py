@@ -72,7 +72,7 @@ def eval_images(dataset: str, pattern: str) -> torch.Tensor:
         from pipelines.prepare.fashion import load_split
         images, _ = load_split(FASHION, "test")
         return torch.from_numpy(images.copy()).float().div(255)[:, None]
-    from pipelines.data import expand_urls
+    from pipelines.shards.urls import expand_urls
     from pipelines.train.data import ShardStream
     stream = ShardStream(expand_urls([pattern]), channels=3, resolution=32, batch_size=1 << 30,
                          shuffle_buffer=1, endless=False)

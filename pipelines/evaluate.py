@@ -20,13 +20,13 @@ from tqdm import tqdm
 from tokenizer import VQVAE
 from tokenizer.storage import write_bytes_atomic
 
-from .data import expand_urls
+from .shards.urls import expand_urls
 from .errors import UserError
 from .metrics import code_counts, codebook_usage, mean_psnr, per_image_mse, perplexity
 from .output_format import join
 from .pictures import comparison_grid, png_bytes, usage_histogram
-from .tokenize.preprocess import ImageError, ImagePreprocessor, find_image, is_image_field
-from .tokenize.shards import TarShardReader
+from .images import ImageError, ImagePreprocessor, find_image, is_image_field
+from .shards.reader import TarShardReader
 
 GRID_NAME, HISTOGRAM_NAME, METRICS_NAME = "reconstructions.png", "code_usage.png", "metrics.json"
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from urllib.parse import quote
@@ -124,15 +123,6 @@ def data_schema(meta: OutputMetadata, extra_fields: list[pa.Field] | tuple = ())
 
 def errors_schema() -> pa.Schema:
     return pa.schema([pa.field(name, pa.string()) for name in ERROR_COLUMNS])
-
-
-def shard_name(input_url: str) -> str:
-    """'s3://b/train-000001.tar' -> 'train-000001' (the data file's stem)."""
-    name = posixpath.basename(input_url.rstrip("/"))
-    for ext in (".tar.gz", ".tgz", ".tar"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
 
 
 def join(base: str, *parts: str) -> str:

@@ -29,7 +29,8 @@ import pyarrow.parquet as pq
 
 from .errors import UserError
 from .output_format import (CODES, DATA_SUFFIX, ERRORS_DIR, KEY, MANIFEST_DIR, RUN_FILE, SHARD, SUCCESS_NAME,
-                            codes_array, data_files_among, join, metadata_from_schema, read_manifests, shard_name)
+                            codes_array, data_files_among, join, metadata_from_schema, read_manifests)
+from .shards.urls import expand_urls, shard_name
 
 
 @dataclass
@@ -141,7 +142,6 @@ class OutputVerifier:
         return out
 
     def _missing_inputs(self, manifests: dict[str, dict]) -> list[Finding]:
-        from .data import expand_urls
 
         return [Finding(url, "input shard not accounted for: no manifest in the output (not tokenized, "
                         "or failed; rerun `vqtok tokenize`)")

@@ -9,7 +9,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..pictures import png_bytes
 from .idx import read_idx
-from .shards import ShardWriter
+from ..shards.writer import ShardWriter
 
 DEFAULT_SOURCE = "/usr/share/datasets/fashion-mnist"
 SPLITS = {"train": "train", "test": "t10k"}

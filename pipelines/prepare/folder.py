@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..pictures import png_bytes
-from ..tokenize.preprocess import IMAGE_EXTS, ImageError, ImagePreprocessor
-from .shards import ShardWriter
+from ..images import IMAGE_EXTS, ImageError, ImagePreprocessor
+from ..shards.writer import ShardWriter
 
 IMAGE_SUFFIXES = tuple(f".{ext}" for ext in IMAGE_EXTS)
 

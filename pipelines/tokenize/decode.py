@@ -16,8 +16,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .preprocess import ImageError, ImagePreprocessor, find_image, is_image_field
-from .shards import MAX_MEMBER_BYTES, Sample, TarShardReader
+from ..images import ImageError, ImagePreprocessor, find_image, is_image_field
+from ..shards.reader import MAX_MEMBER_BYTES, Sample, TarShardReader
 from .writer import kept_field_value
 
 

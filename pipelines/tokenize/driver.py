@@ -6,27 +6,13 @@ import collections
 import math
 import time
 
-from ..data import expand_urls
+from ..shards.urls import list_shards
 from ..errors import UserError
-from ..output_format import shard_name
 from ..ray_utils import ray_session
 from .config import TokenizeConfig
 from .outputs import OutputDir
 from .scheduler import ShardScheduler
 from .tokenizer_info import tokenizer_metadata
-
-
-def list_shards(patterns: list[str]) -> list[tuple[str, str]]:
-    """[(url, shard name)]; two inputs with one name would write one file, so that is refused."""
-    urls = expand_urls(patterns)
-    seen: dict[str, str] = {}
-    for url in urls:
-        name = shard_name(url)
-        if name in seen:
-            raise UserError(f"two input shards have the same name {name!r} ({seen[name]} and {url}); "
-                            "their outputs would collide in one OUTPUT/<name>.parquet")
-        seen[name] = url
-    return [(url, name) for name, url in seen.items()]
 
 
 def run_tokenize(cfg: TokenizeConfig) -> dict:

@@ -7,7 +7,7 @@ from tokenizer import CheckpointError, VQVAEConfig
 from tokenizer.storage import CONFIG_NAME, join_url, read_bytes
 
 from ..output_format import OutputMetadata
-from .preprocess import PREPROCESSING
+from ..images import PREPROCESSING
 
 
 def tokenizer_metadata(url: str) -> OutputMetadata:

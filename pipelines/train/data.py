@@ -23,8 +23,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import UserError
-from ..tokenize.preprocess import ImageError, ImagePreprocessor, find_image, is_image_field
-from ..tokenize.shards import Sample, TarShardReader
+from ..images import ImageError, ImagePreprocessor, find_image, is_image_field
+from ..shards.reader import Sample, TarShardReader
 from .stop import shield_data_worker
 
 

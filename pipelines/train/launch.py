@@ -14,7 +14,7 @@ from typing import Callable
 import torch.distributed as dist
 
 from .. import distributed as D
-from ..data import expand_urls
+from ..shards.urls import expand_urls
 from ..errors import USER_ERRORS, ConfigError, Reported, SharedError, UserError
 from .config import TrainConfig, parse_config, read_config_text, record_run_config, resolve_config, run_config_url
 from .data import check_first_sample

@@ -13,7 +13,7 @@ from tokenizer.checkpoint import weights_sha256
 
 from .. import distributed as D
 from ..config import to_dict
-from ..data import expand_urls
+from ..shards.urls import expand_urls
 from ..errors import SharedError, Stopped
 from ..metrics import psnr_of_mean_mse
 from ..parallelize import parallelize

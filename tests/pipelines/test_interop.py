@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from codes_output import png_bytes, save_tiny_model, write_tar
 from pipelines import CodesDataset
 from pipelines.cli import main
-from pipelines.tokenize.preprocess import ImagePreprocessor
+from pipelines.images import ImagePreprocessor
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")   # the parquet builder is local; never go online
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

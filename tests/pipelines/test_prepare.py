@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from pipelines.cli import main
-from pipelines.data import expand_urls
-from pipelines.tokenize.shards import TarShardReader
+from pipelines.shards.urls import expand_urls
+from pipelines.shards.reader import TarShardReader
 from pipelines.errors import UserError
 from pipelines.prepare import FolderOptions, ShardWriter, prepare_fashion_mnist, prepare_folder, read_idx
 from pipelines.prepare.fashion import DEFAULT_SOURCE, load_split
@@ -160,7 +160,7 @@ def test_expand_urls_braces_globs_dirs_and_errors(tmp_path):
 
 def test_prepare_folder_whole_images_have_the_pixels_tokenize_makes(tmp_path):
     """One image policy: EXIF orientation, alpha over white, shorter-side resize, centre crop."""
-    from pipelines.tokenize.preprocess import ImagePreprocessor
+    from pipelines.images import ImagePreprocessor
     src = tmp_path / "src"
     src.mkdir()
     rng = np.random.default_rng(5)

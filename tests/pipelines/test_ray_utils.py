@@ -159,3 +159,28 @@ def test_cluster_address_from_option_or_environment(monkeypatch):
     assert ray_utils.cluster_address(None) == "head:6379"
     assert ray_utils.cluster_address("local") is None
     assert ray_utils.gcs_address("ray://head:10001") is None and ray_utils.gcs_address("h:1") == "h:1"
+
+
+def test_stop_autoscaler_monitor_kills_only_the_monitor(tmp_path):
+    # the embedded cluster's monitor ignores SIGTERM; it is killed before ray.shutdown, and
+    # nothing else is touched
+    import signal
+    import subprocess
+    import sys
+    from pipelines import ray_utils
+    script = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    monitor_path = tmp_path / "autoscaler" / "_private" / "monitor.py"
+    monitor_path.parent.mkdir(parents=True)
+    monitor_path.write_text(script)
+    other_path = tmp_path / "log_monitor.py"
+    other_path.write_text(script)
+    monitor = subprocess.Popen([sys.executable, str(monitor_path)])
+    other = subprocess.Popen([sys.executable, str(other_path)])
+    try:
+        assert ray_utils.stop_autoscaler_monitor() == 1
+        assert monitor.wait(timeout=10) == -signal.SIGKILL
+        assert other.poll() is None
+    finally:
+        for proc in (monitor, other):
+            proc.kill()
+            proc.wait()

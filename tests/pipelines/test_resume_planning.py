@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from pipelines.data import expand_urls
+from pipelines.shards.urls import expand_urls
 from pipelines.errors import UserError
 from pipelines.output_format import read_manifests
 from pipelines.tokenize.outputs import OutputDir

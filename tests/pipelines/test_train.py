@@ -64,7 +64,7 @@ def epoch_ids(urls, rank, world, workers, batch=4):
 
 @pytest.mark.parametrize("shards", [8, 3])   # more shards than slots, and fewer (sample split)
 def test_stream_splits_an_epoch_over_ranks_and_workers_without_overlap(tmp_path, shards):
-    from pipelines.data import expand_urls
+    from pipelines.shards.urls import expand_urls
     urls = expand_urls([write_shards(tmp_path, 96, 96 // shards)])
     seen = [epoch_ids(urls, rank, 2, 2) for rank in range(2)]
     assert not set(seen[0]) & set(seen[1])
@@ -73,7 +73,7 @@ def test_stream_splits_an_epoch_over_ranks_and_workers_without_overlap(tmp_path,
 
 
 def test_stream_resumes_exactly_from_a_position(tmp_path):
-    from pipelines.data import expand_urls
+    from pipelines.shards.urls import expand_urls
     urls = expand_urls([write_shards(tmp_path, 40, 10)])
     kw = dict(channels=1, resolution=28, batch_size=6, seed=1, shuffle_buffer=8)
     full = iter(ShardStream(urls, **kw))
@@ -86,7 +86,7 @@ def test_stream_resumes_exactly_from_a_position(tmp_path):
 
 
 def test_undecodable_samples_are_counted_and_skipped(tmp_path):
-    from pipelines.data import expand_urls
+    from pipelines.shards.urls import expand_urls
     urls = expand_urls([write_shards(tmp_path, 20, 10, corrupt=(3, 11, 12))])
     batches = list(ShardStream(urls, channels=1, resolution=28, batch_size=5, shuffle_buffer=4,
                                endless=False))
@@ -96,7 +96,7 @@ def test_undecodable_samples_are_counted_and_skipped(tmp_path):
 
 
 def test_a_block_aligned_truncated_shard_keeps_its_head_and_is_named(tmp_path, capfd):
-    from pipelines.data import expand_urls
+    from pipelines.shards.urls import expand_urls
     sys.path.insert(0, os.path.dirname(__file__))
     import tok_data as td
     broken = td.broken_shards(tmp_path)            # blockcut.tar: 5 samples, no end-of-archive marker
@@ -142,7 +142,7 @@ def test_strict_size_refuses_other_sizes_and_otherwise_resizes(tmp_path):
 
 
 def test_channel_mismatch_inside_the_stream_stops_with_a_clear_error(tmp_path):
-    from pipelines.data import expand_urls
+    from pipelines.shards.urls import expand_urls
     urls = expand_urls([write_shards(tmp_path, 8, 8)])
     with pytest.raises(DataMismatch, match="1 channel.*model.in_channels = 3"):
         next(iter(ShardStream(urls, channels=3, resolution=28, batch_size=4)))

@@ -1,23 +1,17 @@
-"""Shared shard helpers: list WebDataset shard URLs (brace expansion + globs through fsspec)
-and iterate/decode the samples of a shard.
+"""Shard URLs: brace ranges, globs and directories through fsspec -> shard URLs and names.
 
-A WebDataset shard is a tar whose members are `KEY.EXT`; consecutive members with the same KEY
-form one sample ({"__key__": KEY, EXT: bytes, ...}).
+Every stage (prepare, train, eval, tokenize, verify) lists its shards here. A brace range is
+matched against one listing of each directory it names, not an existence check per name.
 """
 from __future__ import annotations
 
-import io
-import tarfile
-from typing import Iterator
+import posixpath
 
 import fsspec
-import numpy as np
 from braceexpand import braceexpand
-from PIL import Image
 
-from .errors import UserError
+from ..errors import UserError
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm")
 GLOB_CHARS = "*?["
 
 
@@ -103,50 +97,23 @@ def _full_url(fs, original: str, path: str) -> str:
     return fs.unstrip_protocol(path)
 
 
-def iter_tar_samples(url: str, fileobj=None) -> Iterator[dict]:
-    """Yield {"__key__", "__url__", ext: bytes, ...} samples of one shard, in stored order.
-    A truncated/corrupt tar raises tarfile.TarError or OSError after the good samples."""
-    own = fileobj is None
-    f = fsspec.open(url, "rb").open() if own else fileobj
-    try:
-        sample: dict | None = None
-        with tarfile.open(fileobj=f, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name = member.name.rsplit("/", 1)[-1]
-                key, dot, ext = name.partition(".")
-                if not dot:
-                    continue
-                prefix = member.name[: len(member.name) - len(name)] + key
-                if sample is not None and sample["__key__"] != prefix:
-                    yield sample
-                    sample = None
-                if sample is None:
-                    sample = {"__key__": prefix, "__url__": url}
-                sample[ext.lower()] = tar.extractfile(member).read()
-        if sample is not None:
-            yield sample
-    finally:
-        if own:
-            f.close()
+def shard_name(input_url: str) -> str:
+    """'s3://b/train-000001.tar' -> 'train-000001' (the data file's stem)."""
+    name = posixpath.basename(input_url.rstrip("/"))
+    for ext in (".tar.gz", ".tgz", ".tar"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
 
 
-def decode_image(data: bytes, channels: int) -> np.ndarray:
-    """Image bytes -> (C, H, W) uint8 with C = channels (1 grey, 3 RGB). Raises ValueError/OSError
-    when the bytes are not a decodable image."""
-    with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("L" if channels == 1 else "RGB")
-        arr = np.asarray(img, dtype=np.uint8)
-    if arr.ndim == 2:
-        arr = arr[None]
-    else:
-        arr = arr.transpose(2, 0, 1)
-    return np.ascontiguousarray(arr)
-
-
-def sample_image_bytes(sample: dict) -> tuple[str, bytes] | None:
-    for ext in IMAGE_EXTS:
-        if ext in sample:
-            return ext, sample[ext]
-    return None
+def list_shards(patterns: list[str]) -> list[tuple[str, str]]:
+    """[(url, shard name)]; two inputs with one name would write one file, so that is refused."""
+    urls = expand_urls(patterns)
+    seen: dict[str, str] = {}
+    for url in urls:
+        name = shard_name(url)
+        if name in seen:
+            raise UserError(f"two input shards have the same name {name!r} ({seen[name]} and {url}); "
+                            "their outputs would collide in one OUTPUT/<name>.parquet")
+        seen[name] = url
+    return [(url, name) for name, url in seen.items()]

@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from pipelines.tokenize.tarstream import END_MARKER, TarMembers
+from pipelines.shards.tarstream import END_MARKER, TarMembers
 
 LONG = "d/" + "x" * 150 + "/sample-0001.png"      # > 100 chars: ustar prefix, GNU 'L' or pax path
 

@@ -1,0 +1,63 @@
+"""One shard end to end (pipelines/tokenize/shard_job.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pyarrow.parquet as pq
+import pytest
+
+import tok_data as td
+from pipelines.output_format import read_metadata
+from pipelines.tokenize.encoder import CodeEncoder
+from pipelines.images import ImagePreprocessor
+from pipelines.tokenize.shard_job import ShardTokenizer
+from pipelines.tokenize.tokenizer_info import tokenizer_metadata
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok")
+    td.save_tokenizer(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("decode_processes", [0, 2])   # inline (one-CPU CPU worker) and processes
+def test_one_shard_end_to_end_rows_errors_manifest(tmp_path, tok_dir, decode_processes):
+    samples, expected_ok, reasons = td.odd_samples()
+    td.write(tmp_path / "odd.tar", td.tar_bytes(samples))
+    meta = tokenizer_metadata(tok_dir)
+    enc = CodeEncoder(tok_dir, threads=1)
+    job = ShardTokenizer(enc, meta, str(tmp_path / "out"), ["cls"], batch_size=4,
+                         decode_processes=decode_processes)
+    try:
+        manifest = job.run(str(tmp_path / "odd.tar"), "odd")
+    finally:
+        job.close()
+    table = pq.read_table(tmp_path / "out" / "odd.parquet")
+    assert sorted(table.column("key").to_pylist()) == sorted(expected_ok)
+    assert set(table.column("shard").to_pylist()) == {"odd"}
+    assert str(table.schema.field("codes").type) == "list<element: int16>"
+    assert all(len(c) == 49 for c in table.column("codes").to_pylist())
+    assert read_metadata(str(tmp_path / "out" / "odd.parquet")).tokenizer_sha256 == enc.sha256
+    cls = dict(zip(table.column("key").to_pylist(), table.column("cls").to_pylist()))
+    assert cls["cmyk"] == 2 and cls["webp"] == 9
+    errors = pq.read_table(tmp_path / "out" / "_errors" / "odd.parquet").to_pylist()
+    by_key = {e["key"]: e["error"] for e in errors}
+    assert set(by_key) == set(reasons) | {"good-000000"}           # the duplicate key
+    assert "duplicate key" in by_key["good-000000"] and "no image" in by_key["textonly"]
+    counts = manifest["counts"]
+    assert counts["read"] == len(samples) and counts["ok"] == len(expected_ok)
+    assert counts["failed"] == len(reasons) + 1 and counts["shard_errors"] == 0
+    expect_reasons = {}
+    for r in list(reasons.values()) + ["duplicate_key"]:
+        expect_reasons[r] = expect_reasons.get(r, 0) + 1
+    assert counts["failed_by_reason"] == expect_reasons
+    on_disk = json.loads((tmp_path / "out" / "_manifest" / "odd.json").read_text())
+    assert on_disk["counts"] == counts and set(on_disk["durations_s"]) >= {"read", "decode", "encode", "write"}
+    # codes equal a direct encode of the same decoded image
+    good = [f for k, f in samples if k == "good-000001"][0]
+    direct = enc.encode(ImagePreprocessor(1, 28)(good["png"])[None])[0]
+    row = table.column("key").to_pylist().index("good-000001")
+    assert table.column("codes")[row].as_py() == direct.tolist()
+    assert not os.listdir(tmp_path / "out" / "_tmp")                # nothing left behind
