@@ -17,6 +17,7 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -67,6 +68,7 @@ def main():
     work = args.workdir
     data, run = f"{work}/data", f"{work}/run"
     print(f"{gpus} x {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU (smoke)'}, {os.cpu_count()} CPUs, torch {torch.__version__}", flush=True)
+    shutil.rmtree(run, ignore_errors=True)       # a check trains from scratch every time
     if not glob.glob(f"{data}/train-*.tar"):
         vqtok("prepare", "fashion-mnist", "--out", data)
     s, _ = vqtok("train", "--config", "configs/fashion_mnist.yaml", "--train-data", f"{data}/train-*.tar",

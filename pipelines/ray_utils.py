@@ -150,7 +150,7 @@ def ray_session(address: str | None, runtime_env: dict | None = None, num_cpus: 
 
 
 # the embedded cluster's autoscaler monitor: it has nothing to scale, and it ignores SIGTERM, so
-# ray.shutdown() waits a full second for it before killing it (measured: 1.4 s -> 0.2-0.4 s)
+# ray.shutdown() waits a full second for it before killing it (docs/tokenize.md, Design)
 MONITOR_SCRIPT = "autoscaler/_private/monitor.py"
 
 

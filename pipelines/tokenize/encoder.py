@@ -16,8 +16,7 @@ import torch
 
 from tokenizer import VQVAE
 
-# measured with one thread, 28x28 default tokenizer, two processes at once (as two workers):
-# 32 images 1702-1751 img/s each, 64: 1733-1754, 128: 1683-1753
+# images per model call: the fastest of 32/64/128 on CPU (docs/tokenize.md, Design)
 CPU_MICRO_BATCH = 64
 GPU_MICRO_BATCH = 512
 

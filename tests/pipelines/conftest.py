@@ -176,3 +176,12 @@ def tokenized_output(tmp_path_factory):
     proc = td.vqtok(args, env={"HOME": str(root / "home")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"output": out, "dir": str(shards), "tok": str(tok), "inputs": inputs}
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    """A tiny k-means-initialised 28x28 grey tokenizer (tok_data.save_tokenizer)."""
+    import tok_data as td
+    path = tmp_path_factory.mktemp("tok")
+    td.save_tokenizer(path)
+    return str(path)

@@ -12,22 +12,12 @@ import time
 import pytest
 
 import tok_data as td
-from test_tokenize_ray import check_rows, expected_codes, read_rows, summary_of
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok")
-    td.save_tokenizer(path)
-    return str(path)
+from test_tokenize_ray import check_rows, read_rows, summary_of
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, tok_dir):
-    d = tmp_path_factory.mktemp("shards")
-    truth = td.write_fmnist_shards(d, 2, 60)
-    return {"dir": str(d), "pattern": f"{d}/train-{{000000..000001}}.tar", "truth": truth,
-            "codes": expected_codes(tok_dir, truth)}
+    return td.shard_set(tmp_path_factory.mktemp("shards"), tok_dir, 2, 60)
 
 
 def client_env(home, token: str | None = None, **extra) -> dict:

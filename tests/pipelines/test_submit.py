@@ -13,25 +13,15 @@ import pytest
 
 import tok_data as td
 from test_ray_utils import client_env
-from test_tokenize_ray import check_rows, expected_codes, read_rows
+from test_tokenize_ray import check_rows, read_rows
 
 REPO = Path(__file__).resolve().parents[2]
 BIG = 8 << 20      # the dummy neighbour package's payload, incompressible
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok")
-    td.save_tokenizer(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def shards(tmp_path_factory, tok_dir):
-    d = tmp_path_factory.mktemp("shards")
-    truth = td.write_fmnist_shards(d, 2, 60)
-    return {"dir": str(d), "pattern": f"{d}/train-{{000000..000001}}.tar", "truth": truth,
-            "codes": expected_codes(tok_dir, truth)}
+    return td.shard_set(tmp_path_factory.mktemp("shards"), tok_dir, 2, 60)
 
 
 @pytest.fixture(scope="module")

@@ -11,37 +11,20 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
 import tok_data as td
 from pipelines.output_format import read_metadata
-from pipelines.tokenize.encoder import CodeEncoder
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tok")
-    td.save_tokenizer(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, tok_dir):
-    """3 Fashion-MNIST shards of 150; {'dir', 'pattern', 'truth': key -> (image, label), 'codes'}."""
-    d = tmp_path_factory.mktemp("shards")
-    truth = td.write_fmnist_shards(d, 3, 150)
-    return {"dir": str(d), "pattern": f"{d}/train-{{000000..000002}}.tar", "truth": truth,
-            "codes": expected_codes(tok_dir, truth)}
+    return td.shard_set(tmp_path_factory.mktemp("shards"), tok_dir, 3, 150)
 
 
-def expected_codes(tok_dir: str, truth: dict) -> dict[str, list[int]]:
-    keys = sorted(truth)
-    enc = CodeEncoder(tok_dir, threads=1)
-    codes = enc.encode(np.stack([truth[k][0][None] for k in keys]))
-    return {k: c.tolist() for k, c in zip(keys, codes)}
+expected_codes = td.expected_codes   # imported from here by other test modules
 
 
 def read_rows(out: str, filesystem=None) -> dict[str, dict]:

@@ -173,3 +173,20 @@ def broken_shards(directory) -> dict[str, dict]:
         "zerobytes": {"ok": set(), "errors": {}, "shard_error": True},
         "emptytar": {"ok": set(), "errors": {}, "shard_error": False},
     }
+
+
+def expected_codes(tok_dir: str, truth: dict) -> dict[str, list[int]]:
+    """key -> the codes a one-thread CodeEncoder gives the key's image."""
+    from pipelines.tokenize.encoder import CodeEncoder
+    keys = sorted(truth)
+    enc = CodeEncoder(tok_dir, threads=1)
+    codes = enc.encode(np.stack([truth[k][0][None] for k in keys]))
+    return {k: c.tolist() for k, c in zip(keys, codes)}
+
+
+def shard_set(directory, tok_dir: str, n_shards: int, per_shard: int) -> dict:
+    """Fashion-MNIST shards DIR/train-00000i.tar: {'dir', 'pattern', 'truth': key -> (image,
+    label), 'codes': key -> expected codes}."""
+    truth = write_fmnist_shards(directory, n_shards, per_shard)
+    return {"dir": str(directory), "pattern": f"{directory}/train-{{000000..{n_shards - 1:06d}}}.tar",
+            "truth": truth, "codes": expected_codes(tok_dir, truth)}
