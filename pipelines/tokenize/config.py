@@ -21,6 +21,7 @@ class TokenizeConfig:
     overwrite: bool = False              # replace an output made by another tokenizer/settings
     max_attempts: int = 3                # per shard, counting worker deaths and storage errors
     placement_timeout: float = 300.0     # seconds with no worker placed/alive before the job stops
+    max_member_bytes: int = 256 << 20    # a larger tar member is an error row, never read into memory
     progress: bool = True
 
     def __post_init__(self):
@@ -40,6 +41,7 @@ class TokenizeConfig:
         check(0.0 <= self.max_error_rate <= 1.0, "tokenize.max_error_rate", self.max_error_rate,
                "must be in [0, 1]")
         check(self.max_attempts >= 1, "tokenize.max_attempts", self.max_attempts, "must be >= 1")
+        check(self.max_member_bytes >= 1, "tokenize.max_member_bytes", self.max_member_bytes, "must be >= 1")
         check(self.placement_timeout > 0, "tokenize.placement_timeout", self.placement_timeout,
                "must be > 0 seconds")
         reserved = {"key", "shard", "codes"} & set(self.keep_fields)

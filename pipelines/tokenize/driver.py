@@ -46,7 +46,7 @@ def _run_on_ray(ray, cfg: TokenizeConfig, meta, todo, total: int, skipped: int, 
 
     def make_actor():
         return actor_cls.remote(cfg.tokenizer, meta.to_json(), out_url(cfg), cfg.keep_fields,
-                                cfg.batch_size, cpus)
+                                cfg.batch_size, cpus, max_member_bytes=cfg.max_member_bytes)
 
     def desired() -> int:     # the workers the live cluster has room for now (--workers: at most)
         fit = fitting_workers(live_nodes(ray), cpus, gpus)

@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from ..output_format import FORMAT_VERSION, OutputMetadata, data_path
+from ..shards.reader import MAX_MEMBER_BYTES
 from .decode import DecodeSpec, ShardEnd
 from .decode_pool import DecodePool, InlinePool
 from .encoder import CodeEncoder
@@ -28,13 +29,13 @@ class ShardTokenizer:
     processes, and up to N shards at once."""
 
     def __init__(self, encoder: CodeEncoder, meta: OutputMetadata, output: str, keep_fields: list[str],
-                 batch_size: int, decode_processes: int):
+                 batch_size: int, decode_processes: int, max_member_bytes: int | None = None):
         self.encoder = encoder
         self.meta = meta
         self.output = output
         self.keep_fields = list(keep_fields)
         self.spec = DecodeSpec(encoder.channels, encoder.resolution, tuple(self.keep_fields),
-                               max(batch_size, 1))
+                               max(batch_size, 1), max_member_bytes or MAX_MEMBER_BYTES)
         self.decoders = DecodePool(self.spec, decode_processes) if decode_processes > 0 else InlinePool(self.spec)
         self.encode_lock = threading.Lock()
         self.committer = ShardCommitter(output)

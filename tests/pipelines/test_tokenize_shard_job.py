@@ -61,3 +61,29 @@ def test_one_shard_end_to_end_rows_errors_manifest(tmp_path, tok_dir, decode_pro
     row = table.column("key").to_pylist().index("good-000001")
     assert table.column("codes")[row].as_py() == direct.tolist()
     assert not os.listdir(tmp_path / "out" / "_tmp")                # nothing left behind
+
+
+def test_a_member_over_max_member_bytes_is_an_error_row_not_read(tmp_path, tok_dir):
+    images, labels = td.fashion_mnist(3)
+    samples = td.fmnist_samples(images, labels, "k-")
+    samples[1][1]["png"] = td.png(images[1]) + bytes(4096)          # 4 KiB over a 2 KiB limit
+    td.write(tmp_path / "big.tar", td.tar_bytes(samples))
+    job = ShardTokenizer(CodeEncoder(tok_dir, threads=1), tokenizer_metadata(tok_dir), str(tmp_path / "out"),
+                         ["cls"], batch_size=4, decode_processes=0, max_member_bytes=2048)
+    try:
+        manifest = job.run(str(tmp_path / "big.tar"), "big")
+    finally:
+        job.close()
+    assert manifest["counts"]["ok"] == 2 and manifest["counts"]["failed_by_reason"] == {"member_too_large": 1}
+    (error,) = pq.read_table(tmp_path / "out" / "_errors" / "big.parquet").to_pylist()
+    assert error["key"] == "k-000001" and "limit 2,048 bytes" in error["error"]
+
+
+def test_max_member_mib_reaches_the_config():
+    from click.testing import CliRunner
+    from unittest import mock
+    from pipelines.cli import main
+    with mock.patch("pipelines.tokenize.run_tokenize", side_effect=SystemExit(0)) as run:
+        CliRunner().invoke(main, ["tokenize", "--tokenizer", "t", "--input", "a.tar", "--output", "o",
+                                  "--max-member-mib", "3"])
+    assert run.call_args[0][0].max_member_bytes == 3 << 20
