@@ -7,6 +7,7 @@ import torch.distributed as dist
 
 from ..errors import RANK_PEER_FAILED_EXIT, RANK_USER_ERROR_EXIT, USER_ERRORS, SharedError, Stopped
 from .launch import rank_main
+from .torchrun import ERROR_SAID_ENV
 from .stop import STOP_SIGNALS
 
 PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo", "NCCL")
@@ -26,6 +27,10 @@ def main() -> int:
         # a decision shared by all ranks is printed once (by rank 0)
         if not isinstance(e, SharedError) or rank == "0":
             print(f"Error: {e}", file=sys.stderr, flush=True)
+            said = os.environ.get(ERROR_SAID_ENV)
+            if said:              # tell `vqtok train`'s launcher the job's error line is printed
+                with open(said, "a"):
+                    pass
         return RANK_USER_ERROR_EXIT
     except RuntimeError as e:
         # a collective broke because another rank died: that rank reports the cause; here one

@@ -6,7 +6,9 @@ passes the signal to the ranks, which save a checkpoint, print where, and exit 1
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import tempfile
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -15,9 +17,21 @@ from torch.distributed.run import main as torchrun_main
 from ..errors import RANK_PEER_FAILED_EXIT, RANK_USER_ERROR_EXIT, ERROR_EXIT, stopped_exit
 from .stop import STOP_SIGNALS
 
+# a file a rank creates once it printed the job's one-line user error: whichever rank's exit
+# torchrun sees first (a peer may die of the broken collective, even by SIGABRT, before the
+# failing rank exits), the launcher then adds no line of its own
+ERROR_SAID_ENV = "VQTOK_RANK_ERROR_SAID"
+
 
 def main(argv: list[str]) -> int:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    with tempfile.TemporaryDirectory(prefix="vqtok-train-") as tmp:
+        said = os.path.join(tmp, "error-said")
+        os.environ[ERROR_SAID_ENV] = said            # inherited by the ranks
+        return _run(argv)
+
+
+def _run(argv: list[str]) -> int:
     try:
         torchrun_main(argv)
     except SignalException as e:
@@ -34,6 +48,8 @@ def main(argv: list[str]) -> int:
             return max(stopped)
         causes = {r: f for r, f in e.failures.items() if f.exitcode != RANK_PEER_FAILED_EXIT} or e.failures
         rank, failure = min(causes.items(), key=lambda kv: kv[1].timestamp)
+        if os.path.exists(os.environ.get(ERROR_SAID_ENV, "")):
+            return ERROR_EXIT      # a rank printed the job's error; this one died of it
         how = (f"was killed by signal {-failure.exitcode}" if failure.exitcode < 0
                else f"exited with code {failure.exitcode}")
         print(f"Error: training rank {rank} {how}; see its output above", file=sys.stderr)
