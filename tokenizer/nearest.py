@@ -47,7 +47,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_CACHE_BYTES = 4 << 20      # torch back end on CPU: target size of one score block (measured)
+_CACHE_BYTES = 4 << 20      # torch back end on CPU: target size of one score block (the fastest measured)
 _NATIVE_ROWS = 512          # blocked native back end: rows per block (GEMM efficiency vs cache)
 _NATIVE_TILE_BYTES = 16 << 20  # blocked native back end: split K into column tiles beyond 16 MiB
 _FUSED_BLOCK_BYTES = 1 << 20  # fused path: per-thread score block (64 rows at K=4096)
