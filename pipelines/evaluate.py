@@ -51,7 +51,7 @@ class EvalReport:
 
 def load_image(data: bytes, channels: int, resolution: int, ext: str = "image") -> torch.Tensor:
     """Image bytes -> (C, R, R) float in [0, 1], preprocessed exactly as `vqtok tokenize` does
-    (pipelines/tokenize/preprocess.py: EXIF orientation, 8-bit, alpha over white, channels,
+    (pipelines/images.py: EXIF orientation, 8-bit, alpha over white, channels,
     shorter-side resize, centre crop). Raises ImageError for unusable bytes."""
     arr = ImagePreprocessor(channels, resolution)(data, ext)                # (C, R, R) uint8
     return torch.from_numpy(np.array(arr, copy=True)).float() / 255

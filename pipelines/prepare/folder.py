@@ -1,6 +1,6 @@
 """A folder tree of images -> WebDataset shards of SxS images (resized, or random crops).
 
-Source files are found and decoded by the one image policy (pipelines/tokenize/preprocess.py:
+Source files are found and decoded by the one image policy (pipelines/images.py:
 its extensions, EXIF orientation, 8-bit, alpha over white, RGB); a whole-image shard gets the
 policy's shorter-side resize and centre crop, so its pixels are what `vqtok tokenize` would
 make of the source file at size S. Random crops are cut at the source's (or --short-side's)
