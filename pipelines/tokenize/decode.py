@@ -8,6 +8,7 @@ the batch array or one error row.
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -127,11 +128,9 @@ class ChunkReader:
 
     def __init__(self, url: str, spec: DecodeSpec, ahead: int = 2):
         self.reader = TarShardReader(url, spec.wants, spec.max_member_bytes)
-        size = spec.batch_size
-        self.size = size
+        self.size = spec.batch_size
         self.chunks: queue.Queue = queue.Queue(maxsize=ahead)
         self.failure: BaseException | None = None
-        self.read_s: list[float] = []
         self.thread = threading.Thread(target=self._read, daemon=True, name="vqtok-read")
         self.thread.start()
 
@@ -166,34 +165,41 @@ class ChunkReader:
         return ShardEnd(self.reader.error, self.reader.bytes_read, failure)
 
 
+Batches = Iterator[tuple[int, np.ndarray, DecodedBatch]]
+
+
 def decode_shard(url: str, spec: DecodeSpec, decoder: SampleDecoder,
-                 next_buffer: Callable[[], tuple[int, np.ndarray]]) -> Iterator[tuple[int, DecodedBatch]]:
-    """Yield (buffer id, batch) per chunk of spec.batch_size samples, the images written into the
-    buffer `next_buffer()` handed out; returns the ShardEnd (StopIteration.value)."""
+                 next_buffer: Callable[[], tuple[int, np.ndarray]]) -> Batches:
+    """Yield (buffer id, images (n, C, R, R) uint8 view of that buffer, batch) per chunk of
+    spec.batch_size samples, into the buffers `next_buffer()` hands out; returns the ShardEnd
+    (StopIteration.value). Every batch source (inline, decode process) has this shape."""
     chunks = ChunkReader(url, spec)
     for samples, read_s in chunks:
         slot, out = next_buffer()
         batch = decoder(samples, out)
         batch.read_s = read_s
-        yield slot, batch
+        yield slot, out[:batch.count], batch
     return chunks.end
 
 
 class InlineDecoder:
     """Decodes in the calling thread, into one reused buffer (the encoder is done with a batch
-    before the next is decoded)."""
+    before the next is decoded): one shard at a time, lent like a pool of one decode process."""
+    size = 1
 
     def __init__(self, spec: DecodeSpec):
         self.spec = spec
         self.decoder = SampleDecoder(spec)
         self.buffer = np.empty((spec.batch_size, *spec.image_shape), dtype=np.uint8)
+        self.lock = threading.Lock()
 
-    def batches(self, url: str) -> Iterator[tuple[np.ndarray, DecodedBatch]]:
-        """Yield (images (n, C, R, R) uint8 view, batch); returns the ShardEnd."""
-        gen = decode_shard(url, self.spec, self.decoder, lambda: (0, self.buffer))
-        while True:
-            try:
-                _, batch = next(gen)
-            except StopIteration as stop:
-                return stop.value
-            yield self.buffer[:batch.count], batch
+    @contextlib.contextmanager
+    def acquire(self):
+        with self.lock:
+            yield self
+
+    def batches(self, url: str) -> Batches:
+        return decode_shard(url, self.spec, self.decoder, lambda: (0, self.buffer))
+
+    def close(self) -> None:
+        pass

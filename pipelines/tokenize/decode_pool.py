@@ -26,11 +26,10 @@ import sys
 import tempfile
 import threading
 from multiprocessing.connection import Connection
-from typing import Iterator
 
 import numpy as np
 
-from .decode import DecodedBatch, DecodeSpec, SampleDecoder, decode_shard
+from .decode import Batches, DecodeSpec, SampleDecoder, decode_shard
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAX_BUFFER_BYTES = 1 << 30    # all of one process's batch buffers together
@@ -77,9 +76,9 @@ class DecodeProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def batches(self, url: str) -> Iterator[tuple[np.ndarray, DecodedBatch]]:
-        """Yield (images (n, C, R, R) uint8 in shared memory, batch); the buffer goes back to the
-        child when the consumer asks for the next batch. Returns the ShardEnd."""
+    def batches(self, url: str) -> Batches:
+        """Yield (slot, images (n, C, R, R) uint8 in shared memory, batch); the buffer goes back
+        to the child when the consumer asks for the next batch. Returns the ShardEnd."""
         self._send(("shard", url))
         self.mid_shard = True
         while True:
@@ -89,7 +88,7 @@ class DecodeProcess:
                 return msg[1]
             _, slot, batch = msg
             try:
-                yield self.arrays[slot][:batch.count], batch
+                yield slot, self.arrays[slot][:batch.count], batch
             finally:
                 if self.alive():
                     self._send(("free", slot))
@@ -180,27 +179,6 @@ class DecodePool:
             proc.close()
 
 
-class InlinePool:
-    """The same lending interface for decoding in the calling thread (one shard at a time)."""
-
-    def __init__(self, spec: DecodeSpec):
-        from .decode import InlineDecoder
-        self.decoder = InlineDecoder(spec)
-        self.lock = threading.Lock()
-        self.size = 1
-
-    @contextlib.contextmanager
-    def acquire(self):
-        with self.lock:
-            yield self
-
-    def batches(self, url: str):
-        return self.decoder.batches(url)
-
-    def close(self) -> None:
-        pass
-
-
 def _shared_fd(size: int) -> int:
     """A file descriptor of `size` bytes of shared memory (memfd on Linux, else an unlinked file)."""
     if hasattr(os, "memfd_create"):
@@ -257,7 +235,7 @@ def child_main(sock_fd: int, buffer_fds: list[int]) -> None:
             gen = decode_shard(msg[1], spec, decoder, next_buffer)
             while True:
                 try:
-                    slot, batch = next(gen)
+                    slot, _, batch = next(gen)
                 except StopIteration as stop:
                     conn.send(("end", stop.value))
                     break

@@ -17,8 +17,8 @@ import numpy as np
 
 from ..output_format import FORMAT_VERSION, OutputMetadata, data_path
 from ..shards.reader import MAX_MEMBER_BYTES
-from .decode import DecodeSpec, ShardEnd
-from .decode_pool import DecodePool, InlinePool
+from .decode import DecodeSpec, InlineDecoder, ShardEnd
+from .decode_pool import DecodePool
 from .encoder import CodeEncoder
 from .writer import ShardCommitter, codes_table, parquet_bytes
 
@@ -36,7 +36,7 @@ class ShardTokenizer:
         self.keep_fields = list(keep_fields)
         self.spec = DecodeSpec(encoder.channels, encoder.resolution, tuple(self.keep_fields),
                                max(batch_size, 1), max_member_bytes or MAX_MEMBER_BYTES)
-        self.decoders = DecodePool(self.spec, decode_processes) if decode_processes > 0 else InlinePool(self.spec)
+        self.decoders = DecodePool(self.spec, decode_processes) if decode_processes > 0 else InlineDecoder(self.spec)
         self.encode_lock = threading.Lock()
         self.committer = ShardCommitter(output)
 
@@ -60,7 +60,7 @@ class ShardTokenizer:
             batches = source.batches(url)
             while True:
                 try:
-                    images, batch = next(batches)
+                    _, images, batch = next(batches)
                 except StopIteration as stop:
                     end: ShardEnd = stop.value
                     break

@@ -32,10 +32,6 @@ class DataMismatch(UserError):
     """The images do not match the model config (channels or size): stop, do not skip."""
 
 
-def image_decoder(channels: int, resolution: int, strict: bool) -> ImagePreprocessor:
-    return ImagePreprocessor(channels, resolution, strict=strict)
-
-
 def decode_checked(sample: Sample, decoder: ImagePreprocessor, where: str) -> np.ndarray | None:
     """A sample's image -> (C, H, W) uint8, or None when it has none or it is undecodable.
     Raises DataMismatch when a strict decoder finds another channel count or size."""
@@ -59,7 +55,7 @@ def decode_checked(sample: Sample, decoder: ImagePreprocessor, where: str) -> np
 
 def check_first_sample(urls: list[str], channels: int, resolution: int, strict: bool = True) -> None:
     """Fail fast (before launching ranks) on a channel/size mismatch or unreadable data."""
-    decoder = image_decoder(channels, resolution, strict)
+    decoder = ImagePreprocessor(channels, resolution, strict=strict)
     reader = TarShardReader(urls[0], is_image_field)
     for sample in reader:
         if decode_checked(sample, decoder, f"{urls[0]} sample {sample.key}") is not None:
@@ -129,7 +125,7 @@ class ShardStream(IterableDataset):
         worker, slot, slots = self._slot()
         epoch, skip = self.start.get(worker, (0, 0))
         bad = damaged = 0
-        decoder = image_decoder(self.channels, self.resolution, self.strict_size)
+        decoder = ImagePreprocessor(self.channels, self.resolution, strict=self.strict_size)
         images: list[np.ndarray] = []
         while True:
             offset = 0

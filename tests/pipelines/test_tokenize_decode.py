@@ -41,7 +41,7 @@ gen = dec.batches(sys.argv[1])
 keys, errors = [], []
 while True:
     try:
-        _, batch = next(gen)
+        _, _, batch = next(gen)
     except StopIteration as stop:
         end = stop.value
         break
@@ -77,5 +77,5 @@ def test_no_image_error_names_the_fields_that_were_streamed_past(tmp_path):
     td.write(path, td.tar_bytes([("t", {"txt": b"hello", "json": b"{}"})]))
     from pipelines.tokenize.decode import DecodeSpec, InlineDecoder
     gen = InlineDecoder(DecodeSpec(1, 28, (), 8)).batches(str(path))
-    _, batch = next(gen)
+    _, _, batch = next(gen)
     assert batch.errors == [("t", "no_image", "no image in sample (found: json, txt)")]

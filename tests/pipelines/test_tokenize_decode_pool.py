@@ -169,11 +169,11 @@ def test_pool_buffers_are_shared_not_copied(setup):
     try:
         with pool.acquire() as proc:
             batches = proc.batches(str(root / "shards" / "train-000000.tar"))
-            images, batch = next(batches)
+            _, images, batch = next(batches)
             assert batch.count == 64 and images.shape == (64, 1, 28, 28)
             assert not images.flags.owndata                    # a view of the shared buffer
             first = np.array(images)
-            rest = sum(b.count for _, b in batches)
+            rest = sum(b.count for _, _, b in batches)
         assert rest == 150 - 64 and first.std() > 0
     finally:
         pool.close()

@@ -107,16 +107,19 @@ def _shard_of(key: str) -> int:
     return int(key[1:].split("-")[0])     # "s12-018000" -> 12
 
 
+def tokenize_cmd(cluster, data, out, placement_timeout: float = 60.0, inputs: str = "pattern") -> list[str]:
+    return [sys.executable, "-m", "pipelines", "tokenize", "--tokenizer", data["tok"], "--input", data[inputs],
+            "--output", str(out), "--address", cluster.address, "--keep-fields", "cls", "--batch-size", "64",
+            "--no-progress", "--placement-timeout", str(placement_timeout)]
+
+
 def tokenize(cluster, data, out, placement_timeout: float = 60.0, inputs: str = "pattern"):
     """`vqtok tokenize` against the cluster in a process of its own (a driver in this process
     would inherit whatever Ray state earlier tests of the suite left in it, their token-auth mode
     included) -> (exit status, summary or None, stderr). 60 s: a test that loses every node
     fails in a minute."""
-    args = ["tokenize", "--tokenizer", data["tok"], "--input", data[inputs], "--output", str(out),
-            "--address", cluster.address, "--keep-fields", "cls", "--batch-size", "64", "--no-progress",
-            "--placement-timeout", str(placement_timeout)]
-    proc = subprocess.run([sys.executable, "-m", "pipelines", *args], capture_output=True, text=True,
-                          env={**os.environ, "RAY_AUTH_MODE": "disabled"}, timeout=400)
+    proc = subprocess.run(tokenize_cmd(cluster, data, out, placement_timeout, inputs), capture_output=True,
+                          text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, timeout=400)
     summary = json.loads(proc.stdout.split("summary: ")[-1]) if "summary: " in proc.stdout else None
     return proc.returncode, summary, proc.stderr
 
@@ -175,9 +178,8 @@ def test_node_added_mid_job_gets_a_worker(cluster, nodes, data, tmp_path):
     # the driver runs as the CLI in a subprocess: a node can be added from the main thread only
     nodes(1)
     out = tmp_path / "out"
-    args = ["tokenize", "--tokenizer", data["tok"], "--input", data["all"], "--output", str(out),
-            "--address", cluster.address, "--keep-fields", "cls", "--batch-size", "64", "--no-progress"]
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines", *args], stdout=subprocess.PIPE,
+    proc = subprocess.Popen(tokenize_cmd(cluster, data, out, placement_timeout=300.0, inputs="all"),
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     try:
         deadline = time.monotonic() + 180

@@ -125,7 +125,7 @@ def test_training_sees_the_pixels_tokenize_sees(tmp_path):
                              shuffle_buffer=1, endless=False, strict_size=False)
         (batch,) = list(stream)
         gen = InlineDecoder(DecodeSpec(channels, 28, (), 4)).batches(str(tmp_path / "odd.tar"))
-        images, decoded = next(gen)
+        _, images, decoded = next(gen)
         assert decoded.keys == list(odd) and decoded.count == 4
         np.testing.assert_array_equal(batch["images"].numpy(), images)   # same order, shuffle_buffer=1
         assert batch["images"].shape == (4, channels, 28, 28)
