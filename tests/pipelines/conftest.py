@@ -23,9 +23,19 @@ import pytest
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports. The sockets stay bound until all are picked: ports asked
+    for one at a time may come back equal (the kernel can hand a just-closed port out again)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(n):
+            s = stack.enter_context(socket.socket())
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+        return ports
 
 
 @pytest.fixture(scope="session")
@@ -93,15 +103,15 @@ def start_ray_head(worker_env: dict, token: str | None, num_cpus: int = 2):
     env.pop("RAY_AUTH_TOKEN", None)
     if token:
         env["RAY_AUTH_TOKEN"] = token
-    gcs, dash = free_port(), free_port()
+    gcs, dash, node_manager, object_manager, client, metrics, agent, agent_grpc, runtime_env = free_ports(9)
     # worker port ranges apart from each other: one per head of this process
     worker_lo = 20000 + (os.getpid() % 200) * 100 if token else 10000 + (os.getpid() % 200) * 50
     args = [_ray_bin(), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
             "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-            "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port()),
-            "--ray-client-server-port", str(free_port()), "--metrics-export-port", str(free_port()),
-            "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-            "--runtime-env-agent-port", str(free_port()), "--min-worker-port", str(worker_lo),
+            "--node-manager-port", str(node_manager), "--object-manager-port", str(object_manager),
+            "--ray-client-server-port", str(client), "--metrics-export-port", str(metrics),
+            "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+            "--runtime-env-agent-port", str(runtime_env), "--min-worker-port", str(worker_lo),
             "--max-worker-port", str(worker_lo + (99 if token else 49)), "--num-cpus", str(num_cpus), "--num-gpus", "0",
             "--object-store-memory", str(200 << 20), "--temp-dir", temp_dir, "--disable-usage-stats"]
     log = open(os.path.join(temp_dir, "head.log"), "w")

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +17,7 @@ import torch
 import yaml
 from PIL import Image
 
+from conftest import free_port
 from pipelines.prepare import ShardWriter
 
 WORKER = textwrap.dedent('''
@@ -107,12 +107,6 @@ def test_one_step_on_two_ranks_matches_one_rank_with_the_double_batch(tmp_path):
     for name in one:
         torch.testing.assert_close(two[name].float(), one[name].float(), rtol=1e-4, atol=1e-5,
                                    msg=lambda m: f"{name}: {m}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png(array) -> bytes:

@@ -17,7 +17,7 @@ import time
 import pytest
 
 import tok_data as td
-from conftest import free_port
+from conftest import free_ports
 from test_tokenize_ray import expected_codes, read_rows
 
 # a node whose raylet stops answering is declared dead after ~4 s instead of Ray's ~15 s; not
@@ -40,9 +40,10 @@ def cluster():
         from ray.cluster_utils import Cluster
 
         temp_dir = tempfile.mkdtemp(prefix="vqe-", dir="/tmp")   # short: Unix socket paths are limited
+        gcs_port, agent_port = free_ports(2)
         c = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 0, "node_ip_address": "127.0.0.1", "include_dashboard": False,
-            "gcs_server_port": free_port(), "dashboard_agent_listen_port": free_port(),
+            "gcs_server_port": gcs_port, "dashboard_agent_listen_port": agent_port,
             "temp_dir": temp_dir, "_system_config": FAST_NODE_DEATH})
         try:
             yield c
