@@ -22,6 +22,9 @@ class QuantizerConfig:
     kmeans_iters: int = 10
     l2_normalize: bool = False        # cosine codes (LlamaGen / ViT-VQGAN)
     chunk_size: int = 0               # rows per nearest() chunk; 0 = automatic
+    # how the reconstruction gradient passes the quantiser: straight_through (the paper) or
+    # rotation (Fifty et al. 2024, the rotation trick: rotate and rescale e onto its code)
+    gradient: str = "straight_through"
 
     def __post_init__(self):
         check(self.codebook_size >= 2, "model.quantizer.codebook_size", self.codebook_size, "must be >= 2")
@@ -34,6 +37,8 @@ class QuantizerConfig:
         check(self.dead_code_threshold >= 0, "model.quantizer.dead_code_threshold",
                self.dead_code_threshold, "must be >= 0 (0 disables restarts)")
         check(self.kmeans_iters >= 1, "model.quantizer.kmeans_iters", self.kmeans_iters, "must be >= 1")
+        check(self.gradient in ("straight_through", "rotation"), "model.quantizer.gradient", self.gradient,
+              "must be straight_through or rotation")
         check(self.chunk_size >= 0, "model.quantizer.chunk_size", self.chunk_size, "must be >= 0 (0 = automatic)")
 
 

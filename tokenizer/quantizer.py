@@ -118,8 +118,10 @@ class VectorQuantizer(nn.Module):
                 losses["codebook"] = F.mse_loss(quantized, flat.detach())
             # commitment term: beta * ||z_e - sg[e]||^2 keeps the encoder near its code
             losses["commitment"] = self.config.beta * F.mse_loss(flat, quantized.detach())
-            # straight-through: forward value is e, gradient flows to z_e unchanged
-            st = flat + (quantized - flat).detach()
+            if self.config.gradient == "rotation":
+                st = rotation_trick(flat, quantized.detach())
+            else:   # straight-through: forward value is e, gradient flows to z_e unchanged
+                st = flat + (quantized - flat).detach()
             z_q = self.out_proj(st)
             self._record_usage(idx)
         return z_q.reshape(*lead_shape, self.dim).to(z.dtype), idx.reshape(lead_shape), losses
@@ -219,6 +221,21 @@ class VectorQuantizer(nn.Module):
         entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
         self.metrics["usage"] = (counts > 0).float().mean()
         self.metrics["perplexity"] = entropy.exp()
+
+
+def rotation_trick(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """(N, d) encoder outputs e and their codes q -> (N, d) with the value of q and the gradient
+    of lambda * R e, R the rotation taking e's direction to q's and lambda = |q| / |e| (both
+    held constant): the decoder's gradient reaches the encoder rotated as e was moved, so its
+    angle to the code is kept (Fifty et al. 2024, "Restructuring Vector Quantization with the
+    Rotation Trick"). R e = e - 2 r (r.e) + 2 q^ (e^.e), r = (e^ + q^) / |e^ + q^|."""
+    e_norm = e.detach().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    q_norm = q.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    e_hat, q_hat = e.detach() / e_norm, q / q_norm
+    r = F.normalize(e_hat + q_hat, dim=-1)
+    rotated = e - 2 * (e * r).sum(-1, keepdim=True) * r + 2 * (e * e_hat).sum(-1, keepdim=True) * q_hat
+    out = (q_norm / e_norm) * rotated
+    return out + (q - out).detach()       # the forward value exactly q (no rounding drift)
 
 
 def _draw_rows(flat: torch.Tensor, rows: int) -> torch.Tensor:

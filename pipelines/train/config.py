@@ -17,6 +17,7 @@ from tokenizer.storage import write_bytes_atomic
 
 from ..config import build, load_yaml, merge, parse_overrides, to_dict
 from ..errors import ConfigError, UserError
+from .augment import AugmentConfig
 from .checkpoint import list_checkpoints
 
 RUN_CONFIG = "config.yaml"
@@ -39,6 +40,7 @@ class DataConfig:
     # true: images must already have model.in_channels and model.resolution (a mismatch stops
     # the run); false: convert and resize/centre-crop them by the tokenize image policy
     strict_size: bool = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)   # off unless asked for
 
     def __post_init__(self):
         check(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")

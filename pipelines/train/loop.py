@@ -19,6 +19,7 @@ from ..metrics import psnr_of_mean_mse
 from ..parallelize import parallelize
 from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import TrainConfig
+from .augment import augment, augment_generator
 from .data import ShardStream, load_images, make_loader
 from .metrics import MetricsLog, save_grid, validation_record
 from .stop import StopSignals
@@ -54,6 +55,7 @@ class Trainer:
                                      weight_decay=o.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.step = 0
+        self.rng_at_resume: dict | None = None
         self.positions: dict[int, tuple[int, int]] = {}
         self.bad: dict[int, int] = {}
         self.damaged: dict[int, int] = {}      # damaged shard reads, per data worker
@@ -95,7 +97,9 @@ class Trainer:
         per_rank = state.get("ranks", [])
         note = ""
         if len(per_rank) == self.info.world_size:
-            set_rng_state(per_rank[self.info.rank]["rng"])
+            # set once the data loader exists (run): making its iterator draws from the global
+            # RNG, which the unbroken run did before the checkpoint
+            self.rng_at_resume = per_rank[self.info.rank]["rng"]
         if self._same_data_layout(per_rank):
             mine = per_rank[self.info.rank]
             self.positions = {int(w): tuple(p) for w, p in mine["positions"].items()}
@@ -156,6 +160,7 @@ class Trainer:
 
     def train_step(self, images: torch.Tensor) -> dict[str, float]:
         x = images.to(self.info.device, non_blocking=True).float().div_(255)   # (B, C, H, W)
+        x = augment(x, self.cfg.data.augment, augment_generator(self.cfg.train.seed, self.info.rank, self.step))
         with self.autocast():
             _, _, losses = self.ddp(x)
         loss = sum(losses.values())
@@ -181,8 +186,11 @@ class Trainer:
         sums: dict[str, float] = {}
         count, t0 = 0, time.perf_counter()
         self.ddp.train()
+        batches = iter(self.loader())
+        if self.rng_at_resume is not None:
+            set_rng_state(self.rng_at_resume)
         with StopSignals() as stop:
-            for batch in self.loader():
+            for batch in batches:
                 self.positions[batch["worker"]] = (batch["epoch"], batch["offset"])
                 self.bad[batch["worker"]] = batch["bad"]
                 self.damaged[batch["worker"]] = batch["damaged"]

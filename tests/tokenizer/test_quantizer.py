@@ -337,3 +337,31 @@ def test_eval_forward_never_calls_the_collectives():
     q.train()
     q(torch.randn(10, 4))
     assert ("broadcast", (8, 4)) in calls and ("sum", (8,)) in calls
+
+
+def test_rotation_trick_keeps_the_code_value_and_rotates_the_gradient():
+    """gradient=rotation: forward value is the code; the gradient reaching z is lambda R^T g, R the
+    rotation taking z's direction onto the code's, lambda = |e| / |z| (Fifty et al. 2024)."""
+    torch.manual_seed(0)
+    q = vq(8, 4, ema=False, kmeans_init=False, dead_code_threshold=0, gradient="rotation")
+    z = torch.randn(10, 4, requires_grad=True)
+    z_q, idx, _ = q(z)
+    codes = q.codebook.detach()[idx]
+    torch.testing.assert_close(z_q.detach(), codes)
+    upstream = torch.randn_like(z_q)
+    (z_q * upstream).sum().backward()
+    for i in range(10):
+        e, c = z[i].detach(), codes[i]
+        e_hat, c_hat = e / e.norm(), c / c.norm()
+        r = (e_hat + c_hat) / (e_hat + c_hat).norm()
+        rot = torch.eye(4) - 2 * torch.outer(r, r) + 2 * torch.outer(c_hat, e_hat)
+        torch.testing.assert_close(rot @ rot.T, torch.eye(4), atol=1e-5, rtol=0)
+        scale = c.norm() / e.norm()
+        torch.testing.assert_close(scale * rot @ e, c, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(z.grad[i], scale * rot.T @ upstream[i], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(z.grad, upstream)          # not the straight-through identity
+
+
+def test_gradient_option_is_validated():
+    with pytest.raises(ValueError, match="model.quantizer.gradient = 'rotate' must be straight_through or rotation"):
+        QuantizerConfig(gradient="rotate")
