@@ -160,9 +160,11 @@ def test_config_flags_override_yaml_and_bad_values_name_the_key(tmp_path):
         resolve_config(None, ["model.quantizer.decay=2"], train_data=["x"])
     with pytest.raises(ConfigError, match="unknown config key optim.momentum"):
         resolve_config(None, ["optim.momentum=0.9"], train_data=["x"])
-    for name in ("photos32", "imagenet128"):
+    for name in ("photos32", "photos32_k8192", "imagenet128"):
         cfg = resolve_config(f"configs/{name}.yaml", train_data=["x"])
         assert cfg.model.in_channels == 3
+    big = resolve_config("configs/photos32_k8192.yaml", train_data=["x"])
+    assert big.model.quantizer.codebook_size == 8192 and big.data.augment.channel_shuffle
 
 
 def test_the_resolved_config_is_recorded_once_and_reads_back(tmp_path):
