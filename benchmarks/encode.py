@@ -161,7 +161,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     images = fashion_images(a.images)
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
-    print(f"native kernel: {'fused' if nm.native_kernel() and nm._fused else 'blocked' if nm.native_kernel() else 'none (torch)'}; "
+    print(f"native kernel: {'yes' if nm.native_kernel() else 'none (torch)'}; "
           f"load average {os.getloadavg()[0]:.1f}")
     tokenizers = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -49,20 +49,23 @@ def limit_fn(z, book_t, rows):
     return run
 
 
-def fused_limit_fn(z, book):
-    """The fused kernel's own blocking (per-thread sgemm into an L2-sized buffer) with the
-    best-two pass switched off: the arithmetic limit of exactly what nearest_codes runs."""
-    book_t, bias = (book * -2.0).t().contiguous(), book.pow(2).sum(1)
-    return lambda: nearest_module._fused_pass(z, book_t, bias, 0, with_best_two=0)
+def native_limit_fn(z, book):
+    """The native back end's own GEMMs (torch.mm over the same row blocks and column tiles as
+    `_blocked_pass`, the codebook pre-scaled by -2) without the C best-two pass: the arithmetic
+    limit of exactly what nearest_codes runs."""
+    book_t = (book * -2.0).t().contiguous()
+    n, k = z.shape[0], book_t.shape[1]
+    rows, tile = nearest_module.native_blocks(n, k)
+    scores = torch.empty(rows * tile)
 
-
-def _blocked(z, book):
-    """The native back end without the fused kernel (what runs when MKL's sgemm_ is absent)."""
-    fused, nearest_module._fused = nearest_module._fused, None
-    try:
-        return nearest_codes(z, book, backend="native")
-    finally:
-        nearest_module._fused = fused
+    def run():
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            for c0 in range(0, k, tile):
+                c1 = min(c0 + tile, k)
+                block = scores[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
+                torch.mm(z[r0:r1], book_t[:, c0:c1], out=block)
+    return run
 
 
 def build_methods(z, book):
@@ -70,9 +73,8 @@ def build_methods(z, book):
     methods = {f"limit (GEMM only, {r}-row blocks)": limit_fn(z, book_t, r) for r in LIMIT_ROWS}
     methods["nearest_codes"] = lambda: nearest_codes(z, book)
     methods["nearest_codes fp32 only (exact=False)"] = lambda: nearest_codes(z, book, exact=False)
-    if native_kernel() is not None and nearest_module._fused is not None:
-        methods["limit (GEMM only, fused kernel's blocks)"] = fused_limit_fn(z, book)
-        methods["nearest_codes blocked (mm + C best two)"] = lambda: _blocked(z, book)
+    if native_kernel() is not None:
+        methods["limit (GEMM only, native blocks)"] = native_limit_fn(z, book)
     methods["nearest_codes torch back end"] = lambda: nearest_codes(z, book, backend="torch")
     methods["full torch.mm (N x K output)"] = lambda: torch.mm(z, book_t)
     methods["torch.cdist(...).argmin()"] = lambda: torch.cdist(z, book).argmin(1)
@@ -168,7 +170,7 @@ def machine() -> str:
         pass
     return (f"{model}, {os.cpu_count()} CPUs, torch {torch.__version__} "
             f"({torch.get_num_threads()} threads), native kernel: "
-            f"{'fused' if native_kernel() and nearest_module._fused else 'blocked' if native_kernel() else 'no (torch fallback)'}")
+            f"{'yes (torch.mm + C best-two pass)' if native_kernel() else 'no (torch fallback)'}")
 
 
 def agreement(z, book, ref, idx):
@@ -220,7 +222,7 @@ def main(argv=None) -> int:
     ok = ours / limit <= 1.3
     print(f"\nnearest_codes (exact) / arithmetic limit = {ours / limit:.2f}x (target <= 1.3)")
     for name in ("faiss IndexFlatL2 k=1", "nearest_codes fp32 only (exact=False)",
-                 "nearest_codes blocked (mm + C best two)", "vector-quantize-pytorch eval fwd",
+                 "vector-quantize-pytorch eval fwd",
                  "torch.cdist(...).argmin()", "nearest_codes torch back end"):
         if name in times:
             print(f"{name} / nearest_codes = {min(times[name]) / ours:.2f}x")

@@ -14,29 +14,37 @@ float64, among the codes scoring within 2E of their best (`_redecide`). Memory i
 never O(N x K).
 
 Back ends of the fp32 pass, same results:
-- "native" (CPU), fused: one C call, ONE OpenMP parallel region; each thread runs MKL's
-  single-threaded sgemm_ (exported by libtorch_cpu, the routine torch's own GEMMs use) on its own
-  small row block into an L2-sized buffer, against the codebook pre-scaled by -2 (exact), then
-  adds ||e||^2 and takes the best two of each row from cache in one AVX2 pass. Calling sgemm_ by
-  symbol assumes MKL's LP64 ABI: the fused kernel is therefore first run in a child process
-  (cached per kernel and torch build), so a mismatched BLAS kills the child, never the caller.
-  Without MKL, or if that check fails: "blocked", torch.mm per block (torch's public API) + the
-  same C best-two pass. The C code links the libgomp torch already loaded, so it runs on torch's
-  own worker threads. It is compiled with the system C compiler on first use, cached, and checked
-  against brute force; if any of that fails the "torch" back end is used.
+- "native" (CPU): per block of rows, torch.mm (torch's public API, on torch's threads) against
+  the codebook pre-scaled by -2 (exact), then one C pass (`vqtok_best_two_update`: AVX2 when the
+  CPU has it, OpenMP over rows) adds ||e||^2 and keeps each row's best two across column tiles.
+  The C pass is built on first use through cffi's public API (`FFI.set_source` + `FFI.compile`,
+  which finds the compiler and platform flags through setuptools), without FMA contraction, and
+  links the libgomp torch already loaded, so it runs on torch's own worker threads. The build
+  and the first self-check against torch run in a child process: cffi's compile changes the
+  working directory of the whole process, and a kernel that crashes must crash the child, never
+  the caller. The child publishes the module atomically into a cache directory, keyed by the C
+  source, the flags, $CC, the CPU, torch, cffi and the Python ABI, and leaves an ".ok" marker
+  next to it per torch build, so later processes skip the child. This process then loads the
+  module and runs the same self-check again before use. Calls through cffi release the GIL. If
+  anything fails (no compiler or Python headers, no cffi or setuptools, a failed or crashed
+  check, any exception), one RuntimeWarning and the "torch" back end.
 - "torch" (any device, and CPU fallback): addmm with the norms folded in, then the best two.
-Set VQTOK_NEAREST_BACKEND=torch to skip the compiler altogether.
+Set VQTOK_NEAREST_BACKEND=torch to skip the native back end (and the compiler) altogether.
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
+import importlib.machinery
+import importlib.util
+import json
 import logging
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import warnings
@@ -48,9 +56,8 @@ import torch
 log = logging.getLogger(__name__)
 
 _CACHE_BYTES = 4 << 20      # torch back end on CPU: target size of one score block (the fastest measured)
-_NATIVE_ROWS = 512          # blocked native back end: rows per block (GEMM efficiency vs cache)
-_NATIVE_TILE_BYTES = 16 << 20  # blocked native back end: split K into column tiles beyond 16 MiB
-_FUSED_BLOCK_BYTES = 1 << 20  # fused path: per-thread score block (64 rows at K=4096)
+_NATIVE_ROWS = 512          # native back end: rows per block (GEMM efficiency vs cache)
+_NATIVE_TILE_BYTES = 16 << 20  # native back end: split K into column tiles beyond 16 MiB
 _EXACT_BYTES = 64 << 20     # bound on one float64 candidate block of the re-decision
 BACKENDS = ("auto", "native", "torch")
 
@@ -104,8 +111,6 @@ def _search(z: torch.Tensor, book: torch.Tensor, chunk_rows: int, backend: str, 
         idx, unsure = _fp32_torch(z, book, book_sq, chunk_rows, exact)
     if not exact:
         return idx, 0
-    if isinstance(unsure, int):           # the fused kernel re-decided its rows itself
-        return idx, unsure
     return idx, _redecide(z, book, book_sq, idx, unsure)
 
 
@@ -116,7 +121,7 @@ def _pick_kernel(z: torch.Tensor, codebook: torch.Tensor, backend: str):
     kernel = native_kernel() if usable else None
     if backend == "native" and kernel is None:
         raise RuntimeError("nearest_codes: the native CPU kernel is unavailable "
-                           f"(device {z.device.type}; compile error: {_native_error or 'none'})")
+                           f"(device {z.device.type}; {_native_error or 'not usable for this input'})")
     return kernel
 
 
@@ -124,8 +129,8 @@ def _pick_kernel(z: torch.Tensor, codebook: torch.Tensor, backend: str):
 def error_margin(d: int, unit: float = FP32_EPS) -> float:
     """2E / (||z||^2 + max_k ||e_k||^2), E bounding the error of one computed score
     s_k = fl(fl(||e_k||^2) + fl(-2 z.e_k)) in floating point of unit roundoff `unit`:
-    fl(||e||^2) errs by <= g_d ||e||^2 (g_d = d u / (1 - d u), any summation order, so also MKL's
-    blocked sums and FMA); -2 is a power of two, so fl(-2 z.e) = -2 fl(z.e) (the pre-scaled
+    fl(||e||^2) errs by <= g_d ||e||^2 (g_d = d u / (1 - d u), any summation order, so also a
+    BLAS's blocked sums and FMA); -2 is a power of two, so fl(-2 z.e) = -2 fl(z.e) (the pre-scaled
     codebook changes nothing) and errs by <= 2 g_d sum|z_i e_i| <= g_d (||z||^2 + ||e||^2); the
     bias add rounds once more, by <= u (||e||^2 + 2|z||e|) (1 + g_d) <= 2u (1 + g_d) (||z||^2 + ||e||^2).
     So 2E <= (4 d + 4) u (1 + 2 d u) S for S = ||z||^2 + max ||e||^2; S itself is computed in fp32
@@ -252,42 +257,23 @@ def _best_two_torch(scores: torch.Tensor):
 def _fp32_native(kernel, z: torch.Tensor, codebook: torch.Tensor, code_sq: torch.Tensor,
                  chunk_rows: int, exact: bool):
     book_t = (codebook * -2.0).t().contiguous()            # (D, K); *-2 is exact in fp32
-    if _fused is not None:    # MKL's own sgemm (fp32 whatever torch's settings), re-decided in C
-        return _fused_pass(z, book_t, code_sq, chunk_rows, codebook if exact else None)
     idx, best, second = _blocked_pass(kernel, z, book_t, code_sq, chunk_rows)
     unsure = _unsure_rows(z, code_sq, best, second, torch_unit_roundoff(z.device)) if exact else None
     return idx, unsure
 
 
-def fused_rows(k: int) -> int:
-    """Rows per block of the fused kernel: a (rows, K) fp32 block of about _FUSED_BLOCK_BYTES."""
-    return max(8, min(256, _FUSED_BLOCK_BYTES // (4 * k)))
-
-
-def _fused_pass(z, book_t, code_sq, chunk_rows: int, book=None, with_best_two: int = 1):
-    """One C call: per-thread sgemm on small row blocks + best two from L2, each row's unsure
-    flag computed there with the fp32 margin, and with `book` (K, D) the unsure rows re-decided
-    there in float64 too (see _C_SOURCE). -> (idx, number of unsure rows). with_best_two = 0:
-    GEMM only (the benchmark's arithmetic limit)."""
-    n, d = z.shape
-    k = book_t.shape[1]
-    rows = min(chunk_rows or fused_rows(k), n)
-    threads = max(1, min(torch.get_num_threads(), -(-n // rows)))
-    work = torch.empty(threads * rows * k, dtype=torch.float32)   # one (rows, K) block per thread
-    idx = torch.empty(n, dtype=torch.long)
-    fn, gemm, set_local = _fused
-    count = fn(gemm, set_local, z.data_ptr(), n, d, book_t.data_ptr(),
-               None if book is None else book.data_ptr(), k, code_sq.data_ptr(), idx.data_ptr(),
-               None, None, None, error_margin(d, FP32_EPS), rows, threads, work.data_ptr(),
-               with_best_two)
-    return idx, count
+def native_blocks(n: int, k: int, chunk_rows: int = 0) -> tuple[int, int]:
+    """(rows, cols) of one score block of the native back end: the GEMM's blocking."""
+    rows = min(chunk_rows or _NATIVE_ROWS, n)
+    cols = k if chunk_rows else max(64, min(k, _NATIVE_TILE_BYTES // (4 * rows)))
+    return rows, cols
 
 
 def _blocked_pass(kernel, z, book_t, code_sq, chunk_rows: int):
-    """torch.mm per block (torch's threads) + the C bias/best-two pass; when no BLAS symbol."""
+    """torch.mm per block (torch's threads) + the C bias/best-two pass.
+    -> (idx, best, second), each (N,): the fp32 winner, its score and the second-best score."""
     n, k = z.shape[0], book_t.shape[1]
-    rows = min(chunk_rows or _NATIVE_ROWS, n)
-    tile = k if chunk_rows else max(64, min(k, _NATIVE_TILE_BYTES // (4 * rows)))
+    rows, tile = native_blocks(n, k, chunk_rows)
     idx = torch.empty(n, dtype=torch.long)
     best, second = torch.empty(n), torch.empty(n)           # running best two over column tiles
     scores = torch.empty(rows * tile, dtype=torch.float32)  # one (rows, cols) block, reused
@@ -304,12 +290,9 @@ def _blocked_pass(kernel, z, book_t, code_sq, chunk_rows: int):
     return idx, best, second
 
 
-# ---- the native kernel: C source, compilation, cache ---------------------------------------------
+# ---- the native kernel: C source, build (cffi, in a child process), cache, load ------------------
 _C_SOURCE = r"""
 #include <stdint.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 #ifdef __AVX2__
 #include <immintrin.h>
 #endif
@@ -392,23 +375,6 @@ static void row_best_two(const float *s, const float *b, int64_t k, int64_t col0
     *idx = bi;
 }
 
-/* The float64 argmin of sum_i (z_i - e_i)^2 (summed in index order, as exact_among_candidates
-   in Python) over the codes whose fp32 score s[j] + b[j] is <= limit; lowest index on ties; -1
-   if none. book: (k, d) row-major. */
-static int64_t exact_among(const float *s, const float *b, int64_t k, double limit,
-                           const float *zr, const float *book, int d) {
-    double best = __builtin_inf();
-    int64_t win = -1;
-    for (int64_t j = 0; j < k; j++) {
-        if (!((double)(s[j] + b[j]) <= limit)) continue;
-        const float *e = book + j * d;
-        double acc = 0.0;
-        for (int i = 0; i < d; i++) { double t = (double)zr[i] - (double)e[i]; acc += t * t; }
-        if (acc < best) { best = acc; win = j; }
-    }
-    return win;
-}
-
 /* scores: (rows, k) with row stride ld; bias: (k,); col0: global index of column 0.
    best/second/idx: (rows,) running best two and the index of the best; reset when col0 == 0. */
 void vqtok_best_two_update(const float *scores, int64_t rows, int64_t k, int64_t ld,
@@ -421,86 +387,29 @@ void vqtok_best_two_update(const float *scores, int64_t rows, int64_t k, int64_t
         row_best_two(scores + r * ld, bias, k, col0, best + r, second + r, idx + r);
     }
 }
+"""
 
-/* Fully fused search: ONE parallel region per call; each thread runs a single-threaded BLAS
-   sgemm (Fortran interface, LP64) on its own small row block into its own L2-sized buffer and
-   takes the best two straight from cache, and flags the rows whose best two are within the
-   error margin. bookT: (D, K) row-major, pre-scaled by -2.
-   work: nthreads * rows * k floats (with_argmin = 0 skips the pass: the benchmark's
-   arithmetic limit of this very blocking). set_local: optional mkl_set_num_threads_local. */
-typedef void (*sgemm_t)(const char *, const char *, const int *, const int *, const int *,
-                        const float *, const float *, const int *, const float *, const int *,
-                        const float *, float *, const int *);
-typedef int (*set_local_t)(int);
-int64_t vqtok_fused_nearest(void *gemm_ptr, void *set_local_ptr, const float *z, int64_t n,
-                            int d, const float *bookT, const float *book, int64_t k,
-                            const float *bias, int64_t *out, float *best_out, float *second_out,
-                            uint8_t *unsure_out, double coef, int rows, int nthreads, float *work,
-                            int with_argmin) {
-    sgemm_t gemm = (sgemm_t)gemm_ptr;
-    set_local_t set_local = (set_local_t)set_local_ptr;
-    int64_t nblocks = (n + rows - 1) / rows, count = 0;
-    double max_sq = 0.0;                 /* max |e|^2: the bias is |e|^2 */
-    for (int64_t j = 0; j < k; j++) if (bias[j] > max_sq) max_sq = bias[j];
-    if (nthreads < 1) nthreads = 1;
-    #pragma omp parallel num_threads(nthreads) reduction(+:count)
-    {
-        int t = 0;
-#ifdef _OPENMP
-        t = omp_get_thread_num();
-#endif
-        int prev = set_local ? set_local(1) : 0;   /* the BLAS call must not fork again */
-        float *buf = work + (int64_t)t * rows * k;
-        const float one = 1.0f, zero = 0.0f;
-        const int kk = (int)k, dd = d;
-        #pragma omp for schedule(static)
-        for (int64_t blk = 0; blk < nblocks; blk++) {
-            int64_t r0 = blk * rows;
-            int m = (int)(n - r0 < rows ? n - r0 : rows);
-            /* column-major view: buf^T (K, m) = bookT^T (K, D) x z_blk^T (D, m) */
-            gemm("N", "N", &kk, &m, &dd, &one, bookT, &kk, z + r0 * d, &dd, &zero, buf, &kk);
-            for (int r = 0; r < m && with_argmin; r++) {   /* with_argmin = 0: GEMM-only timing */
-                int64_t g = r0 + r, idx = 0;
-                float best = __builtin_inff(), second = __builtin_inff();
-                row_best_two(buf + (int64_t)r * k, bias, k, 0, &best, &second, &idx);
-                /* unsure: gap <= coef * (|z|^2 + max|e|^2); |z|^2 in fp32 with 8 independent
-                   partial sums (vectorised; the margin allows for its rounding) */
-                const float *zr = z + g * d;
-                float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-                int i = 0;
-                for (; i + 8 <= d; i += 8)
-                    for (int l = 0; l < 8; l++) part[l] += zr[i + l] * zr[i + l];
-                for (; i < d; i++) part[0] += zr[i] * zr[i];
-                double zsq = 0.0;
-                for (int l = 0; l < 8; l++) zsq += part[l];
-                double margin = coef * (zsq + max_sq);
-                int unsure = ((double)second - (double)best) <= margin;
-                if (unsure && book) {   /* re-decide in float64 while the scores are in cache */
-                    int64_t w = exact_among(buf + (int64_t)r * k, bias, k,
-                                            (double)best + margin, zr, book, d);
-                    if (w >= 0) idx = w;
-                }
-                out[g] = idx;
-                count += unsure;
-                if (best_out) { best_out[g] = best; second_out[g] = second; unsure_out[g] = unsure; }
-            }
-        }
-        if (set_local) set_local(prev);
-    }
-    return count;
-}
+# the one entry point, as cffi compiles a call to it (the declaration must match the source's)
+_CDEF = """
+void vqtok_best_two_update(const float *scores, int64_t rows, int64_t k, int64_t ld,
+                           const float *bias, int64_t col0, float *best, float *second,
+                           int64_t *idx, int nthreads);
 """
 
 _lock = threading.Lock()
-_native = None          # the ctypes function once loaded
-_native_error = None    # why it could not be built (str), once tried
-_fused = None           # (fused ctypes function, sgemm_ address, mkl_set_num_threads_local or None)
+_native = None          # the loaded kernel (a callable taking tensor addresses)
+_native_error = None    # why it is unavailable (str), once tried
 _tried = False
+_CHILD_TIMEOUT_S = 300  # build + self-check in the child, torch import included
+_ANSWER = "vqtok-nearest-kernel: "   # the child's answer line on stdout: json [name, path]
+_CHILD = ("import sys; sys.path.insert(0, sys.argv[1]); from tokenizer import nearest as m; "
+          "m._child_main()")
 
 
 def native_kernel():
-    """The compiled C kernel (a ctypes function), or None when it cannot be built here."""
-    global _native, _native_error, _tried, _fused
+    """The C best-two pass (a callable taking tensor addresses), or None when it cannot be built,
+    checked or loaded here; then one RuntimeWarning per process and the torch back end."""
+    global _native, _native_error, _tried
     if _tried:
         return _native
     with _lock:
@@ -509,7 +418,9 @@ def native_kernel():
                 _native_error = "disabled by VQTOK_NEAREST_BACKEND=torch"
             else:
                 try:
-                    _native, _fused = _load(_build())
+                    kernel = _load_module(*_build())
+                    _self_check(kernel)           # checked in a child first; cheap here
+                    _native = kernel
                 except Exception as exc:  # any failure here means "use the torch back end"
                     _native_error = f"{type(exc).__name__}: {exc}"
                     warnings.warn("vqtok: native nearest-code kernel unavailable, using the torch "
@@ -519,12 +430,11 @@ def native_kernel():
 
 
 def _flag_sets() -> list[list[str]]:
-    base = ["-O3", "-shared", "-fPIC", "-std=c99", "-ffp-contract=off"]   # no FMA: t*t then +
-    sets = []
-    for omp in (["-fopenmp"], []):       # without OpenMP the kernel is single-threaded
-        for arch in (["-march=native"], []):
-            sets.append(base + arch + omp)
-    return sets
+    """Compiler flags, most preferred first. Never FMA contraction (the pass adds s + b, which
+    the self-check compares with torch bit for bit). Without OpenMP the pass is single-threaded;
+    without -march=native it has no AVX2 body."""
+    base = ["-O3", "-ffp-contract=off"]
+    return [base + arch + omp for arch in (["-march=native"], []) for omp in (["-fopenmp"], [])]
 
 
 def _cpu_signature() -> str:
@@ -535,6 +445,19 @@ def _cpu_signature() -> str:
     except OSError:
         flags = platform.processor()
     return f"{platform.machine()}|{flags}"
+
+
+def _ext_suffix() -> str:
+    return sysconfig.get_config_var("EXT_SUFFIX") or importlib.machinery.EXTENSION_SUFFIXES[0]
+
+
+def _module_name(source: str, flags: list[str]) -> str:
+    """The built module's name (and file name stem): a hash of everything its binary depends on."""
+    import cffi   # imported here: without cffi the native back end is simply unavailable
+    key = "\n".join([source, _CDEF, " ".join(flags), os.environ.get("CC", ""), _cpu_signature(),
+                     torch.__version__, cffi.__version__, sys.implementation.cache_tag,
+                     _ext_suffix()])
+    return "_vqtok_nearest_" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def _cache_dir() -> Path:
@@ -555,22 +478,6 @@ def _private_tmp() -> Path:
     return path
 
 
-def _build() -> Path:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not compiler:
-        raise RuntimeError("no C compiler found (set CC or install gcc)")
-    errors = []
-    for flags in _flag_sets():
-        key = hashlib.sha256("\n".join([_C_SOURCE, compiler, " ".join(flags), _cpu_signature(),
-                                        torch.__version__]).encode()).hexdigest()[:16]
-        for folder in _candidate_dirs():
-            try:
-                return _compile(compiler, flags, folder, f"vqtok_nearest_{key}.so")
-            except Exception as exc:
-                errors.append(f"{' '.join(flags)} in {folder}: {exc}")
-    raise RuntimeError("; ".join(errors[-2:]))
-
-
 def _candidate_dirs():
     for make in (_cache_dir, _private_tmp):
         try:
@@ -581,125 +488,118 @@ def _candidate_dirs():
             log.debug("vqtok: cache dir unusable: %s", exc)
 
 
-def _compile(compiler: str, flags: list[str], folder: Path, name: str) -> Path:
-    target = folder / name
-    if target.exists():
-        return target
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)   # unique: concurrent builders race safely
-    os.close(fd)
-    src = Path(tmp).with_suffix(".c")
+def _checked_marker(path: Path) -> Path:
+    """Next to a built module: present once its self-check passed in a child process with this
+    torch build."""
+    torch_key = hashlib.sha256(f"{torch.__file__}|{torch.__version__}".encode()).hexdigest()[:12]
+    return path.with_name(f"{path.name}.{torch_key}.ok")
+
+
+def _build() -> tuple[str, Path]:
+    """(module name, path) of a built kernel whose self-check has passed in a child process: a
+    cached one, or one a child process builds and checks now. Raises on any failure."""
+    source = _C_SOURCE
+    candidates = [(flags, _module_name(source, flags)) for flags in _flag_sets()]
+    folders = list(_candidate_dirs())
+    if not folders:
+        raise RuntimeError("no usable cache directory (VQTOK_CACHE_DIR, ~/.cache or the temp dir)")
+    for _, name in candidates:
+        for folder in folders:
+            path = folder / f"{name}{_ext_suffix()}"
+            if path.exists() and _checked_marker(path).exists():
+                return name, path
+    request = {"source": source, "candidates": candidates, "folders": [str(f) for f in folders]}
+    root = str(Path(__file__).resolve().parent.parent)          # holds the tokenizer package
+    env = {**os.environ, "VQTOK_NEAREST_BACKEND": "torch"}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, root], input=json.dumps(request),
+                          capture_output=True, text=True, timeout=_CHILD_TIMEOUT_S, env=env)
+    answer = [ln for ln in proc.stdout.splitlines() if ln.startswith(_ANSWER)]
+    if proc.returncode != 0 or not answer:
+        if proc.returncode < 0:
+            try:
+                why = f"killed by {signal.Signals(-proc.returncode).name}"
+            except ValueError:
+                why = f"killed by signal {-proc.returncode}"
+        else:
+            why = (proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"])[0]
+        raise RuntimeError(f"building or self-checking the C pass in a child process failed: {why}")
+    name, path = json.loads(answer[-1][len(_ANSWER):])
+    return name, Path(path)
+
+
+def _child_main() -> None:
+    """In the child process (`_build`): the first flag set's module that is cached or compiles,
+    self-checked here (a kernel that crashes kills this process only), marked as checked, and
+    answered on stdout. The request comes on stdin."""
+    request = json.load(sys.stdin)
+    folders = [Path(f) for f in request["folders"]]
+    writable = [f for f in folders if os.access(f, os.W_OK | os.X_OK)]
+    errors = []
+    for flags, name in request["candidates"]:
+        cached = [f / f"{name}{_ext_suffix()}" for f in folders]
+        cached = [p for p in cached if p.exists()]
+        try:
+            if cached:
+                path = cached[0]
+            elif writable:
+                path = _compile(request["source"], flags, writable[0], name)
+            else:
+                raise RuntimeError(f"none of {request['folders']} is writable")
+        except Exception as exc:
+            errors.append(f"{' '.join(flags)}: {type(exc).__name__}: {str(exc)[:240]}")
+            continue
+        _self_check(_load_module(name, path))
+        _publish(_checked_marker(path), "ok\n")
+        print(_ANSWER + json.dumps([name, str(path)]), flush=True)
+        return
+    raise RuntimeError(f"the C pass did not build with any of {len(errors)} flag sets "
+                       f"(last: {errors[-1] if errors else 'none'})")
+
+
+def _compile(source: str, flags: list[str], folder: Path, name: str) -> Path:
+    """Build the cffi module `name` (cffi's public API; it runs the compiler through setuptools)
+    in a private temporary directory, then publish it atomically into `folder`. Only ever in the
+    child: cffi's compile changes the working directory of the whole process while it runs."""
+    import cffi
+    target = folder / f"{name}{_ext_suffix()}"
+    build = Path(tempfile.mkdtemp(prefix=".build-", dir=folder))   # this builder's own
     try:
-        src.write_text(_C_SOURCE)
-        proc = subprocess.run([compiler, *flags, "-o", tmp, str(src)], capture_output=True,
-                              text=True, timeout=120)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip()
-                               else f"exit {proc.returncode}")
-        os.replace(tmp, target)                             # atomic publish
+        ffi = cffi.FFI()
+        ffi.cdef(_CDEF)
+        ffi.set_source(name, source, extra_compile_args=flags,
+                       extra_link_args=[f for f in flags if f == "-fopenmp"])
+        built = ffi.compile(tmpdir=str(build))
+        os.replace(built, target)          # atomic publish: concurrent builders race safely
     finally:
-        src.unlink(missing_ok=True)
-        Path(tmp).unlink(missing_ok=True)
+        shutil.rmtree(build, ignore_errors=True)
     return target
 
 
-def _load(path: Path):
-    lib = ctypes.CDLL(str(path))   # ctypes releases the GIL during calls
-    fn = lib.vqtok_best_two_update
-    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    fn.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ptr, ptr, c_int]
-    fn.restype = None
-    _self_check(fn)
+def _publish(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     try:
-        entry = _fused_entry(lib)
-        _checked_in_child(path)          # a BLAS ABI mismatch must crash a child, not us
-        _self_check_fused(entry)
-    except Exception as exc:       # no usable BLAS symbol: the blocked path (torch.mm + pass)
-        log.info("vqtok: fused nearest kernel unavailable (%s); using torch.mm + best-two pass", exc)
-        entry = None
-    return fn, entry
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
-def _fused_entry(lib):
-    fused = lib.vqtok_fused_nearest
-    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    dbl = ctypes.c_double
-    fused.argtypes = [ptr, ptr, ptr, i64, c_int, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, dbl,
-                      c_int, c_int, ptr, c_int]
-    fused.restype = i64
-    gemm, set_local = _blas_symbols()
-    return fused, gemm, set_local
+def _load_module(name: str, path: Path):
+    """Import the built cffi module; -> its function as a callable taking addresses (ints), as
+    `_blocked_pass` passes them. cffi's compiled wrappers release the GIL during the C call."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ffi, fn = module.ffi, module.lib.vqtok_best_two_update
+    cast, f32, i64 = ffi.cast, ffi.typeof("float *"), ffi.typeof("int64_t *")
 
-
-_CHILD_CHECK = ("import sys; sys.path.insert(0, sys.argv[1]); from tokenizer import nearest as m; "
-                "m._self_check_fused(m._fused_entry(m.ctypes.CDLL(sys.argv[2])))")
-
-
-def _checked_in_child(path: Path) -> None:
-    """Run the fused self-check once in a child process (then cached next to the kernel, keyed by
-    the torch build): sgemm_ is called by symbol, and a torch built with another BLAS ABI would
-    crash whichever process calls it first."""
-    torch_key = hashlib.sha256(f"{torch.__file__}|{torch.__version__}".encode()).hexdigest()[:12]
-    marker = path.with_name(f"{path.name}.{torch_key}.fused-ok")
-    if marker.exists():
-        return
-    root = str(Path(__file__).resolve().parent.parent)          # holds the tokenizer package
-    env = {**os.environ, "VQTOK_NEAREST_BACKEND": "torch"}
-    proc = subprocess.run([sys.executable, "-c", _CHILD_CHECK, root, str(path)],
-                          capture_output=True, text=True, timeout=300, env=env)
-    if proc.returncode != 0:
-        last = proc.stderr.strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-        raise RuntimeError(f"fused kernel check in a child process failed: {last[0]}")
-    marker.write_text("ok\n")
-
-
-def _blas_symbols():
-    """Address of the MKL sgemm_ (LP64 Fortran interface) that torch's CPU library exports and
-    uses for its own GEMMs. Only with MKL; the first call is made in a child process
-    (`_checked_in_child`). Inside an OpenMP parallel region MKL runs sequentially."""
-    if not torch.backends.mkl.is_available():
-        raise RuntimeError("torch is not built with MKL")
-    lib_dir = Path(torch.__file__).parent / "lib"
-    names = [p for p in lib_dir.glob("libtorch_cpu.*") if p.suffix in (".so", ".dylib")]
-    if not names:
-        raise RuntimeError(f"no libtorch_cpu in {lib_dir}")
-    lib = ctypes.CDLL(str(names[0]))   # already loaded by torch: this only gets a handle
-    return ctypes.cast(lib.sgemm_, ctypes.c_void_p).value, None
-
-
-def _brute_best_two(z: torch.Tensor, book: torch.Tensor):
-    """Small-integer data, exact in fp32: (first argmin, min, second smallest) of the scores."""
-    scores = book.pow(2).sum(1) - 2 * z @ book.t()
-    two = scores.topk(2, dim=1, largest=False).values if book.shape[0] > 1 else None
-    return scores.argmin(1), scores.min(1).values, (two[:, 1] if two is not None else None)
-
-
-def _self_check_fused(entry) -> None:
-    """Small-integer data (exact in fp32, so exact ties): must equal the first brute-force
-    minimum and the best two scores, for several row counts, codebook widths and 1 and 2 threads."""
-    fn, gemm, set_local = entry
-    gen = torch.Generator().manual_seed(1)
-    for n, k, d, rows, threads in ((7, 5, 3, 2, 1), (50, 70, 6, 8, 2), (33, 257, 64, 16, 2)):
-        z = torch.randint(-3, 4, (n, d), generator=gen).float()
-        book = torch.randint(-3, 4, (k, d), generator=gen).float()
-        expect = _brute_best_two(z, book)
-        book_t = (book * -2.0).t().contiguous()
-        code_sq = book.pow(2).sum(1).contiguous()
-        work = torch.empty(threads * rows * k)
-        out, best, second = torch.empty(n, dtype=torch.long), torch.empty(n), torch.empty(n)
-        unsure = torch.empty(n, dtype=torch.bool)
-        fn(gemm, set_local, z.data_ptr(), n, d, book_t.data_ptr(), None, k, code_sq.data_ptr(),
-           out.data_ptr(), best.data_ptr(), second.data_ptr(), unsure.data_ptr(), 0.0,
-           rows, threads, work.data_ptr(), 1)
-        if not torch.equal(unsure, best == second):      # coef 0: exactly the tied rows
-            raise RuntimeError(f"fused self-check failed (unsure flags) for N={n} K={k} D={d}")
-        if not all(torch.equal(a, b) for a, b in zip((out, best, second), expect)):
-            raise RuntimeError(f"fused self-check failed for N={n} K={k} D={d}")
-        # with the codebook and the real margin: the float64 re-decision inside the kernel
-        fn(gemm, set_local, z.data_ptr(), n, d, book_t.data_ptr(), book.data_ptr(), k,
-           code_sq.data_ptr(), out.data_ptr(), best.data_ptr(), second.data_ptr(),
-           unsure.data_ptr(), error_margin(d), rows, threads, work.data_ptr(), 1)
-        if not torch.equal(out, expect[0]):
-            raise RuntimeError(f"fused self-check failed (float64 re-decision) for N={n} K={k} D={d}")
+    def kernel(scores, rows, k, ld, bias, col0, best, second, idx, nthreads):
+        fn(cast(f32, scores), rows, k, ld, cast(f32, bias), col0, cast(f32, best),
+           cast(f32, second), cast(i64, idx), nthreads)
+    return kernel
 
 
 def _self_check(fn) -> None:

@@ -100,6 +100,5 @@ def test_the_torch_fallback_gives_identical_codes(photo_tokenizer, monkeypatch):
     native = enc.encode(images)
     assert nm.native_kernel() is not None, nm._native_error
     monkeypatch.setattr(nm, "_native", None)       # as after VQTOK_NEAREST_BACKEND=torch
-    monkeypatch.setattr(nm, "_fused", None)
     monkeypatch.setattr(nm, "_tried", True)
     np.testing.assert_array_equal(enc.encode(images), native)

@@ -3,6 +3,9 @@ near-ties fp32 cannot order; independent of batch size and position; chunking, a
 fallbacks."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -11,23 +14,15 @@ import torch
 from tokenizer import nearest as nm
 from tokenizer.nearest import nearest_codes
 
-BACKENDS = ["fused", "blocked", "torch"]
+BACKENDS = ["native", "torch"]
 
 
 def search(z, book, backend, **kw):
-    """nearest_codes through one back end: "fused" (one C call: per-thread sgemm + best two),
-    "blocked" (torch.mm per block + the C argmin pass, used when no MKL symbol) or "torch"."""
-    if backend == "torch":
-        return nearest_codes(z, book, backend="torch", **kw)
-    assert nm.native_kernel() is not None, nm._native_error
-    saved = nm._fused
-    assert saved is not None, "the fused kernel is unavailable"
-    if backend == "blocked":
-        nm._fused = None
-    try:
-        return nearest_codes(z, book, backend="native", **kw)
-    finally:
-        nm._fused = saved
+    """nearest_codes through one back end: "native" (torch.mm per block + the C best-two pass,
+    which must be available here) or "torch"."""
+    if backend == "native":
+        assert nm.native_kernel() is not None, nm._native_error
+    return nearest_codes(z, book, backend=backend, **kw)
 
 
 def brute_sq_dist(z: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
@@ -135,7 +130,7 @@ def test_chunked_random_data_as_near(chunk_rows):
 
 @pytest.mark.parametrize("tile_cols", [1000, 4096, None])
 def test_column_tiles_across_codebook(monkeypatch, tile_cols):
-    """The blocked path splits a large codebook into column tiles; the running minimum
+    """The native back end splits a large codebook into column tiles; the running minimum
     must carry across tiles (nearest codes planted at the start, tile edges and end)."""
     if tile_cols:
         monkeypatch.setattr(nm, "_NATIVE_TILE_BYTES", 4 * nm._NATIVE_ROWS * tile_cols)
@@ -144,7 +139,7 @@ def test_column_tiles_across_codebook(monkeypatch, tile_cols):
     planted = [0, 999, 1000, 4095, 4096, 8999, 5000]
     for i, j in enumerate(planted):
         book[j] = z[i]                                     # ... except these exact hits
-    idx = search(z, book, "blocked")
+    idx = search(z, book, "native")
     assert idx[: len(planted)].tolist() == planted
     assert torch.equal(idx, brute_sq_dist(z, book).argmin(1))
 
@@ -193,17 +188,35 @@ def test_shape_and_argument_errors():
 
 
 def test_native_kernel_builds_here():
-    """The fast path must exist on the supported platform (CPU + a C compiler, torch with MKL),
-    or the performance target silently degrades to a slower path."""
+    """The fast path must exist on the supported platform (CPU, a C compiler, cffi), or the
+    performance target silently degrades to the torch path."""
     assert nm.native_kernel() is not None, nm._native_error
-    assert nm._fused is not None
 
 
-@pytest.mark.parametrize("chunk_rows", [0, 1, 5, 300])
-def test_fused_more_threads_than_blocks(chunk_rows):
-    z, book = integer_data(9, 40, 4, seed=8)
+@pytest.mark.parametrize("n,chunk_rows", [(3, 0), (9, 1), (9, 5), (9, 300)])
+def test_more_threads_than_row_blocks(n, chunk_rows):
+    """Blocks of 1 to 9 rows, wide enough (rows x K >= 65536) that the C pass opens its OpenMP
+    region, with more threads than rows."""
+    z, book = integer_data(n, 70000, 4, seed=8)
     expect = brute_sq_dist(z, book).argmin(1)
-    assert torch.equal(search(z, book, "fused", chunk_rows=chunk_rows), expect)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(8)
+        assert torch.equal(search(z, book, "native", chunk_rows=chunk_rows), expect)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_native_and_torch_back_ends_agree(seed):
+    """Identical indices on random data and on near-ties, through both back ends."""
+    g = torch.Generator().manual_seed(seed)
+    z, book = torch.randn(3000, 32, generator=g), torch.randn(1000, 32, generator=g)
+    assert torch.equal(search(z, book, "native"), search(z, book, "torch"))
+    z, book = near_tie_problem(seed=seed, d=32, k=256)
+    native = search(z, book, "native")
+    assert torch.equal(native, search(z, book, "torch"))
+    assert torch.equal(native, float64_argmin(z, book))
 
 
 def test_deterministic_and_thread_safe():
@@ -231,7 +244,6 @@ def fresh_kernel(monkeypatch, tmp_path):
     """Forget the loaded kernel and build into an empty private cache dir."""
     monkeypatch.setattr(nm, "_tried", False)
     monkeypatch.setattr(nm, "_native", None)
-    monkeypatch.setattr(nm, "_fused", None)
     monkeypatch.setattr(nm, "_native_error", None)
     monkeypatch.setenv("VQTOK_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(nm, "_private_tmp", lambda: tmp_path / "private")
@@ -247,48 +259,155 @@ def _check_fallback_works():
         nearest_codes(z, book, backend="native")
 
 
-def test_fallback_when_disabled_by_env(fresh_kernel):
+def test_fallback_when_disabled_by_env(fresh_kernel, tmp_path):
     fresh_kernel.setenv("VQTOK_NEAREST_BACKEND", "torch")
     assert nm.native_kernel() is None and "VQTOK_NEAREST_BACKEND" in nm._native_error
+    assert not (tmp_path / "cache").exists()               # nothing built, no child started
     _check_fallback_works()
 
 
-def test_fallback_when_compiler_fails(fresh_kernel):
-    fresh_kernel.setenv("CC", "false")                    # a "compiler" that always fails
-    with pytest.warns(RuntimeWarning, match="native nearest-code kernel unavailable"):
+@pytest.mark.parametrize("cc", ["false", "/nonexistent/cc"])
+def test_fallback_when_the_compiler_fails(fresh_kernel, tmp_path, cc):
+    """A compiler that fails, or none at all (cffi runs $CC through setuptools): one warning,
+    the torch back end, and no half-built file left in the cache."""
+    fresh_kernel.setenv("CC", cc)
+    with pytest.warns(RuntimeWarning, match="kernel unavailable.*did not build"):
+        assert nm.native_kernel() is None
+    assert "CompileError" in nm._native_error
+    assert not list((tmp_path / "cache").iterdir())
+    _check_fallback_works()
+
+
+def test_fallback_without_cffi(fresh_kernel):
+    fresh_kernel.setitem(sys.modules, "cffi", None)        # `import cffi` raises ImportError
+    with pytest.warns(RuntimeWarning, match="native nearest-code kernel unavailable.*cffi"):
         assert nm.native_kernel() is None
     _check_fallback_works()
 
 
-def test_fallback_when_kernel_is_wrong(fresh_kernel):
-    """A kernel that compiles but computes the wrong thing is caught by the self-check."""
+def test_fallback_without_setuptools_or_distutils(fresh_kernel, tmp_path):
+    """As on Python >= 3.12 without setuptools: cffi's compile cannot run in the child."""
+    fake = tmp_path / "fake_site"
+    for name in ("setuptools", "distutils"):
+        (fake / name).mkdir(parents=True)
+        (fake / name / "__init__.py").write_text(f"raise ImportError('no {name} here')\n")
+    fresh_kernel.setenv("PYTHONPATH", str(fake))
+    with pytest.warns(RuntimeWarning, match="kernel unavailable.*did not build"):
+        assert nm.native_kernel() is None
+    assert "distutils" in nm._native_error or "setuptools" in nm._native_error
+    _check_fallback_works()
+
+
+def test_fallback_when_kernel_is_wrong(fresh_kernel, tmp_path):
+    """A kernel that compiles but computes the wrong thing is caught by the self-check (in the
+    child), is never marked as checked, and is never loaded here."""
     fresh_kernel.setattr(nm, "_C_SOURCE", nm._C_SOURCE.replace("if (v < bv)", "if (v > bv)"))
     with pytest.warns(RuntimeWarning, match="self-check failed"):
         assert nm.native_kernel() is None
+    assert not list((tmp_path / "cache").glob("*.ok"))
     _check_fallback_works()
 
 
-def test_fresh_build_and_cache_reuse(fresh_kernel, tmp_path):
+def _mapped_files() -> str:
+    with open("/proc/self/maps") as f:
+        return f.read()
+
+
+def test_a_crash_in_the_child_check_falls_back_without_harm(fresh_kernel, tmp_path):
+    """A kernel whose entry point segfaults (as a miscompiled or mismatched one could) kills the
+    child that checks it, never this process: one warning, the torch back end with identical
+    codes, nothing marked as checked, and the crashing module never loaded here."""
+    crash = nm._C_SOURCE.replace("if (nthreads < 1) nthreads = 1;",
+                                 "if (nthreads < 1) nthreads = 1;\n    *(volatile int *)0 = 0;")
+    assert crash != nm._C_SOURCE
+    fresh_kernel.setattr(nm, "_C_SOURCE", crash)
+    with pytest.warns(RuntimeWarning, match="child process failed: killed by SIG"):
+        assert nm.native_kernel() is None
+    built = list((tmp_path / "cache").glob("_vqtok_nearest_*"))
+    assert len(built) == 1                                 # it did build ...
+    assert not list((tmp_path / "cache").glob("*.ok"))     # ... but is not marked as checked
+    assert str(built[0]) not in _mapped_files()            # ... and was never loaded here
+    _check_fallback_works()
+    # the next process (here: a fresh state) checks it again in a child, and falls back again
+    fresh_kernel.setattr(nm, "_tried", False)
+    with pytest.warns(RuntimeWarning, match="killed by SIG"):
+        assert nm.native_kernel() is None
+
+
+def _count_children(monkeypatch):
+    runs = []
+    real_run = nm.subprocess.run
+
+    def counting(*args, **kw):
+        if nm._CHILD in args[0]:
+            runs.append(args[0])
+        return real_run(*args, **kw)
+    monkeypatch.setattr(nm.subprocess, "run", counting)
+    return runs
+
+
+def test_fresh_build_check_once_and_cache_reuse(fresh_kernel, tmp_path):
+    """Built through cffi with the preferred flags (-march=native, OpenMP), checked in ONE child
+    process, published as one module + one marker; a later load (another process) neither
+    rebuilds nor starts a child."""
+    children = _count_children(fresh_kernel)
     kernel = nm.native_kernel()
     assert kernel is not None, nm._native_error
-    built = list((tmp_path / "cache").glob("vqtok_nearest_*.so"))
-    assert len(built) == 1 and not list((tmp_path / "cache").glob("tmp*"))
-    stamp = built[0].stat().st_mtime_ns
+    assert len(children) == 1
+    cache = tmp_path / "cache"
+    preferred = nm._module_name(nm._C_SOURCE, nm._flag_sets()[0])
+    assert "-march=native" in nm._flag_sets()[0] and "-fopenmp" in nm._flag_sets()[0]
+    module = cache / f"{preferred}{nm._ext_suffix()}"
+    assert sorted(p.name for p in cache.iterdir()) == sorted([module.name,
+                                                              nm._checked_marker(module).name])
+    assert str(module) in _mapped_files()                  # this module is the one loaded here
+    stamp = module.stat().st_mtime_ns
     fresh_kernel.setattr(nm, "_tried", False)
+    fresh_kernel.setattr(nm, "_native", None)
     assert nm.native_kernel() is not None
-    assert built[0].stat().st_mtime_ns == stamp           # loaded from the cache, not rebuilt
+    assert len(children) == 1                              # checked once: no second child
+    assert module.stat().st_mtime_ns == stamp              # loaded from the cache, not rebuilt
     z, book = integer_data(123, 45, 3, seed=5)
     assert torch.equal(nearest_codes(z, book, backend="native"), brute_sq_dist(z, book).argmin(1))
 
 
-def test_blocked_path_when_no_blas_symbol(fresh_kernel):
-    """Without MKL's sgemm_ the native back end still works, through torch.mm + the C pass."""
-    def no_blas():
-        raise RuntimeError("no sgemm_")
-    fresh_kernel.setattr(nm, "_blas_symbols", no_blas)
-    assert nm.native_kernel() is not None and nm._fused is None
-    z, book = integer_data(700, 300, 5, seed=9)
-    assert torch.equal(nearest_codes(z, book, backend="native"), brute_sq_dist(z, book).argmin(1))
+def test_a_module_without_marker_is_checked_again(fresh_kernel, tmp_path):
+    """A built module whose check never finished (no marker) is checked in a child again, not
+    trusted; the marker is per torch build."""
+    assert nm.native_kernel() is not None, nm._native_error
+    (marker,) = (tmp_path / "cache").glob("*.ok")
+    marker.unlink()
+    children = _count_children(fresh_kernel)
+    fresh_kernel.setattr(nm, "_tried", False)
+    fresh_kernel.setattr(nm, "_native", None)
+    assert nm.native_kernel() is not None
+    assert len(children) == 1 and marker.exists()
+
+
+_RACE = """
+import warnings, torch
+warnings.simplefilter("error")
+from tokenizer import nearest as nm
+assert nm.native_kernel() is not None, nm._native_error
+z, book = torch.randn(200, 8), torch.randn(300, 8)
+native = nm.nearest_codes(z, book, backend="native")
+assert torch.equal(native, nm.nearest_codes(z, book, backend="torch"))
+"""
+
+
+def test_concurrent_first_builds_race_safely(tmp_path):
+    """Two processes building into the same empty cache at once both get a working kernel
+    (each child builds in its own directory and publishes with an atomic rename)."""
+    env = {**os.environ, "VQTOK_CACHE_DIR": str(tmp_path / "cache"), "TMPDIR": str(tmp_path)}
+    env.pop("VQTOK_NEAREST_BACKEND", None)
+    procs = [subprocess.Popen([sys.executable, "-c", _RACE], cwd=nm.Path(nm.__file__).parent.parent,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=500) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    cache = tmp_path / "cache"
+    assert len(list(cache.glob(f"_vqtok_nearest_*{nm._ext_suffix()}"))) == 1
+    assert not list(cache.glob(".build-*")) and not list(cache.glob(".tmp-*"))
 
 
 # ---- exactness on near-ties, independence of the batch -------------------------------------------
@@ -372,28 +491,6 @@ def test_untouched_fp32_winners_are_certain():
     g = torch.Generator().manual_seed(12)
     z, book = torch.randn(4000, 32, generator=g), torch.randn(512, 32, generator=g)
     assert torch.equal(nearest_codes(z, book, exact=False), nearest_codes(z, book))
-
-
-def test_a_crash_in_the_fused_check_falls_back_without_harm(fresh_kernel, tmp_path):
-    """The fused kernel calls MKL's sgemm_ by symbol, first in a child process: a child that dies
-    (here by a deliberate segfault, as a BLAS ABI mismatch would) leaves this process running on
-    the blocked path (torch.mm + the C pass), with identical codes, and nothing is cached as ok."""
-    fresh_kernel.setattr(nm, "_CHILD_CHECK", "import ctypes; ctypes.string_at(0)")
-    assert nm.native_kernel() is not None and nm._fused is None
-    assert not list((tmp_path / "cache").glob("*.fused-ok"))
-    z, book = near_tie_problem(seed=4)
-    assert torch.equal(nearest_codes(z, book, backend="native"), float64_argmin(z, book))
-
-
-def test_fused_check_runs_in_a_child_once(fresh_kernel, tmp_path, monkeypatch):
-    assert nm.native_kernel() is not None and nm._fused is not None, nm._native_error
-    assert len(list((tmp_path / "cache").glob("*.fused-ok"))) == 1
-    runs = []
-    real_run = nm.subprocess.run
-    monkeypatch.setattr(nm.subprocess, "run", lambda *a, **kw: runs.append(a) or real_run(*a, **kw))
-    fresh_kernel.setattr(nm, "_tried", False)
-    assert nm.native_kernel() is not None and nm._fused is not None
-    assert not [a for a in runs if nm._CHILD_CHECK in a[0]]   # cached: no second child
 
 
 # ---- the quantiser searches through nearest_codes ----------------------------------------------
