@@ -17,7 +17,7 @@ class QuantizerConfig:
     ema: bool = True                  # EMA codebook updates (paper appendix)
     decay: float = 0.99
     eps: float = 1e-5                 # Laplace smoothing of EMA counts
-    dead_code_threshold: float = 1.0  # restart codes whose EMA count falls below this; 0 = off
+    dead_code_threshold: float = 1.0  # restart codes whose EMA count falls below this (a restarted code counts min(1, 2x this)); 0 = off
     kmeans_init: bool = True
     kmeans_iters: int = 10
     l2_normalize: bool = False        # cosine codes (LlamaGen / ViT-VQGAN)

@@ -208,8 +208,13 @@ class VectorQuantizer(nn.Module):
         book = self.codebook.data.clone()
         book[dead] = candidates.to(book.dtype)
         self._set_codebook(book)
-        self.ema_sum[dead] = candidates
-        self.ema_count[dead] = 1.0
+        # a restarted code counts as used once, or twice the threshold when that is lower: below
+        # 1/2 a code left unused must be re-judged within ~ln 2 / (1 - decay) steps, not stay stale
+        # while the encoder's outputs move (with K codes far above a batch's vectors the
+        # threshold must be low, and a count of 1 would then outlive it for hundreds of steps)
+        count = min(1.0, 2 * self.config.dead_code_threshold)
+        self.ema_sum[dead] = candidates * count
+        self.ema_count[dead] = count
         self.metrics["restarted"] = torch.tensor(float(num_dead))
 
     @torch.no_grad()

@@ -98,6 +98,31 @@ def test_dead_code_restart_revives_codes_from_encoder_outputs():
     assert (q.ema_count[1:] >= 0.5).all()
 
 
+@pytest.mark.parametrize("threshold, count, steps_unused", [(1.0, 1.0, 1), (0.5, 1.0, 69), (0.0625, 0.125, 69)])
+def test_a_restarted_code_is_rejudged_within_its_grace(threshold, count, steps_unused):
+    """A restarted code counts min(1, 2 x threshold): left unused it falls below the threshold
+    again after ~ln 2 / (1 - decay) steps at most (a count of 1 against a threshold of 1/16 would
+    keep a stale code ~280 steps)."""
+    torch.manual_seed(0)
+    q = vq(4, 2, ema=True, kmeans_init=False, dead_code_threshold=threshold, decay=0.99)
+    q.codebook.copy_(torch.tensor([[0.0, 0.0], [50.0, 50.0], [60.0, 60.0], [70.0, 70.0]]))
+    q.ema_sum.copy_(q.codebook)
+    q.ema_count.copy_(torch.tensor([1000.0, 0.0, 1000.0, 1000.0]))   # code 1 is dead
+    q.train()
+    q(torch.randn(32, 2) * 0.01)                    # every row goes to code 0
+    assert float(q.ema_count[1]) == pytest.approx(count)
+    torch.testing.assert_close(q.ema_sum[1], q.codebook[1] * count)
+    away = torch.tensor([[70.0, 70.0]]).expand(32, 2) # from now on code 1 is never the nearest
+    restarted_at = None
+    for step in range(1, 400):
+        before = q.codebook[1].clone()
+        q(away + torch.randn(32, 2) * 0.01)
+        if not torch.equal(before, q.codebook[1]) and float(q.ema_count[1]) == pytest.approx(count):
+            restarted_at = step
+            break
+    assert restarted_at == steps_unused
+
+
 def test_kmeans_init_finds_separated_clusters():
     torch.manual_seed(0)
     centres = torch.tensor([[0.0, 0], [20, 0], [0, 20], [20, 20]])
