@@ -121,9 +121,7 @@ def metrics(recon: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, k: int) -
 
 
 @torch.no_grad()
-def evaluate_vqtok(final: str, x: torch.Tensor) -> dict:
-    from tokenizer import VQVAE
-    model = VQVAE.from_pretrained(final)
+def evaluate_vqtok(model, x: torch.Tensor) -> dict:
     codes = torch.cat([model.encode(b) for b in x.split(500)])
     recon = torch.cat([model.decode(c) for c in codes.split(500)])
     return metrics(recon, x, codes, model.codebook_size)
@@ -260,7 +258,9 @@ def main() -> None:
     # the bar's set first: Fashion-MNIST's test split; for photos32 photographs of another source
     evals = ({"test": eval_images(a.dataset, held)} if a.dataset == "fashion" else
              {"photographs": eval_images(a.dataset, held), "wallpapers_heldout": eval_images(a.dataset, val)})
-    ours = {name: evaluate_vqtok(f"{run}/final", x) | {"images": len(x)} for name, x in evals.items()}
+    from tokenizer import VQVAE
+    final = VQVAE.from_pretrained(f"{run}/final")
+    ours = {name: evaluate_vqtok(final, x) | {"images": len(x)} for name, x in evals.items()}
     ours["ms_per_step"] = step_ms(run, 128)
     train_x = train_images(a.dataset, train)
     ref = reference_for(a, train_x, evals) if a.ref_steps >= 3000 else {}

@@ -53,6 +53,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .storage import write_bytes_atomic
+
 log = logging.getLogger(__name__)
 
 _CACHE_BYTES = 4 << 20      # torch back end on CPU: target size of one score block (the fastest measured)
@@ -549,7 +551,7 @@ def _child_main() -> None:
             errors.append(f"{' '.join(flags)}: {type(exc).__name__}: {str(exc)[:240]}")
             continue
         _self_check(_load_module(name, path))
-        _publish(_checked_marker(path), "ok\n")
+        write_bytes_atomic(str(_checked_marker(path)), b"ok\n")
         print(_ANSWER + json.dumps([name, str(path)]), flush=True)
         return
     raise RuntimeError(f"the C pass did not build with any of {len(errors)} flag sets "
@@ -573,16 +575,6 @@ def _compile(source: str, flags: list[str], folder: Path, name: str) -> Path:
     finally:
         shutil.rmtree(build, ignore_errors=True)
     return target
-
-
-def _publish(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def _load_module(name: str, path: Path):

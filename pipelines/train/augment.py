@@ -32,8 +32,12 @@ class AugmentConfig:
               "must be in (0, 1] (1 turns crop jitter off)")
 
     @property
+    def moves_pixels(self) -> bool:
+        return self.flip or self.rot90 or self.min_crop_area < 1.0
+
+    @property
     def enabled(self) -> bool:
-        return self.flip or self.rot90 or self.min_crop_area < 1.0 or self.channel_shuffle
+        return self.moves_pixels or self.channel_shuffle
 
 
 def augment_generator(seed: int, rank: int, step: int) -> torch.Generator:
@@ -75,7 +79,7 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.
     if cfg.channel_shuffle and c > 1:
         order = torch.rand(b, c, generator=gen).argsort(dim=1)           # (B, C)
         x = x.gather(1, order.to(x.device)[:, :, None, None].expand(b, c, h, w))
-    if cfg.flip or cfg.rot90 or cfg.min_crop_area < 1.0:
+    if cfg.moves_pixels:
         grid = F.affine_grid(maps.to(x.device, x.dtype), [b, c, h, w], align_corners=False)
         # border padding: bilinear taps at the edge of a full-size map stay inside the image
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
