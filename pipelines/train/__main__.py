@@ -5,6 +5,7 @@ import sys
 
 import torch.distributed as dist
 
+from ..distributed import exit_rank
 from ..errors import RANK_PEER_FAILED_EXIT, RANK_USER_ERROR_EXIT, USER_ERRORS, SharedError, Stopped
 from .launch import rank_main
 from .torchrun import ERROR_SAID_ENV
@@ -45,4 +46,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_rank(main())      # an exception still propagates (traceback, exit status 1)

@@ -54,6 +54,7 @@ WORKER = textwrap.dedent('''
     torch.save({"state": model.state_dict(), "restarted": restarted},
                f"{out}/{mode}-w{info.world_size}-r{info.rank}.pt")
     D.teardown()
+    D.exit_rank(0)
 ''')
 
 
@@ -257,3 +258,24 @@ def test_a_users_own_torchrun_resolves_on_rank_0_and_records_the_config(tmp_path
     assert r.returncode != 0 and len(errors) == 1, r.stderr[-3000:]
     assert "--resume cannot change model.code_dim (8 recorded, 16 now)" in errors[0]
     assert yaml.safe_load((out / "config.yaml").read_text()) == recorded
+
+
+def test_exit_rank_keeps_the_exit_status_and_flushes_output(tmp_path):
+    """exit_rank skips interpreter finalization (where a gloo group DDP still holds could abort
+    a finished rank), but what the rank printed still arrives and its status is kept."""
+    script = tmp_path / "rank.py"
+    script.write_text(textwrap.dedent('''
+        import logging, sys
+        from pipelines import distributed as D
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO)
+        print("done, no newline", end="")
+        logging.getLogger("x").info("logged")
+        D.teardown()                  # no group: a no-op
+        D.exit_rank(int(sys.argv[1]))
+    '''))
+    for code in (0, 3):
+        r = subprocess.run([sys.executable, str(script), str(code)], capture_output=True, text=True,
+                           timeout=60, env={**os.environ, "PYTHONPATH": os.getcwd()})
+        assert r.returncode == code
+        assert r.stdout == "done, no newline"      # block-buffered (a pipe), flushed all the same
+        assert "logged" in r.stderr
