@@ -109,9 +109,14 @@ class OutputMetadata:
         return self.grid[0] * self.grid[1]
 
 
+def codes_numpy_dtype(codebook_size: int) -> type:
+    """int16 when every code fits it (K <= 32768), else int32: the stored code type."""
+    return np.int16 if codebook_size <= MAX_INT16_CODEBOOK else np.int32
+
+
 def codes_arrow_type(codebook_size: int) -> pa.DataType:
     """list<int16> when every code fits int16 (K <= 32768), else list<int32>."""
-    return pa.list_(pa.int16() if codebook_size <= MAX_INT16_CODEBOOK else pa.int32())
+    return pa.list_(pa.from_numpy_dtype(codes_numpy_dtype(codebook_size)))
 
 
 def data_schema(meta: OutputMetadata, extra_fields: list[pa.Field] | tuple = ()) -> pa.Schema:

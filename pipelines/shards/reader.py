@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import fsspec
 
-from .tarstream import END_MARKER, SKIPPED, TOO_LARGE, TarMembers
+from .tarstream import END_MARKER, SKIPPED, TOO_LARGE, BlockPrefetcher, TarMembers
 
 MAX_MEMBER_BYTES = 256 << 20    # default: a larger member becomes an error, never held in memory
 
@@ -62,9 +62,11 @@ class TarShardReader:
         except ValueError as e:
             self.error = f"shard cannot be opened ({e})"
             return
+        blocks = BlockPrefetcher(f)     # storage reads overlap parsing and decoding
         try:
-            yield from self._samples(f)
+            yield from self._samples(blocks)
         finally:
+            blocks.close()
             f.close()
 
     def _wants(self, member: str) -> bool:

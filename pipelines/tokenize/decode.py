@@ -2,14 +2,13 @@
 
 `decode_shard` is the one implementation, run either inline in the worker (a one-CPU CPU worker,
 where a second process could only time-share its core with the encoder) or inside a decode
-process (decode_pool.py) that writes its batches straight into shared memory. A reader thread
-streams the tar (storage latency overlaps decoding); every sample becomes either one image in
-the batch array or one error row.
+process (decode_pool.py) that writes its batches straight into shared memory. The tar is parsed
+in the decoding thread; the reader's prefetch thread reads storage blocks ahead (latency
+overlaps decoding); every sample becomes either one image in the batch array or one error row.
 """
 from __future__ import annotations
 
 import contextlib
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -119,45 +118,40 @@ class SampleDecoder:
             batch.kept[name].append(value)
 
 
-_END = object()
-
-
 class ChunkReader:
-    """A reader thread: the shard's samples in chunks of `size` (keys seen twice are marked
-    duplicate), a few chunks ahead of the decoder. After iteration `end` says how it ended."""
+    """A shard's samples in chunks of `size` (keys seen twice are marked duplicate), read in the
+    decoding thread: the reader's own prefetch thread overlaps storage at the block level
+    (BlockPrefetcher). After iteration `end` says how it ended; a storage error ends it as a
+    failure (the attempt is retried) after the chunks read before it."""
 
-    def __init__(self, url: str, spec: DecodeSpec, ahead: int = 2):
+    def __init__(self, url: str, spec: DecodeSpec):
         self.reader = TarShardReader(url, spec.wants, spec.max_member_bytes)
         self.size = spec.batch_size
-        self.chunks: queue.Queue = queue.Queue(maxsize=ahead)
         self.failure: BaseException | None = None
-        self.thread = threading.Thread(target=self._read, daemon=True, name="vqtok-read")
-        self.thread.start()
-
-    def _read(self) -> None:
-        seen: set[str] = set()
-        chunk: list[Sample] = []
-        t0 = time.perf_counter()
-        try:
-            for sample in self.reader:
-                sample.duplicate = sample.key in seen   # a second row for one key: refused
-                seen.add(sample.key)
-                chunk.append(sample)
-                if len(chunk) >= self.size:
-                    self.chunks.put((chunk, time.perf_counter() - t0))
-                    chunk = []
-                    t0 = time.perf_counter()
-            if chunk:
-                self.chunks.put((chunk, time.perf_counter() - t0))
-        except BaseException as e:   # storage errors: the attempt fails and is retried
-            self.failure = e
-        finally:
-            self.chunks.put(_END)
 
     def __iter__(self) -> Iterator[tuple[list[Sample], float]]:
-        while (item := self.chunks.get()) is not _END:
-            yield item
-        self.thread.join()
+        """-> (samples, wall seconds spent reading them)"""
+        seen: set[str] = set()
+        chunk: list[Sample] = []
+        samples = iter(self.reader)
+        t0 = time.perf_counter()
+        while True:
+            try:
+                sample = next(samples, None)
+            except Exception as e:     # storage errors: the attempt fails and is retried
+                self.failure = e
+                sample = None
+            if sample is None:
+                break
+            sample.duplicate = sample.key in seen   # a second row for one key: refused
+            seen.add(sample.key)
+            chunk.append(sample)
+            if len(chunk) >= self.size:
+                yield chunk, time.perf_counter() - t0
+                chunk = []
+                t0 = time.perf_counter()
+        if chunk and self.failure is None:     # after a failure the attempt is retried anyway
+            yield chunk, time.perf_counter() - t0
 
     @property
     def end(self) -> ShardEnd:

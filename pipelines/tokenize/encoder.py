@@ -16,6 +16,8 @@ import torch
 
 from tokenizer import VQVAE
 
+from ..output_format import codes_numpy_dtype
+
 # images per model call: the fastest of 32/64/128 on CPU (docs/tokenize.md, Design)
 CPU_MICRO_BATCH = 64
 GPU_MICRO_BATCH = 512
@@ -39,7 +41,7 @@ class CodeEncoder:
         self.channels = model.config.in_channels
         self.resolution = model.config.resolution
         self.micro_batch = GPU_MICRO_BATCH if self.device.type == "cuda" else CPU_MICRO_BATCH
-        self.code_dtype = np.int16 if self.codebook_size <= 32768 else np.int32
+        self.code_dtype = codes_numpy_dtype(self.codebook_size)
 
     @torch.inference_mode()
     def encode(self, images: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from tokenizer.storage import write_bytes_atomic
 
-from ..output_format import OutputMetadata, data_schema, errors_path, errors_schema, join, manifest_path
+from ..output_format import OutputMetadata, codes_numpy_dtype, data_schema, errors_path, errors_schema, join, manifest_path
 
 TMP_DIR = "_tmp"
 ROW_GROUP_ROWS = 32768
@@ -68,7 +68,8 @@ def codes_table(meta: OutputMetadata, shard: str, keys: list[str], codes: np.nda
     value_type = schema.field("codes").type.value_type
     n, width = codes.shape if codes.ndim == 2 else (0, meta.num_codes)
     offsets = pa.array(np.arange(n + 1, dtype=np.int32) * width, type=pa.int32())
-    values = pa.array(codes.reshape(-1).astype(value_type.to_pandas_dtype(), copy=False), type=value_type)
+    values = pa.array(codes.reshape(-1).astype(codes_numpy_dtype(meta.codebook_size), copy=False),
+                      type=value_type)
     columns = [pa.array(keys, type=pa.string()), pa.array([shard] * n, type=pa.string()),
                pa.ListArray.from_arrays(offsets, values, type=schema.field("codes").type)]
     columns += [pa.array(kept[name], type=kept_field_type(name)) for name in kept]

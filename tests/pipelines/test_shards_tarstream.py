@@ -92,3 +92,49 @@ def test_damage_is_reported_not_raised():
     assert got == [] and reader.end == "empty file"
     got, reader = parse(b"\0" * 10240)
     assert got == [] and reader.end == END_MARKER
+
+
+def test_block_prefetcher_hands_out_the_file_in_order_then_the_storage_error():
+    import threading
+    from pipelines.shards.tarstream import READ_SIZE, BlockPrefetcher
+
+    data = bytes(range(256)) * (READ_SIZE // 256 * 3 + 5)          # 3 full blocks and a tail
+
+    class FailsAfter(io.BytesIO):
+        def read(self, n=-1):
+            if self.tell() >= len(data):
+                raise ConnectionResetError("connection reset by peer")
+            return super().read(n)
+
+    blocks = BlockPrefetcher(io.BytesIO(data))
+    got = []
+    while block := blocks.read():
+        got.append(block)
+    assert b"".join(got) == data and len(got) == 4 and blocks.read() == b""
+    blocks.close()
+
+    failing = BlockPrefetcher(FailsAfter(data))
+    assert b"".join(failing.read() for _ in range(4)) == data        # what came before the error
+    with pytest.raises(ConnectionResetError):
+        failing.read()
+    failing.close()
+
+    before = threading.active_count()
+    abandoned = BlockPrefetcher(io.BytesIO(data))
+    abandoned.read()                               # the thread is blocked on a full queue now
+    abandoned.close()
+    assert not abandoned.thread.is_alive() and threading.active_count() == before
+
+
+def test_a_reader_left_early_stops_its_prefetch_thread(tmp_path):
+    import threading
+    from pipelines.shards.reader import TarShardReader
+
+    members = [(f"s{i:05d}.png", bytes(4096)) for i in range(3000)]       # > 2 blocks ahead
+    (tmp_path / "a.tar").write_bytes(make_tar(tarfile.GNU_FORMAT, members, extra_dirs=False))
+    before = threading.active_count()
+    samples = iter(TarShardReader(str(tmp_path / "a.tar")))
+    assert next(samples).key == "s00000"
+    assert threading.active_count() == before + 1
+    samples.close()
+    assert threading.active_count() == before
