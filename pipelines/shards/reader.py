@@ -52,6 +52,7 @@ class TarShardReader:
         self.max_member_bytes = max_member_bytes
         self.error: str | None = None
         self.bytes_read = 0
+        self._split: tuple[str | None, tuple[str, str] | None] = (None, None)
 
     def __iter__(self) -> Iterator[Sample]:
         try:
@@ -71,7 +72,12 @@ class TarShardReader:
 
     def _wants(self, member: str) -> bool:
         parts = split_member_name(member)
+        self._split = (member, parts)           # the same member's name comes back next
         return parts is not None and self.want_field(parts[1])
+
+    def _split_name(self, member: str) -> tuple[str, str] | None:
+        last, parts = self._split
+        return parts if last == member else split_member_name(member)
 
     def _samples(self, f) -> Iterator[Sample]:
         want = self._wants if self.want_field is not None else None
@@ -79,7 +85,7 @@ class TarShardReader:
         sample: Sample | None = None
         for name, data in members:
             self.bytes_read = members.offset
-            parts = split_member_name(name)
+            parts = self._split_name(name)
             if parts is None:
                 continue
             key, ext = parts

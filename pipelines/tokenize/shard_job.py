@@ -39,6 +39,13 @@ class ShardTokenizer:
         self.decoders = DecodePool(self.spec, decode_processes) if decode_processes > 0 else InlineDecoder(self.spec)
         self.encode_lock = threading.Lock()
         self.committer = ShardCommitter(output)
+        self._warm_up_writer()
+
+    def _warm_up_writer(self) -> None:
+        """Build one empty data file before the first shard: pyarrow's first array conversion
+        imports pandas and its codecs (~0.2 s), a cost of start-up, not of the first shard."""
+        empty = np.zeros((0, self.meta.num_codes), self.encoder.code_dtype)
+        parquet_bytes(codes_table(self.meta, "warm-up", [], empty, {n: [] for n in self.keep_fields}))
 
     @property
     def slots(self) -> int:
