@@ -1,6 +1,6 @@
 """Does a tokenize worker keep its accelerator fed? Delivered images/s over the decode limit.
 
-    python benchmarks/feed.py [--images 60000] [--cpus 1 2] [--batch-ms 0 5] [--workdir DIR]
+    python benchmarks/feed.py [--images 60000] [--cpus 1 2] [--batch-ms 0 5] [--passes K] [--workdir DIR]
 
 The worker's own CPU side (`ShardTokenizer`: decode processes, shared-memory batches, encoder
 lock, Parquet writes) runs with a stand-in accelerator instead of the model, so that what is
@@ -145,6 +145,8 @@ def main():
     ap.add_argument("--cpus", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--batch-ms", type=float, nargs="+", default=[0.0, 5.0])
     ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best of each is kept")
+    ap.add_argument("--passes", type=int, default=1,
+                    help="each measurement goes over the shards this many times (longer, steadier runs)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--no-tokenize", action="store_true", help="skip the `vqtok tokenize` runs")
     args = ap.parse_args()
@@ -155,17 +157,20 @@ def main():
         prepare_fashion_mnist(shards, shard_size=5000, splits=("train",), limit=args.images, progress=False)
     paths = sorted(glob.glob(f"{shards}/train-*.tar"))
     images = sum(1 for p in paths for _ in TarShardReader(p))
-    print(f"{len(paths)} shards, {images} images; {os.cpu_count()} cores; load {os.getloadavg()[0]:.2f}",
-          flush=True)
+    print(f"{len(paths)} shards, {images} images, {args.passes} pass(es) per measurement; "
+          f"{os.cpu_count()} cores; load {os.getloadavg()[0]:.2f}", flush=True)
+    paths = paths * args.passes                 # the stand-in and the limit (not vqtok tokenize)
 
     tok = os.path.join(work, "tiny-tokenizer")
     if not args.no_tokenize and not os.path.exists(os.path.join(tok, "config.json")):
         tiny_tokenizer(tok)
     best: dict = {}
+    per_repeat: dict = {}          # (feed, procs, ms) -> delivered / that repeat's limit
     for rep in range(args.repeats):
         for procs in args.cpus:
             key = ("limit", procs)
-            best[key] = max(best.get(key, 0.0), decode_limit(paths, procs))
+            limit_now = decode_limit(paths, procs)          # this repeat's, next to its runs
+            best[key] = max(best.get(key, 0.0), limit_now)
             if not args.no_tokenize:
                 rate = through_tokenize(f"{shards}/train-*.tar", tok, procs, os.path.join(work, "tok-out"))
                 best[("tokenize", procs)] = max(best.get(("tokenize", procs), 0.0), rate)
@@ -176,17 +181,21 @@ def main():
                 key = ("feed", procs, ms)
                 if rate > best.get(key, (0.0, 0.0))[0]:
                     best[key] = (rate, cpu)
-                print(f"  repeat {rep}: {procs} CPU, stand-in {ms:g} ms/batch: {rate:,.0f} img/s "
-                      f"(limit {best[('limit', procs)]:,.0f}); load {os.getloadavg()[0]:.2f}", flush=True)
+                per_repeat.setdefault(key, []).append(rate / limit_now)
+                print(f"  repeat {rep}: {procs} CPU, stand-in {ms:g} ms/batch: {rate:,.0f} img/s, this "
+                      f"repeat's limit {limit_now:,.0f}: {rate / limit_now:.2f}x; load {os.getloadavg()[0]:.2f}",
+                      flush=True)
 
-    print("\nCPUs | stand-in accelerator | delivered img/s | decode limit img/s | ratio | worker CPU us/img")
+    print("\nCPUs | stand-in accelerator | delivered img/s | decode limit img/s | ratio (bests) | "
+          "each repeat's ratio | worker CPU us/img")
     for procs in args.cpus:
         for ms in args.batch_ms:
             rate, cpu = best[("feed", procs, ms)]
             limit = best[("limit", procs)]
             what = "free" if not ms else f"{ms:g} ms/batch"
+            spread = ", ".join(f"{r:.2f}" for r in per_repeat[("feed", procs, ms)])
             print(f"{procs:4d} | {what:20s} | {rate:15,.0f} | {limit:18,.0f} | {rate / limit:5.2f}x | "
-                  f"{cpu * 1e6:6.1f}")
+                  f"{spread} | {cpu * 1e6:6.1f}")
 
     if not args.no_tokenize:
         print("\nvqtok tokenize, one worker, tiny tokenizer (steady state):")
