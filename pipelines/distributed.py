@@ -64,7 +64,6 @@ def setup(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
 
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
-        gc.collect()         # a dropped DDP wrapper's cycles go first (they reference the group)
         dist.destroy_process_group()
 
 
@@ -72,10 +71,11 @@ def exit_rank(code: int) -> NoReturn:
     """End a rank process after `teardown` without interpreter finalization: flush, shut
     logging down, collect (DataLoader iterators stop their worker processes), then os._exit.
 
-    Why: after destroy_process_group, DDP internals still hold the default gloo group, so its
-    worker threads live on until the interpreter finalizes, and tearing them down there
-    sometimes aborts the process ("terminate called without an active exception", SIGABRT,
-    about 1 exit in 30 here): torchrun then reports a finished, checkpointed run as failed.
+    Why: after destroy_process_group, DDP internals still hold the default gloo group (even
+    with the DDP wrapper deleted and collected), so its worker threads live on until the
+    interpreter finalizes, and tearing them down there sometimes aborts the process ("terminate
+    called without an active exception", SIGABRT; 3 exits in 190 here): torchrun then reports a
+    finished, checkpointed run as failed.
     Nothing of ours is left to finalize at this point."""
     gc.collect()
     for stream in (sys.stdout, sys.stderr):

@@ -50,8 +50,6 @@ class BlockPrefetcher:
     A storage error (OSError) raised in the thread is raised by the `read()` that reaches it.
     `close()` stops the thread (after the read it is in) without closing the file."""
 
-    _END = object()
-
     def __init__(self, f, ahead: int = 2):
         self.f = f
         self.blocks: queue.Queue = queue.Queue(maxsize=ahead)
@@ -69,7 +67,7 @@ class BlockPrefetcher:
                 if not block:
                     return
         except BaseException as e:       # handed to the reader, raised there
-            self._put((self._END, e))
+            self._put(e)
 
     def _put(self, item) -> bool:
         while not self.stop.is_set():
@@ -84,9 +82,9 @@ class BlockPrefetcher:
         if self.done:
             return b""
         item = self.blocks.get()
-        if isinstance(item, tuple):
+        if isinstance(item, BaseException):
             self.done = True
-            raise item[1]
+            raise item
         if not item:
             self.done = True
         return item
