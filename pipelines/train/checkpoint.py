@@ -17,6 +17,8 @@ from tokenizer import CheckpointError
 from tokenizer.storage import write_bytes_atomic
 
 NAME = re.compile(r"step-(\d{8})\.pt$")
+# AtomicFile's hidden temporary file of a checkpoint; one is left behind when a save is killed
+PARTIAL = re.compile(r"(^|/)\.step-\d{8}\.pt\.tmp-[^/]*$")
 
 
 def checkpoint_dir(run_dir: str) -> str:
@@ -34,6 +36,19 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
         if m:
             found.append((int(m.group(1)), p if "://" not in run_dir else fs.unstrip_protocol(p)))
     return sorted(found)
+
+
+def remove_partial_checkpoints(run_dir: str) -> list[str]:
+    """Delete the temporary files of saves that were killed mid-write (a run killed while saving
+    leaves one as large as a checkpoint). Only the main rank of a starting run calls this, before
+    it saves anything, so no live writer owns them. Returns the removed paths."""
+    fs, path = fsspec.core.url_to_fs(checkpoint_dir(run_dir))
+    if not fs.exists(path):
+        return []
+    partial = [p for p in fs.ls(path, detail=False) if PARTIAL.search(p)]
+    for p in partial:
+        fs.rm(p)
+    return partial
 
 
 def save_checkpoint(run_dir: str, step: int, state: dict, keep: int) -> str:

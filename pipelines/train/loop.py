@@ -17,7 +17,8 @@ from ..shards.urls import expand_urls
 from ..errors import SharedError, Stopped
 from ..metrics import psnr_of_mean_mse
 from ..parallelize import parallelize
-from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (list_checkpoints, load_checkpoint, remove_partial_checkpoints, rng_state,
+                         save_checkpoint, set_rng_state)
 from .config import TrainConfig
 from .augment import augment, augment_generator
 from .data import ShardStream, load_images, make_loader
@@ -70,6 +71,8 @@ class Trainer:
         found = list_checkpoints(self.run_dir) if self.info.is_main else None
         decision = None
         if self.info.is_main:
+            if resume or not found:     # a run that will save here: no earlier writer is alive
+                remove_partial_checkpoints(self.run_dir)
             if found and not resume:
                 decision = ("error", f"{self.run_dir} already has checkpoints (newest step "
                             f"{found[-1][0]}); pass --resume to continue or choose another --out")

@@ -297,6 +297,21 @@ def test_resume_with_another_data_layout_starts_the_next_epoch(tmp_path):
     assert all(epoch == 3 and offset <= 32 for epoch, offset in after["positions"].values())
 
 
+def test_partial_checkpoint_saves_are_removed_and_never_listed(tmp_path):
+    from pipelines.train.checkpoint import (checkpoint_dir, list_checkpoints,
+                                            remove_partial_checkpoints, save_checkpoint)
+    run = str(tmp_path / "run")
+    save_checkpoint(run, 3, {"step": 3}, keep=2)
+    ckdir = checkpoint_dir(run)
+    partial = os.path.join(ckdir, ".step-00000006.pt.tmp-4242-0badf00d")   # a save killed mid-write
+    open(partial, "wb").write(b"\x80\x02half a checkpoint")
+    open(os.path.join(ckdir, ".notes"), "w").write("the user's own")
+    assert [s for s, _ in list_checkpoints(run)] == [3]
+    assert remove_partial_checkpoints(run) == [partial]
+    assert sorted(os.listdir(ckdir)) == [".notes", "step-00000003.pt"]
+    assert remove_partial_checkpoints(str(tmp_path / "none")) == []
+
+
 def test_sigkill_mid_run_then_resume_reaches_max_step(tmp_path):
     train = write_shards(tmp_path / "d", 64, 16)
     out = tmp_path / "run"
@@ -312,14 +327,20 @@ def test_sigkill_mid_run_then_resume_reaches_max_step(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    ckpts = sorted(os.listdir(out / "checkpoints"))
-    assert ckpts and all(c.endswith(".pt") for c in ckpts)   # no temp file under a final name
+    names = os.listdir(out / "checkpoints")
+    ckpts = sorted(n for n in names if not n.startswith("."))
+    # a save killed mid-write leaves only its hidden temporary file, never a partial final name
+    assert ckpts and all(c.endswith(".pt") for c in ckpts)
+    assert all(n.startswith(".step-") and ".pt.tmp-" in n for n in names if n.startswith("."))
+    for c in ckpts:
+        torch.load(out / "checkpoints" / c, weights_only=True)
     killed_at = int(ckpts[-1][5:13])
     assert 6 <= killed_at < 400 and not (out / "final").exists()
     done = subprocess.run(cmd[:cmd.index("400")] + ["12" if killed_at < 12 else str(killed_at + 6)]
                           + cmd[cmd.index("400") + 1:] + ["--resume"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert f"resumed from" in done.stdout + done.stderr
+    assert not [n for n in os.listdir(out / "checkpoints") if n.startswith(".")]  # partial saves removed
     target = 12 if killed_at < 12 else killed_at + 6
     steps = [json.loads(x)["step"] for x in open(out / "metrics.jsonl") if '"train"' in x]
     assert steps[-1] == target
