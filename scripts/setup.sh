@@ -13,6 +13,7 @@ compgen -G "/usr/share/wallpapers/*/contents/images/*.jpg" >/dev/null || need_ap
 if [ "$extra" = bench ]; then
   [ -d /usr/share/backgrounds/mate/nature ] || need_apt+=(mate-backgrounds)
   [ -f /usr/share/backgrounds/Kleiber_by_Lukas_Baubkus.jpg ] || need_apt+=(lomiri-wallpapers-20.04)
+  [ -f /usr/share/backgrounds/Bridge_by_Sander_Klootwijk.jpg ] || need_apt+=(lomiri-wallpapers-16.04)
 fi
 # a C compiler builds the nearest-code C pass on first use, through cffi, as a Python extension
 # module, so Python's headers too (without either: a slower torch path)

@@ -125,15 +125,51 @@ def tokenize(cluster, data, out, placement_timeout: float = 60.0, inputs: str = 
     return proc.returncode, summary, proc.stderr
 
 
-def when_committed(out, n: int, action):
-    """Run `action` in a thread as soon as `n` shards of `out` have committed. The returned
-    thread's `.finish()` stops the watch and returns when `action` started (its time), or raises
-    what it raised; None when it never ran."""
+def raylet_pid(node) -> int:
+    return node.all_processes["raylet"][0].process.pid
+
+
+def runs_under(pid: int, ancestor: int) -> bool:
+    """Whether process `pid` descends from `ancestor` (a node's worker processes are its raylet's
+    children)."""
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+    return False
+
+
+def committed_by(out, node) -> list[dict]:
+    """The manifests of shards that a worker on `node` committed."""
+    ancestor = raylet_pid(node)
+    found = []
+    for path in glob.glob(f"{out}/_manifest/*.json"):
+        try:
+            m = json.load(open(path))
+        except (OSError, ValueError):
+            continue
+        if runs_under(m["worker"]["pid"], ancestor):
+            found.append(m)
+    return found
+
+
+def when_committed(out, n: int, action, by=None):
+    """Run `action` in a thread as soon as `n` shards of `out` have committed (with `by`, a node:
+    `n` shards committed by a worker on that node). The returned thread's `.finish()` stops the
+    watch and returns when `action` started (its time), or raises what it raised; None when it
+    never ran."""
     stop = threading.Event()
     result: dict = {}
 
+    def count() -> int:
+        return len(committed_by(out, by)) if by is not None else len(glob.glob(f"{out}/_manifest/*.json"))
+
     def watch():
-        while len(glob.glob(f"{out}/_manifest/*.json")) < n and not stop.is_set():
+        while count() < n and not stop.is_set():
             time.sleep(0.02)
         if stop.is_set():
             return
@@ -164,7 +200,10 @@ def test_node_killed_mid_job_its_shards_finish_on_the_survivor(cluster, nodes, d
     nodes(1)
     doomed = nodes(1)
     out = tmp_path / "out"
-    killer = when_committed(out, 1, lambda: cluster.remove_node(doomed, allow_graceful=False))
+    # killed once its worker has committed a shard: the worker is up and busy with the next one
+    # (killed on the job's first commit, the doomed node's worker was sometimes not started yet
+    # or between shards, and nothing needed a retry)
+    killer = when_committed(out, 1, lambda: cluster.remove_node(doomed, allow_graceful=False), by=doomed)
     status, summary, stderr = tokenize(cluster, data, out)
     assert killer.finish() is not None            # the node was killed while the job ran
     assert status == 0, stderr[-3000:]
