@@ -71,7 +71,7 @@ class AtomicFile:
             os.makedirs(where, exist_ok=True)
         # a prefix of the name (names may already be 255 bytes long, the usual limit) + a token
         name = self.path.rsplit("/", 1)[-1].encode()[:96].decode(errors="ignore")
-        self.tmp = os.path.join(where, f".{name}.tmp-{_token()}") if self.local else \
+        self.tmp = os.path.join(where, f".{name}{_TEMP_MARK}{_token()}") if self.local else \
             os.path.join(tempfile.gettempdir(), f"vqtok-{_token()}-{name}")
         # O_EXCL: never another writer's file; mode 0o666 less the umask, as open() would give
         # the published file (mkstemp's 0o600 would make outputs private to this user)
@@ -133,6 +133,18 @@ def is_local_fs(fs) -> bool:
     """True for the local filesystem, where atomicity needs temp + rename (object stores: one PUT)."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")
+
+
+_TEMP_MARK = ".tmp-"
+
+
+def temporary_target(name: str) -> str | None:
+    """The name that AtomicFile's local temporary file `name` (a base name) would have been
+    published under (cut to 96 bytes, as the temporary name is), or None for any other name:
+    how a later run finds the leftovers of a writer that was killed."""
+    if not name.startswith(".") or _TEMP_MARK not in name:
+        return None
+    return name[1:name.rindex(_TEMP_MARK)]
 
 
 def _token() -> str:

@@ -14,11 +14,9 @@ import fsspec
 import torch
 
 from tokenizer import CheckpointError
-from tokenizer.storage import write_bytes_atomic
+from tokenizer.storage import temporary_target, write_bytes_atomic
 
 NAME = re.compile(r"step-(\d{8})\.pt$")
-# AtomicFile's hidden temporary file of a checkpoint; one is left behind when a save is killed
-PARTIAL = re.compile(r"(^|/)\.step-\d{8}\.pt\.tmp-[^/]*$")
 
 
 def checkpoint_dir(run_dir: str) -> str:
@@ -45,7 +43,8 @@ def remove_partial_checkpoints(run_dir: str) -> list[str]:
     fs, path = fsspec.core.url_to_fs(checkpoint_dir(run_dir))
     if not fs.exists(path):
         return []
-    partial = [p for p in fs.ls(path, detail=False) if PARTIAL.search(p)]
+    partial = [p for p in fs.ls(path, detail=False)
+               if NAME.fullmatch(temporary_target(p.rsplit("/", 1)[-1]) or "")]
     for p in partial:
         fs.rm(p)
     return partial

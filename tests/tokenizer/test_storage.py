@@ -91,6 +91,9 @@ def test_a_killed_writer_never_leaves_a_partial_file_under_the_name(tmp_path):
         assert proc.stdout.readline() == b"half\n"
         temps = os.listdir(tmp_path)
         assert len(temps) == 1 and temps[0].startswith(".big.bin.tmp-")
+        assert storage.temporary_target(temps[0]) == "big.bin"      # a later run can find it
+        assert storage.temporary_target("big.bin") is None
+        assert storage.temporary_target(".hidden") is None
         assert os.path.getsize(tmp_path / temps[0]) == 1 << 20
     finally:
         os.kill(proc.pid, signal.SIGKILL)
