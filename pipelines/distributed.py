@@ -116,10 +116,9 @@ def quantizer_collectives() -> Collectives:
     return ProcessGroupCollectives() if is_distributed() else Collectives()
 
 
-def all_reduce_max(tensor: torch.Tensor) -> None:
-    """In-place MAX across ranks (no-op alone)."""
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+def all_reduce_max_async(tensor: torch.Tensor):
+    """Start an in-place MAX across ranks; returns the work to `wait()` on (distributed only)."""
+    return dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True)
 
 
 def barrier() -> None:

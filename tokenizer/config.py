@@ -50,6 +50,7 @@ class VQVAEConfig:
     res_hidden: int = 64              # width inside residual blocks
     outer_hidden: int | None = None   # width at the finer resolutions; None = hidden // 2 (paper)
     num_res_blocks: int = 2
+    decoder_res_blocks: int | None = None   # residual blocks in the decoder; None = num_res_blocks
     num_downsamples: int = 2          # stride-2 4x4 convs: 28->7, 32->8, 128->32
     code_dim: int = 64                # D
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
@@ -63,6 +64,8 @@ class VQVAEConfig:
         check(self.outer_hidden is None or self.outer_hidden >= 1, "model.outer_hidden",
               self.outer_hidden, "must be >= 1 or null (hidden // 2)")
         check(self.num_res_blocks >= 0, "model.num_res_blocks", self.num_res_blocks, "must be >= 0")
+        check(self.decoder_res_blocks is None or self.decoder_res_blocks >= 0, "model.decoder_res_blocks",
+              self.decoder_res_blocks, "must be >= 0 or null (num_res_blocks)")
         factor = 2 ** self.num_downsamples
         check(self.resolution % factor == 0, "model.resolution", self.resolution,
                f"must be divisible by 2**num_downsamples = {factor}")
@@ -70,6 +73,10 @@ class VQVAEConfig:
     @property
     def outer_width(self) -> int:
         return self.outer_hidden or max(self.hidden // 2, 1)
+
+    @property
+    def decoder_blocks(self) -> int:
+        return self.num_res_blocks if self.decoder_res_blocks is None else self.decoder_res_blocks
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -108,10 +108,11 @@ class VectorQuantizer(nn.Module):
                 self._kmeans_init(flat.detach())
             idx = nearest_codes(flat.detach(), self.search_codebook(), self.config.chunk_size)
             losses = {}
+            counts = None     # (K,) this step's code counts over all replicas, when known
             if self.config.ema:
                 quantized = F.embedding(idx, self.search_codebook())   # no grad into codebook
                 if self.training:
-                    self._ema_update(flat.detach(), idx)
+                    counts = self._ema_update(flat.detach(), idx)
             else:
                 quantized = F.embedding(idx, self._codebook_for_grad())
                 # codebook term: ||sg[z_e] - e||^2 moves the codes towards the encoder outputs
@@ -123,7 +124,7 @@ class VectorQuantizer(nn.Module):
             else:   # straight-through: forward value is e, gradient flows to z_e unchanged
                 st = flat + (quantized - flat).detach()
             z_q = self.out_proj(st)
-            self._record_usage(idx)
+            self._record_usage(idx, counts)
         return z_q.reshape(*lead_shape, self.dim).to(z.dtype), idx.reshape(lead_shape), losses
 
     # ---- codebook statistics (all through self.collectives) ------------------------------------
@@ -169,14 +170,17 @@ class VectorQuantizer(nn.Module):
         self._search_cache = None     # .data writes do not bump the version counter
 
     @torch.no_grad()
-    def _ema_update(self, flat: torch.Tensor, idx: torch.Tensor) -> None:
+    def _ema_update(self, flat: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Paper appendix: N_i <- g N_i + (1-g) n_i ; m_i <- g m_i + (1-g) sum z ; e_i = m_i / N~_i
-        with Laplace-smoothed N~_i = (N_i + eps) / (sum N + K eps) * sum N."""
+        with Laplace-smoothed N~_i = (N_i + eps) / (sum N + K eps) * sum N. Returns the step's
+        counts n (K,), summed over replicas."""
         k, decay, eps = self.codebook_size, self.config.decay, self.config.eps
-        counts = torch.bincount(idx, minlength=k).float()                        # (K,)
-        sums = torch.zeros(k, self.code_dim, device=flat.device).index_add_(0, idx, flat)
-        self.collectives.sum_(counts)
-        self.collectives.sum_(sums)
+        # sums and counts side by side: one collective a step instead of two
+        stats = torch.zeros(k, self.code_dim + 1, device=flat.device)          # (K, d + 1)
+        stats[:, :-1].index_add_(0, idx, flat)
+        stats[:, -1] = torch.bincount(idx, minlength=k).float()
+        self.collectives.sum_(stats)
+        sums, counts = stats[:, :-1], stats[:, -1]
         self.ema_count.mul_(decay).add_(counts, alpha=1 - decay)
         self.ema_sum.mul_(decay).add_(sums, alpha=1 - decay)
         total = self.ema_count.sum()
@@ -187,6 +191,7 @@ class VectorQuantizer(nn.Module):
         self._set_codebook(book)
         if self.config.dead_code_threshold > 0:
             self._restart_dead_codes(flat)
+        return counts
 
     @torch.no_grad()
     def _restart_dead_codes(self, flat: torch.Tensor) -> None:
@@ -218,10 +223,13 @@ class VectorQuantizer(nn.Module):
         self.metrics["restarted"] = torch.tensor(float(num_dead))
 
     @torch.no_grad()
-    def _record_usage(self, idx: torch.Tensor) -> None:
-        counts = torch.bincount(idx.reshape(-1), minlength=self.codebook_size).float()
-        if self.training:  # eval may run on one rank alone: a collective there would hang
-            self.collectives.sum_(counts)
+    def _record_usage(self, idx: torch.Tensor, counts: torch.Tensor | None = None) -> None:
+        """Usage and perplexity of this step's codes; `counts` (K,), when the EMA update has
+        already summed them over replicas, saves a second count and collective."""
+        if counts is None:
+            counts = torch.bincount(idx.reshape(-1), minlength=self.codebook_size).float()
+            if self.training:  # eval may run on one rank alone: a collective there would hang
+                self.collectives.sum_(counts)
         probs = counts / counts.sum().clamp_min(1)
         entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
         self.metrics["usage"] = (counts > 0).float().mean()

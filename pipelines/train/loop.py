@@ -8,7 +8,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from tokenizer import VQVAE, CheckpointError
+from tokenizer import VQVAE, CheckpointError, ConfigError, VQVAEConfig
 from tokenizer.checkpoint import weights_sha256
 
 from .. import distributed as D
@@ -37,6 +37,15 @@ def lr_lambda(cfg: TrainConfig):
         t = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
         return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
     return factor
+
+
+def same_model_config(recorded: dict, model: VQVAEConfig) -> bool:
+    """A checkpoint's recorded model config equals `model`, its omitted keys at their defaults
+    (a checkpoint written before a key existed)."""
+    try:
+        return VQVAEConfig.from_dict(recorded).to_dict() == to_dict(model)
+    except (ConfigError, TypeError):
+        return False
 
 
 class Trainer:
@@ -87,7 +96,7 @@ class Trainer:
 
     def _load(self, url: str) -> None:
         state = load_checkpoint(url)
-        if state.get("model_config") and state["model_config"] != to_dict(self.cfg.model):
+        if state.get("model_config") and not same_model_config(state["model_config"], self.cfg.model):
             raise SharedError(f"{url}: the checkpoint's model config differs from this run's; "
                               "resume with the same model section")
         try:

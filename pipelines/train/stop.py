@@ -4,6 +4,8 @@ Schedulers (SLURM, Kubernetes, spot reclaim) send SIGTERM and wait a grace perio
 a week-long run should lose at most one step then, not everything since the last periodic
 checkpoint. The handler only sets a flag. At each step boundary the ranks agree (a one-element
 all-reduce) so that all of them stop after the same step, even when only one got the signal.
+That all-reduce runs while the next step computes and is read at the next boundary, so no step
+waits on it: the ranks stop one step after the signal, all after the same step.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ class StopSignals:
     def __init__(self):
         self.signum: int | None = None
         self._old: dict[int, object] = {}
+        self._pending: tuple | None = None      # (work, flag) of the all-reduce in flight
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
@@ -32,6 +35,9 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._pending is not None and exc[0] is None:
+            self._pending[0].wait()       # every rank issued it: leave no collective in flight
+        self._pending = None
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old.clear()
@@ -42,12 +48,18 @@ class StopSignals:
             self.signum = signum
 
     def agreed(self, device: torch.device) -> int | None:
-        """The signal to stop on if any rank got one, else None; a collective on every rank."""
+        """The signal to stop on if any rank had one at the previous boundary, else None; a
+        collective on every rank, called at every step boundary."""
         if not D.is_distributed():
             return self.signum           # alone: no tensor, no device sync
+        agreed = None
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            agreed = int(flag.item()) or None
         flag = torch.tensor([float(self.signum or 0)], device=device)
-        D.all_reduce_max(flag)
-        return int(flag.item()) or None
+        self._pending = (D.all_reduce_max_async(flag), flag)
+        return agreed
 
 
 def shield_data_worker(_worker_id: int = 0) -> None:

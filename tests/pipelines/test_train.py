@@ -160,11 +160,12 @@ def test_config_flags_override_yaml_and_bad_values_name_the_key(tmp_path):
         resolve_config(None, ["model.quantizer.decay=2"], train_data=["x"])
     with pytest.raises(ConfigError, match="unknown config key optim.momentum"):
         resolve_config(None, ["optim.momentum=0.9"], train_data=["x"])
-    for name in ("photos32", "photos32_k8192", "imagenet128"):
+    for name in ("photos32", "photos32_k8192", "photos32_k16384", "imagenet128"):
         cfg = resolve_config(f"configs/{name}.yaml", train_data=["x"])
         assert cfg.model.in_channels == 3
-    big = resolve_config("configs/photos32_k8192.yaml", train_data=["x"])
-    assert big.model.quantizer.codebook_size == 8192 and big.data.augment.channel_shuffle
+    for k in (8192, 16384):
+        big = resolve_config(f"configs/photos32_k{k}.yaml", train_data=["x"]).model.quantizer
+        assert big.codebook_size == k and big.codebook_dim == 16 and big.l2_normalize
 
 
 def test_the_resolved_config_is_recorded_once_and_reads_back(tmp_path):
@@ -207,6 +208,18 @@ def test_resume_keeps_the_recorded_config_but_may_extend_the_run(tmp_path):
     assert set(changed_keys(cfg, longer)) == {"train.max_steps", "data.num_workers", "train.log_every"}
     record_run_config(longer, str(run), resume=True)
     assert parse_config((run / "config.yaml").read_text(), "x") == longer
+
+
+def test_a_checkpoint_from_before_a_model_key_existed_still_matches_its_model():
+    from pipelines.train.loop import same_model_config
+    model = resolve_config(None, ["model.hidden=16"], train_data=["x"], max_steps=10).model
+    recorded = to_dict(model)
+    assert same_model_config(recorded, model)
+    del recorded["decoder_res_blocks"]                 # written before the key existed
+    assert same_model_config(recorded, model)
+    assert not same_model_config({**recorded, "decoder_res_blocks": 3}, model)
+    assert not same_model_config({**recorded, "hidden": 32}, model)
+    assert not same_model_config({**recorded, "no_such_key": 1}, model)
 
 
 def run_cli(args):

@@ -138,6 +138,7 @@ def test_tampered_weights_fail_the_sha_check(tmp_path):
     (dict(resolution=30), "model.resolution = 30 must be divisible by 2\\*\\*num_downsamples = 4"),
     (dict(code_dim=0), "model.code_dim = 0 must be >= 1"),
     (dict(outer_hidden=0), "model.outer_hidden = 0 must be >= 1 or null"),
+    (dict(decoder_res_blocks=-1), "model.decoder_res_blocks = -1 must be >= 0 or null"),
     (dict(quantizer={"codebook_size": 1}), "quantizer.codebook_size = 1 must be >= 2"),
     (dict(quantizer={"decay": 1.5}), "quantizer.decay = 1.5 must be in"),
     (dict(quantizer={"codebok_size": 8}), "unknown key model.quantizer.codebok_size"),
@@ -153,3 +154,19 @@ def test_outer_hidden_sets_the_width_of_the_finer_resolutions():
     assert paper.encoder.net[0].out_channels == 32 and wide.encoder.net[0].out_channels == 48
     assert wide.decoder.net[-1].in_channels == 48
     assert wide(torch.rand(2, 1, 28, 28))[0].shape == (2, 1, 28, 28)
+
+
+def test_decoder_res_blocks_deepens_only_the_decoder_and_old_configs_keep_their_shape(tmp_path):
+    def blocks(module):
+        return sum(type(m).__name__ == "ResidualBlock" for m in module.modules())
+    same, deeper = VQVAE(tiny(num_res_blocks=2)), VQVAE(tiny(num_res_blocks=2, decoder_res_blocks=4))
+    assert (blocks(same.encoder), blocks(same.decoder)) == (2, 2)
+    assert (blocks(deeper.encoder), blocks(deeper.decoder)) == (2, 4)
+    assert deeper(torch.rand(2, 1, 28, 28))[0].shape == (2, 1, 28, 28)
+    # a tokenizer saved before the key existed has no decoder_res_blocks: as many as the encoder
+    same.save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["model"]["decoder_res_blocks"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = VQVAE.from_pretrained(str(tmp_path))
+    assert blocks(loaded.decoder) == 2

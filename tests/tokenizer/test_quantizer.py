@@ -364,6 +364,25 @@ def test_eval_forward_never_calls_the_collectives():
     assert ("broadcast", (8, 4)) in calls and ("sum", (8,)) in calls
 
 
+def test_an_ema_step_sums_its_statistics_in_one_collective_and_usage_counts_every_replica():
+    # per step, the counts and sums travel together and usage reuses those counts: a second
+    # or third collective per step would be latency every training step pays
+    k, d = 8, 2
+    book = torch.tensor([[float(i), 0.0] for i in range(k)])
+    replicas = ThreadReplicas(2)
+    pair = [vq(k, d, replicas.collectives(r), kmeans_init=False, dead_code_threshold=0).train()
+            for r in range(2)]
+    for q in pair:
+        q.codebook.copy_(book), q.ema_sum.copy_(book)
+    rows = [book[[0, 1, 1]], book[[2, 3, 3]]]            # rank 0 uses codes 0, 1; rank 1 codes 2, 3
+    replicas.run([lambda r=r: pair[r](rows[r]) for r in range(2)])
+    assert [(op, tuple(t.shape)) for op, t in replicas.calls] == [("sum", (k, d + 1))]
+    for q in pair:                                       # usage over both replicas' codes
+        assert float(q.metrics["usage"]) == 4 / k
+        p = torch.tensor([1, 2, 1, 2]) / 6
+        assert abs(float(q.metrics["perplexity"]) - float((-(p * p.log()).sum()).exp())) < 1e-5
+
+
 def test_rotation_trick_keeps_the_code_value_and_rotates_the_gradient():
     """gradient=rotation: forward value is the code; the gradient reaching z is lambda R^T g, R the
     rotation taking z's direction onto the code's, lambda = |e| / |z| (Fifty et al. 2024)."""
