@@ -27,21 +27,30 @@ K = 16384
 pytestmark = pytest.mark.filterwarnings("ignore:.*no _SUCCESS")
 
 
-@pytest.fixture(scope="module")
-def large(tmp_path_factory):
+# the paper's codes in the latent space, and the shipped large-codebook configs' low-dimensional
+# l2-normalised codes (searched by angle after a projection)
+QUANTIZERS = {"plain": {}, "cosine": {"codebook_dim": 4, "l2_normalize": True}}
+
+
+@pytest.fixture(scope="module", params=sorted(QUANTIZERS))
+def large(request, tmp_path_factory):
     """A tiny 28x28 grey tokenizer with K = 16384 codes: the latents of 300 Fashion-MNIST images
-    (14,700 rows) and random rows, shuffled over the index range; and a shard of 40 other
-    images. -> {'tok', 'model', 'shard', 'images'}."""
+    (14,700 rows, in the search space) and random rows, shuffled over the index range; and a
+    shard of 40 other images. -> {'tok', 'model', 'shard', 'images'}."""
     root = tmp_path_factory.mktemp("k16384")
     torch.manual_seed(0)
     config = VQVAEConfig(in_channels=1, resolution=28, hidden=16, res_hidden=8, num_res_blocks=1, code_dim=8,
-                         quantizer=QuantizerConfig(codebook_size=K, kmeans_init=False))
+                         quantizer=QuantizerConfig(codebook_size=K, kmeans_init=False,
+                                                   **QUANTIZERS[request.param]))
     model = VQVAE(config).eval()
     images, labels = td.fashion_mnist(340, "train")
     with torch.no_grad():
         z = model.encode_latents(torch.from_numpy(images[:300, None]).float() / 255)   # (300, 7, 7, 8)
-    rows = z.reshape(-1, 8)
-    book = torch.cat([rows, torch.randn(K - len(rows), 8) * rows.std()])[torch.randperm(K)]
+        rows = model.quantizer.search_vectors(z)                            # (14700, d)
+    noise = torch.randn(K - len(rows), rows.shape[1]) * rows.std()
+    if config.quantizer.l2_normalize:
+        noise = torch.nn.functional.normalize(noise, dim=-1)
+    book = torch.cat([rows, noise])[torch.randperm(K)]
     model.quantizer._set_codebook(book)
     model.quantizer.ema_sum.copy_(book)
     model.save_pretrained(str(root / "tok"))
