@@ -177,7 +177,7 @@ def run_forwarding_signals(cmd: list[str], env: dict) -> int:
         if not forwarded:
             forwarded.append(signum)
             proc.send_signal(signum)
-            print(f"[vqtok train] {signal.Signals(signum).name}: the ranks stop after this step and "
+            print(f"[vqtok train] {signal.Signals(signum).name}: the ranks stop after the next step and "
                   "save a checkpoint", file=sys.stderr, flush=True)
 
     old = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
