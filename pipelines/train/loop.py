@@ -43,7 +43,7 @@ def same_model_config(recorded: dict, model: VQVAEConfig) -> bool:
     """A checkpoint's recorded model config equals `model`, its omitted keys at their defaults
     (a checkpoint written before a key existed)."""
     try:
-        return VQVAEConfig.from_dict(recorded).to_dict() == to_dict(model)
+        return VQVAEConfig.from_dict(recorded) == model       # dataclass equality, nested too
     except (ConfigError, TypeError):
         return False
 
