@@ -25,7 +25,8 @@ from .errors import UserError
 from .metrics import code_counts, codebook_usage, mean_psnr, per_image_mse, perplexity
 from .output_format import join
 from .pictures import comparison_grid, png_bytes, usage_histogram
-from .images import ImageError, ImagePreprocessor, find_image, is_image_field
+from .images import ImagePreprocessor
+from .samples import Rejection, SamplePolicy
 from .shards.reader import TarShardReader
 
 GRID_NAME, HISTOGRAM_NAME, METRICS_NAME = "reconstructions.png", "code_usage.png", "metrics.json"
@@ -84,22 +85,18 @@ class Accumulator:
 
 
 def iter_images(urls: list[str], channels: int, resolution: int, skipped: list):
-    """(C, R, R) tensors of every usable image of the shards; the rest are counted in skipped,
-    a damaged shard as (url, None, why) after its readable head, also said on stderr."""
-    preprocess = ImagePreprocessor(channels, resolution)
+    """(C, R, R) tensors of every usable image of the shards; the rest are counted in skipped
+    as (url, key, reason) by the one sample policy, a damaged shard as (url, None, why) after
+    its readable head, also said on stderr."""
+    policy = SamplePolicy(channels, resolution)
     for url in urls:
-        reader = TarShardReader(url, is_image_field)
+        reader = TarShardReader(url, policy.wants)
         for sample in reader:
-            found = find_image(sample.fields) if sample.complete else None
-            if found is None:
-                skipped.append((url, sample.key, "no_image" if sample.complete else "incomplete_sample"))
+            judged = policy(sample)
+            if isinstance(judged, Rejection):
+                skipped.append((url, judged.key, judged.reason))
                 continue
-            try:
-                arr = preprocess(found[1], found[0])                   # (C, R, R) uint8
-            except ImageError as e:
-                skipped.append((url, sample.key, e.reason))
-                continue
-            yield torch.from_numpy(np.array(arr, copy=True)).float() / 255
+            yield torch.from_numpy(np.array(judged[0], copy=True)).float() / 255   # (C, R, R)
         if reader.error:
             skipped.append((url, None, reader.error))
             print(f"warning: {url}: {reader.error}; evaluated the samples before the damage",

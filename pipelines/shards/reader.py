@@ -12,28 +12,47 @@ from typing import Callable, Iterator
 
 import fsspec
 
-from .tarstream import END_MARKER, SKIPPED, TOO_LARGE, BlockPrefetcher, TarMembers
+from .tarstream import END_MARKER, SKIPPED, SPECIAL, TOO_LARGE, BlockPrefetcher, TarMembers
 
 MAX_MEMBER_BYTES = 256 << 20    # default: a larger member becomes an error, never held in memory
 
 
 @dataclass
 class Sample:
+    """One sample as stored: every member of the shard ends up in exactly one place of exactly
+    one Sample (a field, skipped, too_large, special or repeated), or is a stray Sample of its
+    own, or lies in the damage that `TarShardReader.error` reports. Whether it is usable is the
+    sample policy's decision (pipelines/samples.py), not the reader's."""
     key: str                                   # WebDataset __key__: member path up to the first dot
     fields: dict[str, bytes] = field(default_factory=dict)   # extension (lower case) -> bytes
     complete: bool = True                      # False when the tar broke inside this sample
     duplicate: bool = False                    # the key was already seen in this shard
     skipped: list[str] = field(default_factory=list)        # fields present but not asked for
     too_large: dict[str, int] = field(default_factory=dict)  # field -> size, over the limit
+    special: dict[str, str] = field(default_factory=dict)    # field -> kind: link, FIFO, ...
+    repeated: list[str] = field(default_factory=list)       # fields stored twice in a row
+    stray: str | None = None                   # a member of no sample (key = its name): why
+
+    def present(self) -> list[str]:
+        """Every field name the sample has, in whatever form."""
+        return sorted({*self.fields, *self.skipped, *self.too_large, *self.special})
 
 
 def split_member_name(name: str) -> tuple[str, str] | None:
     """'a/b/x1.seg.png' -> ('a/b/x1', 'seg.png'); None for names without an extension."""
     base = name.rsplit("/", 1)[-1]
     stem, dot, ext = base.partition(".")
-    if not dot or not stem:
+    if not dot or not stem or not ext:
         return None
     return name[: len(name) - len(base)] + stem, ext.lower()
+
+
+def stray_reason(name: str) -> str:
+    """Why a member named `name` belongs to no sample (split_member_name gave None)."""
+    base = name.rsplit("/", 1)[-1]
+    if base.startswith("."):
+        return "hidden member (its name starts with '.'): no sample key"
+    return "member name has no extension: not a WebDataset field"
 
 
 class TarShardReader:
@@ -83,21 +102,29 @@ class TarShardReader:
         want = self._wants if self.want_field is not None else None
         members = TarMembers(f, want, self.max_member_bytes)
         sample: Sample | None = None
+        seen: set[str] = set()                  # keys of this shard so far
         for name, data in members:
             self.bytes_read = members.offset
             parts = self._split_name(name)
-            if parts is None:
+            if parts is None:                   # accounted for, without closing the sample
+                yield Sample(name, stray=stray_reason(name), complete=data is not None)
                 continue
             key, ext = parts
             if sample is not None and sample.key != key:
                 yield sample
                 sample = None
             if sample is None:
-                sample = Sample(key)
-            if data is SKIPPED:
+                sample = Sample(key, duplicate=key in seen)
+                seen.add(key)
+            if ext in sample.fields or ext in sample.skipped or ext in sample.too_large \
+                    or ext in sample.special:
+                sample.repeated.append(ext)
+            elif data is SKIPPED:
                 sample.skipped.append(ext)
             elif data is TOO_LARGE:
                 sample.too_large[ext] = members.last_size
+            elif data is SPECIAL:
+                sample.special[ext] = members.last_kind
             elif data is not None:
                 sample.fields[ext] = data
         self.bytes_read = members.offset

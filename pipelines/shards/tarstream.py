@@ -24,7 +24,12 @@ READ_SIZE = 4 << 20
 END_MARKER = "marker"
 FILE_TYPES = (b"0", b"\0", b"7")          # regular, old regular, contiguous
 GNU_TYPES = (b"L", b"K", b"S")             # long name, long link, sparse: no ustar prefix
-LINK_AND_DIR_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")
+META_TYPES = (b"L", b"K", b"x", b"X", b"g")   # describe the next member; held to be parsed
+MAX_META_BYTES = 1 << 20                   # a long name or pax header larger than this is damage
+# members that are no regular file; tarfile reads no data for them whatever the size field says
+SPECIAL_TYPES = {b"1": "hard link", b"2": "symbolic link", b"3": "character device",
+                 b"4": "block device", b"6": "FIFO"}
+DIR_TYPE = b"5"
 
 
 class _Marker:
@@ -39,6 +44,8 @@ class _Marker:
 
 SKIPPED = _Marker("SKIPPED")        # not wanted by the caller
 TOO_LARGE = _Marker("TOO_LARGE")    # over max_member_bytes; `last_size` holds its size
+SPECIAL = _Marker("SPECIAL")        # no regular file (link, device, FIFO, sparse, unknown type);
+                                    # `last_kind` says which
 
 
 class BlockPrefetcher:
@@ -163,16 +170,23 @@ def _finished(codec) -> bool:
 
 
 class TarMembers:
-    """Iterate (member name, data) of regular files in stored order; data is None for a last
-    member cut short, SKIPPED for a member `want` refuses, TOO_LARGE for one over
-    `max_member_bytes` (its size in `last_size`). Afterwards `end` is END_MARKER for a proper
-    end-of-archive or a reason, and `offset` the bytes consumed."""
+    """Iterate (member name, data) of every member but directories, in stored order. data is
+    the bytes of a regular file; None for a last member cut short; SKIPPED for a member `want`
+    refuses; TOO_LARGE for one over `max_member_bytes` (its size in `last_size`); SPECIAL for a
+    member that is no regular file (its kind in `last_kind`). Afterwards `end` is END_MARKER
+    for a proper end-of-archive or a reason, and `offset` the bytes consumed.
+
+    It cannot loop or read backwards: every header consumes its block and sizes are never
+    negative (a negative one is damage), so `offset` grows with every member. Only metadata
+    members (long names, pax headers, at most MAX_META_BYTES each) are held whatever `want`
+    says; any other data is held only when wanted and within `max_member_bytes`."""
 
     def __init__(self, f, want=None, max_member_bytes: int | None = None):
         self.f = f
         self.want = want
         self.max_member_bytes = max_member_bytes
         self.last_size = 0
+        self.last_kind = ""
         self.end: str | None = None
         self.offset = 0
         self._buf = bytearray()
@@ -236,43 +250,57 @@ class TarMembers:
             if header is None:
                 return
             name, size, kind = header
-            if "size" in pax and kind not in (b"x", b"X", b"g"):
-                size = _pax_size(pax["size"], size)
-            if kind in FILE_TYPES:
-                marker = self._not_held(pax.get("path", long_name or name), size)
-                if marker is not None:
-                    full = pax.get("path", long_name or name)
-                    long_name, pax = None, {}
-                    if not self._discard(_padded(size)):
-                        self.end = f"unexpected end of data in member {full!r} (of {size} bytes)"
-                        yield full, None
-                        return
-                    if not full.endswith("/"):
-                        yield full, marker
-                    continue
+            if kind in META_TYPES:
+                data = self._metadata(name, size, kind)
+                if kind == b"L":
+                    long_name = _text(data.split(b"\0", 1)[0])
+                elif kind in (b"x", b"X"):
+                    pax = _pax_records(data)
+                    if "size" in pax:
+                        pax["size"] = str(_pax_size(pax["size"]))
+                continue
+            if "size" in pax and kind not in SPECIAL_TYPES and kind != DIR_TYPE:
+                size = int(pax["size"])
+            name = pax.get("path", long_name or name)
+            long_name, pax = None, {}
+            if kind == DIR_TYPE or (name.endswith("/") and kind in FILE_TYPES):
+                if not self._discard(_padded(size)):
+                    self.end = f"unexpected end of data in directory {name!r}"
+                    return
+                continue
+            marker = self._not_held(name, size, kind)
+            if marker is not None:
+                if not self._discard(_padded(size)):
+                    self.end = f"unexpected end of data in member {name!r} (of {size} bytes)"
+                    yield name, None
+                    return
+                yield name, marker
+                continue
             if not self._fill(_padded(size)):
                 self.end = (f"unexpected end of data in member {name!r} "
                             f"({self._available()} of {size} bytes)")
-                if kind in FILE_TYPES:
-                    yield pax.get("path", long_name or name), None   # its sample is damaged
+                yield name, None                 # its sample is damaged
                 return
             data = self._take(size)
             self._skip(_padded(size) - size)
-            if kind == b"L":
-                long_name = _text(data.split(b"\0", 1)[0])
-                continue
-            if kind in (b"x", b"X"):
-                pax = _pax_records(data)
-                continue
-            if kind == b"g":
-                continue
-            name = pax.get("path", long_name or name)
-            long_name, pax = None, {}
-            if kind in FILE_TYPES and not name.endswith("/"):
-                yield name, data
+            yield name, data
 
-    def _not_held(self, name: str, size: int):
-        """SKIPPED / TOO_LARGE when this file member's data is not to be held, else None."""
+    def _metadata(self, name: str, size: int, kind: bytes) -> bytes:
+        """The data of a long-name or pax member, bounded: these are held whatever `want` says."""
+        if size > MAX_META_BYTES:
+            raise TarDamage(f"{_META_NAMES[kind]} of {size} bytes (limit {MAX_META_BYTES})")
+        if not self._fill(_padded(size)):
+            raise TarDamage(f"unexpected end of data in {_META_NAMES[kind]} {name!r}")
+        data = self._take(size)
+        self._skip(_padded(size) - size)
+        return data
+
+    def _not_held(self, name: str, size: int, kind: bytes):
+        """SPECIAL / SKIPPED / TOO_LARGE when this member's data is not to be held, else None."""
+        if kind not in FILE_TYPES:
+            self.last_kind = SPECIAL_TYPES.get(kind) or \
+                ("GNU sparse file" if kind == b"S" else f"member of unknown type {kind!r}")
+            return SPECIAL
         if self.want is not None and not self.want(name):
             return SKIPPED
         if self.max_member_bytes is not None and size > self.max_member_bytes:
@@ -302,20 +330,27 @@ class TarMembers:
         if not _checksum_ok(block, stored):
             self.end = "bad checksum"
             return None
+        kind = block[156:157]
         try:
             size = _number(block[124:136])
         except ValueError:
             self.end = "bad size field"
             return None
-        kind = block[156:157]
+        if kind in SPECIAL_TYPES or kind == DIR_TYPE:
+            size = 0                    # tarfile skips no data for these whatever the field says
+        elif size < 0:                  # base-256 can say so; reading it would step backwards
+            self.end = f"negative size field ({size}) in a member header"
+            return None
         name = _text(block[:100].split(b"\0", 1)[0])
         prefix = _text(block[345:500].split(b"\0", 1)[0])
         if prefix and kind not in GNU_TYPES:
             name = prefix + "/" + name
         self._skip(BLOCK)
-        if kind in LINK_AND_DIR_TYPES:   # tarfile skips no data for these whatever the size field says
-            size = 0
         return name, size, kind
+
+
+_META_NAMES = {b"L": "GNU long name", b"K": "GNU long link name", b"x": "pax header",
+               b"X": "pax header", b"g": "pax global header"}
 
 
 def _byte_sum(data: bytes) -> int:
@@ -333,11 +368,14 @@ def _checksum_ok(block: bytes, stored: int) -> bool:
     return stored == unsigned - 256 * sum(1 for b in rest if b > 127)
 
 
-def _pax_size(value: str, default: int) -> int:
+def _pax_size(value: str) -> int:
     try:
-        return int(value)
+        size = int(value)
     except ValueError:
         raise TarDamage(f"invalid pax size {value!r}") from None
+    if size < 0:
+        raise TarDamage(f"negative pax size {value!r}")
+    return size
 
 
 def _padded(size: int) -> int:

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..images import ImageError, ImagePreprocessor, find_image, is_image_field
+from ..samples import Rejection, SamplePolicy, reads_field
 from ..shards.reader import MAX_MEMBER_BYTES, Sample, TarShardReader
 from .writer import kept_field_value
 
@@ -32,7 +32,7 @@ class DecodeSpec:
 
     def wants(self, ext: str) -> bool:
         """The fields decoding reads; every other field is streamed past unread."""
-        return is_image_field(ext) or ext in self.keep_fields
+        return reads_field(ext, self.keep_fields)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -67,12 +67,13 @@ class ShardEnd:
 
 
 class SampleDecoder:
-    """Samples -> a DecodedBatch whose images are written into `out` (B, C, R, R) uint8."""
+    """Samples -> a DecodedBatch whose images are written into `out` (B, C, R, R) uint8; each
+    sample is judged by the one sample policy (pipelines/samples.py)."""
 
     def __init__(self, spec: DecodeSpec):
-        self.preprocess = ImagePreprocessor(spec.channels, spec.resolution)
+        self.policy = SamplePolicy(spec.channels, spec.resolution, spec.keep_fields,
+                                   max_member_bytes=spec.max_member_bytes)
         self.keep_fields = list(spec.keep_fields)
-        self.max_member_bytes = spec.max_member_bytes
 
     def __call__(self, samples: list[Sample], out: np.ndarray) -> DecodedBatch:
         t0 = time.thread_time()
@@ -83,31 +84,13 @@ class SampleDecoder:
         return batch
 
     def _one(self, sample: Sample, out: np.ndarray, batch: DecodedBatch) -> None:
-        if sample.duplicate:
-            batch.errors.append((sample.key, "duplicate_key",
-                                 "duplicate key: an earlier sample of this shard has the same key; skipped"))
+        judged = self.policy(sample)
+        if isinstance(judged, Rejection):
+            batch.errors.append((judged.key, judged.reason, judged.message))
             return
-        if not sample.complete:
-            batch.errors.append((sample.key, "incomplete_sample",
-                                 "sample may be incomplete: the tar is damaged inside or right after it"))
-            return
-        large = [ext for ext in sample.too_large if is_image_field(ext) or ext in self.keep_fields]
-        if large:
-            sizes = ", ".join(f"'{ext}' {sample.too_large[ext]:,} bytes" for ext in large)
-            batch.errors.append((sample.key, "member_too_large",
-                                 f"field too large: {sizes} (limit {self.max_member_bytes:,} bytes); not read"))
-            return
-        found = find_image(sample.fields)
-        if found is None:
-            have = ", ".join(sorted([*sample.fields, *sample.skipped])) or "nothing"
-            batch.errors.append((sample.key, "no_image", f"no image in sample (found: {have})"))
-            return
+        image, _ = judged                                                   # (C, R, R) uint8
         try:
-            image = self.preprocess(found[1], found[0])                      # (C, R, R) uint8
             values = {name: kept_field_value(name, sample.fields.get(name)) for name in self.keep_fields}
-        except ImageError as e:
-            batch.errors.append((sample.key, e.reason, str(e)))
-            return
         except (ValueError, UnicodeDecodeError) as e:
             batch.errors.append((sample.key, "bad_kept_field", f"a kept field cannot be stored: {e}"))
             return
@@ -119,8 +102,7 @@ class SampleDecoder:
 
 
 class ChunkReader:
-    """A shard's samples in chunks of `size` (keys seen twice are marked duplicate), read in the
-    decoding thread: the reader's own prefetch thread overlaps storage at the block level
+    """A shard's samples in chunks of `size`, read in the decoding thread: the reader's own prefetch thread overlaps storage at the block level
     (BlockPrefetcher). After iteration `end` says how it ended; a storage error ends it as a
     failure (the attempt is retried) after the chunks read before it."""
 
@@ -131,7 +113,6 @@ class ChunkReader:
 
     def __iter__(self) -> Iterator[tuple[list[Sample], float]]:
         """-> (samples, wall seconds spent reading them)"""
-        seen: set[str] = set()
         chunk: list[Sample] = []
         samples = iter(self.reader)
         t0 = time.perf_counter()
@@ -143,8 +124,6 @@ class ChunkReader:
                 sample = None
             if sample is None:
                 break
-            sample.duplicate = sample.key in seen   # a second row for one key: refused
-            seen.add(sample.key)
             chunk.append(sample)
             if len(chunk) >= self.size:
                 yield chunk, time.perf_counter() - t0

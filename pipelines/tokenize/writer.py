@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from tokenizer.storage import write_bytes_atomic
 
+from ..samples import printable
 from ..output_format import OutputMetadata, codes_numpy_dtype, data_schema, errors_path, errors_schema, join, manifest_path
 
 TMP_DIR = "_tmp"
@@ -77,6 +78,9 @@ def codes_table(meta: OutputMetadata, shard: str, keys: list[str], codes: np.nda
 
 
 def errors_table(rows: list[tuple[str, str | None, str]]) -> pa.Table:
+    """Error rows -> table; text from a tar (member names in messages) is made valid UTF-8, as
+    Parquet needs, so a crafted name costs its row, never the shard's write."""
+    rows = [tuple(None if v is None else printable(v) for v in row) for row in rows]
     shards, keys, errors = zip(*rows) if rows else ((), (), ())
     return pa.Table.from_arrays([pa.array(list(shards), pa.string()), pa.array(list(keys), pa.string()),
                                  pa.array(list(errors), pa.string())], schema=errors_schema())

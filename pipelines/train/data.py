@@ -7,9 +7,9 @@ through a buffer seeded by (seed, epoch, slot), so its stream is a pure function
 position (epoch, samples consumed) is enough to resume it: skipping replays the buffer on raw
 bytes without decoding.
 
-Shards are read by the one damage-aware reader (TarShardReader) and images decoded by the one
-image policy (ImagePreprocessor), as `vqtok tokenize` and `vqtok eval` do, so the three see the
-same pixels for the same bytes. A damaged shard keeps its readable head; stderr says which shard
+Shards are read by the one damage-aware reader (TarShardReader) and samples judged by the one
+sample policy (SamplePolicy), as `vqtok tokenize` and `vqtok eval` do, so the three see the
+same pixels, and refuse the same samples, for the same bytes. A damaged shard keeps its readable head; stderr says which shard
 ended how, and the batches count damaged shards (`damaged`) for the metrics.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import UserError
-from ..images import ImageError, ImagePreprocessor, find_image, is_image_field
+from ..samples import Rejection, SamplePolicy, printable, reads_field
 from ..shards.reader import Sample, TarShardReader
 from .stop import shield_data_worker
 
@@ -32,33 +32,31 @@ class DataMismatch(UserError):
     """The images do not match the model config (channels or size): stop, do not skip."""
 
 
-def decode_checked(sample: Sample, decoder: ImagePreprocessor, where: str) -> np.ndarray | None:
-    """A sample's image -> (C, H, W) uint8, or None when it has none or it is undecodable.
-    Raises DataMismatch when a strict decoder finds another channel count or size."""
-    found = find_image(sample.fields) if sample.complete else None
-    if found is None:
-        return None
-    try:
-        return decoder(found[1], found[0])
-    except ImageError as e:
-        if e.reason == "channel_mismatch":
-            native, mode = e.found
-            raise DataMismatch(f"{where}: image has {native} channel(s) ({mode}) but "
-                               f"model.in_channels = {decoder.channels}") from None
-        if e.reason == "size_mismatch":
-            w, h = e.found
-            raise DataMismatch(f"{where}: image is {w}x{h} but model.resolution = {decoder.resolution}; "
-                               "make SxS shards with `vqtok prepare folder --size`, or set "
-                               "data.strict_size=false to resize and centre-crop as tokenize does") from None
-        return None                                     # undecodable: counted and skipped
+def decode_checked(sample: Sample, policy: SamplePolicy, where: str) -> np.ndarray | None:
+    """A sample's image -> (C, H, W) uint8, or None when the policy rejects it (counted and
+    skipped). Raises DataMismatch when a strict policy finds another channel count or size."""
+    judged = policy(sample)
+    if not isinstance(judged, Rejection):
+        return judged[0]
+    if judged.reason == "channel_mismatch":
+        native, mode = judged.found
+        raise DataMismatch(f"{where}: image has {native} channel(s) ({mode}) but "
+                           f"model.in_channels = {policy.preprocess.channels}")
+    if judged.reason == "size_mismatch":
+        w, h = judged.found
+        res = policy.preprocess.resolution
+        raise DataMismatch(f"{where}: image is {w}x{h} but model.resolution = {res}; "
+                           "make SxS shards with `vqtok prepare folder --size`, or set "
+                           "data.strict_size=false to resize and centre-crop as tokenize does")
+    return None
 
 
 def check_first_sample(urls: list[str], channels: int, resolution: int, strict: bool = True) -> None:
     """Fail fast (before launching ranks) on a channel/size mismatch or unreadable data."""
-    decoder = ImagePreprocessor(channels, resolution, strict=strict)
-    reader = TarShardReader(urls[0], is_image_field)
+    policy = SamplePolicy(channels, resolution, strict=strict)
+    reader = TarShardReader(urls[0], policy.wants)
     for sample in reader:
-        if decode_checked(sample, decoder, f"{urls[0]} sample {sample.key}") is not None:
+        if decode_checked(sample, policy, f"{urls[0]} sample {printable(sample.key)}") is not None:
             return
     if reader.error:
         raise UserError(f"{urls[0]}: no readable image before the shard ends: {reader.error}")
@@ -96,7 +94,7 @@ class ShardStream(IterableDataset):
         mine = shards[slot::slots] if by_shard else shards
         index = 0
         for url in mine:
-            reader = TarShardReader(url, is_image_field)
+            reader = TarShardReader(url, reads_field)
             for sample in reader:
                 if by_shard or index % slots == slot:
                     yield url, sample
@@ -125,7 +123,7 @@ class ShardStream(IterableDataset):
         worker, slot, slots = self._slot()
         epoch, skip = self.start.get(worker, (0, 0))
         bad = damaged = 0
-        decoder = ImagePreprocessor(self.channels, self.resolution, strict=self.strict_size)
+        policy = SamplePolicy(self.channels, self.resolution, strict=self.strict_size)
         images: list[np.ndarray] = []
         while True:
             offset = 0
@@ -137,7 +135,7 @@ class ShardStream(IterableDataset):
                 if item is None:
                     damaged += 1
                     continue
-                array = decode_checked(item, decoder, f"{url} sample {item.key}")
+                array = decode_checked(item, policy, f"{url} sample {printable(item.key)}")
                 if array is None:
                     bad += 1
                     continue

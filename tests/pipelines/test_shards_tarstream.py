@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from pipelines.shards.tarstream import END_MARKER, TarMembers
+from pipelines.shards.tarstream import END_MARKER, SPECIAL, TarMembers
 
 LONG = "d/" + "x" * 150 + "/sample-0001.png"      # > 100 chars: ustar prefix, GNU 'L' or pax path
 
@@ -37,9 +37,10 @@ def tarfile_files(data: bytes) -> list[tuple[str, bytes]]:
         return [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
 
 
-def parse(data: bytes) -> tuple[list[tuple[str, bytes]], TarMembers]:
+def parse(data: bytes, special: bool = False) -> tuple[list[tuple[str, bytes]], TarMembers]:
+    """The members read; links and the like (SPECIAL) only when `special`."""
     members = TarMembers(io.BytesIO(data))
-    return list(members), members
+    return [(n, d) for n, d in members if special or d is not SPECIAL], members
 
 
 MEMBERS = [("s0.png", b"\x89PNG" * 100), ("s0.cls", b"3"), (LONG, bytes(range(256)) * 7),
@@ -56,6 +57,8 @@ def test_same_members_as_tarfile_for_every_format(fmt):
     assert got == tarfile_files(data)
     assert [n for n, _ in got] == [n for n, _ in members]
     assert reader.end == END_MARKER
+    everything, _ = parse(data, special=True)       # the symlink is reported, not dropped
+    assert everything[0] == ("d/link.png", SPECIAL) and everything[1:] == got
 
 
 @pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress])
@@ -138,3 +141,38 @@ def test_a_reader_left_early_stops_its_prefetch_thread(tmp_path):
     assert threading.active_count() == before + 1
     samples.close()
     assert threading.active_count() == before
+
+
+def header(name: str, size_field: bytes, kind: bytes = b"0") -> bytes:
+    """A ustar header with a raw 12-byte size field and a valid checksum."""
+    info = tarfile.TarInfo(name)
+    block = bytearray(info.tobuf(tarfile.USTAR_FORMAT))
+    block[124:136] = size_field
+    block[156:157] = kind
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block)
+
+
+def test_a_negative_size_is_damage_after_the_readable_head_never_a_loop():
+    good = make_tar(tarfile.USTAR_FORMAT, [("a.png", b"A" * 600)], extra_dirs=False)
+    head = good[: 512 + 1024]                                   # the member, no end marker
+    for field in (b"\xff" * 12, b"\xff" + b"\xff" * 10 + b"\xfe"):      # -1, -2 in base-256
+        data = head + header("b.png", field) + b"B" * 1024 + b"\0" * 1024
+        got, reader = parse(data)
+        assert got == [("a.png", b"A" * 600)]
+        assert reader.end.startswith("negative size field") and reader.offset == len(head)
+    record = b"11 size=-1\n"                                     # a pax size record of -1
+    pax = header("pax", b"%011o\0" % len(record), kind=b"x") + record.ljust(512, b"\0")
+    got, reader = parse(head + pax + header("c.png", b"%011o\0" % 1) + b"C".ljust(512, b"\0") + bytes(1024))
+    assert got == [("a.png", b"A" * 600)] and reader.end == "negative pax size '-1'"
+
+
+def test_metadata_members_are_bounded_and_special_members_never_held():
+    long_name = header("././@LongLink", b"%011o\0" % (2 << 30), kind=b"L")   # claims a 2 GiB name
+    got, reader = parse(long_name + b"x" * 4096)
+    assert got == [] and reader.end == "GNU long name of 2147483648 bytes (limit 1048576)"
+    odd = header("k.png", b"%011o\0" % (8 << 20), kind=b"Z") + bytes(8 << 20) + b"\0" * 1024
+    members = TarMembers(io.BytesIO(odd))
+    assert list(members) == [("k.png", SPECIAL)] and members.last_kind == "member of unknown type b'Z'"
+    assert members.end == END_MARKER and len(members._buf) <= 2 * (4 << 20)   # streamed past

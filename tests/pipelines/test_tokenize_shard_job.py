@@ -87,3 +87,31 @@ def test_max_member_mib_reaches_the_config():
         CliRunner().invoke(main, ["tokenize", "--tokenizer", "t", "--input", "a.tar", "--output", "o",
                                   "--max-member-mib", "3"])
     assert run.call_args[0][0].max_member_bytes == 3 << 20
+
+
+@pytest.mark.parametrize("decode_processes", [0, 2])
+def test_crafted_members_cost_their_row_never_the_shard(tmp_path, tok_dir, decode_processes):
+    """A non-UTF-8 name, a repeated member, links, a FIFO, hidden and extension-less members: each
+    is one named error row; the good samples are written and the shard commits."""
+    data, expected_ok, reasons = td.hostile_shard()
+    td.write(tmp_path / "hostile.tar", data)
+    job = ShardTokenizer(CodeEncoder(tok_dir, threads=1), tokenizer_metadata(tok_dir), str(tmp_path / "out"),
+                         ["cls"], batch_size=4, decode_processes=decode_processes)
+    try:
+        manifest = job.run(str(tmp_path / "hostile.tar"), "hostile")
+    finally:
+        job.close()
+    table = pq.read_table(tmp_path / "out" / "hostile.parquet")
+    assert table.column("key").to_pylist() == expected_ok
+    errors = pq.read_table(tmp_path / "out" / "_errors" / "hostile.parquet").to_pylist()
+    by_key = {e["key"]: e["error"] for e in errors}
+    assert set(by_key) == set(reasons)
+    assert "is a symbolic link" in by_key["symlink"] and "is a FIFO" in by_key["fifo"]
+    assert "stored twice" in by_key["twice"] and "not valid UTF-8" in by_key["caf\\xe9"]
+    counts = manifest["counts"]
+    assert counts["ok"] == len(expected_ok) and counts["failed"] == len(reasons)
+    assert counts["read"] == counts["ok"] + counts["failed"] and counts["shard_errors"] == 0
+    expect = {}
+    for reason in reasons.values():
+        expect[reason] = expect.get(reason, 0) + 1
+    assert counts["failed_by_reason"] == expect

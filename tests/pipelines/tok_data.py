@@ -136,6 +136,44 @@ def odd_samples() -> tuple[list, set[str], dict[str, str]]:
     return samples, expected_ok, reasons
 
 
+def hostile_shard() -> tuple[bytes, list[str], dict[str, str]]:
+    """A shard of crafted members, each of which once vanished or cost the whole shard.
+    Returns (tar bytes, keys expected ok in order, {printable key: expected reason})."""
+    images, labels = fashion_mnist(3)
+    good = [png(images[i]) for i in range(3)]
+    members: list[tuple[str, bytes | str, str]] = [      # (name, data or link target, kind)
+        ("ok-0.png", good[0], "file"), ("ok-0.cls", b"0", "file"),
+        ("caf\udce9.png", good[1], "file"),              # the name's byte 0xe9 is not UTF-8
+        ("twice.png", good[0], "file"), ("twice.png", good[1], "file"),
+        ("ok-1.png", good[1], "file"), ("ok-1.cls", b"1", "file"),
+        ("symlink.png", "ok-0.png", "symlink"), ("hardlink.png", "ok-0.png", "hardlink"),
+        ("fifo.png", b"", "fifo"), (".hidden.png", good[2], "file"), ("README", b"notes", "file"),
+        ("sub/.DS_Store", b"x", "file"),
+        ("ok-2.png", good[2], "file"), ("ok-2.cls", b"2", "file"),
+        ("ok-0.jpg", good[0], "file"),                  # the key 'ok-0' again, not adjacent
+    ]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding="utf-8",
+                      errors="surrogateescape") as tar:
+        for name, data, kind in members:
+            info = tarfile.TarInfo(name)
+            info.mtime = 0
+            if kind == "file":
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+                continue
+            info.type = {"symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE,
+                         "fifo": tarfile.FIFOTYPE}[kind]
+            if kind != "fifo":
+                info.linkname = data
+            tar.addfile(info)
+    reasons = {"caf\\xe9": "invalid_key", "twice": "duplicate_field", "symlink": "unsupported_member",
+               "hardlink": "unsupported_member", "fifo": "unsupported_member",
+               ".hidden.png": "stray_member", "README": "stray_member", "sub/.DS_Store": "stray_member",
+               "ok-0": "duplicate_key"}
+    return buf.getvalue(), ["ok-0", "ok-1", "ok-2"], reasons
+
+
 def _member_data_offset(data: bytes, name: str) -> int:
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         return tar.getmember(name).offset_data
