@@ -51,9 +51,16 @@ def stopped_exit(signum: int) -> int:
     return 128 + int(signum)
 
 
+def first_few(items, limit: int = 5) -> str:
+    """'a, b, c and 7 more': the first `limit` items of a list for a one-line message."""
+    items = [str(i) for i in items]
+    named = ", ".join(items[:limit])
+    return named + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
 # what the CLI and a training rank print as one line
 USER_ERRORS = (UserError, ConfigError, CheckpointError)
 
 __all__ = ["UserError", "SharedError", "Reported", "Stopped", "ConfigError", "CheckpointError",
            "USER_ERRORS", "ERROR_EXIT", "RANK_USER_ERROR_EXIT", "RANK_PEER_FAILED_EXIT",
-           "stopped_exit"]
+           "stopped_exit", "first_few"]

@@ -194,6 +194,61 @@ def read_manifests(fs: fsspec.AbstractFileSystem, paths: list[str], threads: int
         return dict(zip(paths, pool.map(one, paths)))
 
 
+def manifest_problem(manifest) -> str | None:
+    """What is wrong with the structure of a parsed shard manifest (the fields its readers rely
+    on: tokenizer_sha256, counts, files), or None."""
+    if not isinstance(manifest, dict):
+        return f"must be a JSON object, not {type(manifest).__name__}"
+    if not isinstance(manifest.get("tokenizer_sha256"), str):
+        return f"'tokenizer_sha256' must be a string, not {manifest.get('tokenizer_sha256')!r:.40}"
+    counts = manifest.get("counts")
+    if not isinstance(counts, dict) or "ok" not in counts:
+        return f"'counts' must be an object with 'ok', not {counts!r:.40}"
+    for name in ("ok", "failed", "shard_errors"):
+        if name in counts and not _is_count(counts[name]):
+            return f"'counts.{name}' must be a non-negative integer, not {counts[name]!r:.40}"
+    files = manifest.get("files")       # absent in outputs of vqtok versions that recorded no checksums
+    if files is None:
+        return None
+    if not isinstance(files, dict):
+        return f"'files' must be an object, not {files!r:.40}"
+    for name in ("data", "errors"):
+        entry = files.get(name)
+        if entry is not None and not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str)
+                                      and _is_count(entry.get("bytes"))):
+            return f"'files.{name}' must be {{\"sha256\": string, \"bytes\": integer}}, not {entry!r:.60}"
+    return None
+
+
+def run_record_problem(run) -> str | None:
+    """What is wrong with the structure of a parsed run record (_vqtok.json), or None."""
+    if not isinstance(run, dict):
+        return f"must be a JSON object, not {type(run).__name__}"
+    sha = run.get("tokenizer_sha256")
+    if not (isinstance(sha, str) and sha):
+        return f"'tokenizer_sha256' must be a non-empty string, not {sha!r:.40}"
+    k = run.get("codebook_size")
+    if not (_is_count(k) and k >= 2):
+        return f"'codebook_size' must be an integer >= 2, not {k!r:.40}"
+    grid = run.get("grid")
+    if not (isinstance(grid, list) and len(grid) == 2 and all(_is_count(g) and g >= 1 for g in grid)):
+        return f"'grid' must be a list of two positive integers, not {grid!r:.40}"
+    return None
+
+
+def success_problem(summary) -> str | None:
+    """What is wrong with the structure of a parsed _SUCCESS (the job summary), or None."""
+    if not isinstance(summary, dict):
+        return f"must be a JSON object, not {type(summary).__name__}"
+    if not _is_count(summary.get("done")):
+        return f"'done' must be the number of finished shards, not {summary.get('done')!r:.40}"
+    return None
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def read_metadata(file: str, filesystem: fsspec.AbstractFileSystem | None = None) -> OutputMetadata:
     """The validated vqtok metadata of one data file (a URL, or a path on `filesystem`)."""
     if filesystem is None:

@@ -1,9 +1,18 @@
 """`vqtok verify`: prove a tokenize output whole, file by file, against what was committed.
 
 Checks (each failure is one finding naming the file and the cause; see docs/tokenize.md):
-- the run record (_vqtok.json) is readable; _SUCCESS exists;
-- every manifest is readable JSON naming the run's tokenizer; every manifest has its data file
+- the run record (_vqtok.json) is readable JSON of the right structure (tokenizer_sha256,
+  codebook_size, grid); _SUCCESS exists and is the job summary JSON;
+- no shard committed when the job finished is gone: _SUCCESS's "done" count is at most the
+  manifests present, and every shard the manifest index (_manifest/_index.json.gz) lists has
+  its manifest; the missing shards are named from the index;
+- every manifest is readable JSON of the right structure (a malformed one is a finding and its
+  shard counts as not committed) naming the run's tokenizer; every manifest has its data file
   and every data file its manifest (a data file without one is an interrupted shard);
+- nothing else that readers read is under OUTPUT: every file whose path has no part starting
+  with '_' or '.' must be a committed OUTPUT/<shard>.parquet. A .parquet file elsewhere (e.g. a
+  copy in a subdirectory) would be read as data by pyarrow.dataset, pandas, CodesDataset and
+  `vqtok inspect` (duplicating rows); any other such file makes pyarrow.dataset/pandas fail;
 - each data file's bytes match the sha256 and size its manifest recorded at commit (outputs of
   vqtok versions that recorded none are counted as `unchecked`, not as findings);
 - each data file is readable Parquet with vqtok schema metadata naming the run's tokenizer, its
@@ -13,7 +22,9 @@ Checks (each failure is one finding naming the file and the cause; see docs/toke
 - a shard whose manifest counts failures has its _errors file, matching its checksum and counts;
   an _errors file without a manifest is a failed shard;
 - with inputs: every input shard has a manifest.
-Files are streamed by row group; several are checked at once (threads).
+Memory stays bounded whatever the file sizes: a file up to SMALL_FILE_BYTES is read once (hashed
+and parsed from memory); a larger one is hashed in CHUNK_BYTES chunks, then parsed from the open
+file row group by row group. Several files are checked at once (threads).
 """
 from __future__ import annotations
 
@@ -27,10 +38,15 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import UserError
+from .errors import UserError, first_few
 from .output_format import (CODES, DATA_SUFFIX, ERRORS_DIR, KEY, MANIFEST_DIR, RUN_FILE, SHARD, SUCCESS_NAME,
-                            codes_array, data_files_among, join, metadata_from_schema, read_manifests)
+                            codes_array, data_files_among, is_hidden, join, manifest_problem,
+                            metadata_from_schema, read_manifests, run_record_problem, success_problem)
 from .shards.urls import expand_urls, shard_name
+from .tokenize.outputs import INDEX_NAME, read_index
+
+SMALL_FILE_BYTES = 8 << 20     # a file up to this size is read into memory once: hashed and parsed
+CHUNK_BYTES = 4 << 20          # a larger file is hashed in chunks of this size, then parsed from disk
 
 
 @dataclass
@@ -62,32 +78,39 @@ class OutputVerifier:
         self.inputs = list(inputs or [])
         self.threads = max(1, threads)
         self.unique_keys = unique_keys
+        self.sizes: dict[str, int | None] = {}      # path -> size in bytes, from the listing
 
     def url(self, path: str) -> str:
         """A filesystem path under the output -> the URL the user gave, extended."""
-        return join(self.output, path[len(self.root):].lstrip("/"))
+        return join(self.output, self._relative(path))
+
+    def _relative(self, path: str) -> str:
+        return path[len(self.root):].lstrip("/")
 
     # ---- the whole output ------------------------------------------------------------------
     def run(self) -> dict:
         if not self.fs.isdir(self.root):
             raise UserError(f"{self.output}: no such tokenize output directory")
-        paths = self.fs.find(self.root)                 # one recursive listing of everything
+        listing = self.fs.find(self.root, detail=True)  # one recursive listing of everything
+        paths = sorted(listing)
+        self.sizes = {p: (listing[p] or {}).get("size") for p in paths}
         findings: list[Finding] = []
         run = self._run_record(findings)
         sha = run.get("tokenizer_sha256")
-        data = {self._stem(p, DATA_SUFFIX): p for p in data_files_among(self.root, paths)}
+        data = self._top_level_data(paths, findings)
         errors = {self._stem(p, DATA_SUFFIX): p for p in paths
                   if self._under(p, ERRORS_DIR) and p.endswith(DATA_SUFFIX)}
-        manifests = self._manifests(paths, sha, findings)
+        present, manifests = self._manifests(paths, sha, findings)
         if sha is None and manifests:                   # no run record: the manifests decide
             sha = next(iter(manifests.values())).get("tokenizer_sha256")
-        if join(self.root, SUCCESS_NAME) not in set(paths):
-            findings.append(Finding(self.url(join(self.root, SUCCESS_NAME)),
-                                    "missing: the job did not finish (rerun the same `vqtok tokenize`)"))
+        findings += self._check_success(listing, present, sha)
         for shard in sorted(set(data) - set(manifests)):
-            findings.append(Finding(self.url(data[shard]), "no manifest: the shard was not committed "
-                                    "(interrupted; rerun the same `vqtok tokenize` to finish it)"))
-        for shard in sorted(set(errors) - set(manifests) - set(data)):
+            cause = (f"not committed: its manifest {MANIFEST_DIR}/{shard}.json is unusable; readers would "
+                     "read it unchecked" if shard in present else
+                     "no manifest: the shard was not committed (interrupted; rerun the same "
+                     "`vqtok tokenize` to finish it)")
+            findings.append(Finding(self.url(data[shard]), cause))
+        for shard in sorted(set(errors) - present - set(data)):
             findings.append(Finding(self.url(errors[shard]), "a failed shard: errors but no manifest "
                                     "(rerun the same `vqtok tokenize` to retry it)"))
         for shard in sorted(set(manifests) - set(data)):
@@ -112,37 +135,93 @@ class OutputVerifier:
     def _under(self, path: str, directory: str) -> bool:
         return path.startswith(join(self.root, directory) + "/")
 
+    def _top_level_data(self, paths: list[str], findings: list[Finding]) -> dict[str, str]:
+        """shard -> path of the OUTPUT/<shard>.parquet files; a finding for every other file that
+        readers would read (no part of its path starts with '_' or '.')."""
+        data_files = data_files_among(self.root, paths)
+        data = {self._stem(p, DATA_SUFFIX): p for p in data_files if "/" not in self._relative(p)}
+        for path in data_files:
+            if "/" in self._relative(path):
+                findings.append(Finding(self.url(path), "not a committed shard: readers of the output "
+                                        "(pyarrow.dataset, pandas, CodesDataset, `vqtok inspect`) would read "
+                                        "its rows as data; move it out of the output directory"))
+        parquet = set(data_files)
+        for path in paths:
+            if path not in parquet and not is_hidden(self._relative(path)):
+                findings.append(Finding(self.url(path), "stray file: pyarrow.dataset and pandas read every "
+                                        "file under the output whose path has no part starting with '_' or "
+                                        "'.' (and fail on one that is not Parquet); move it out of the output "
+                                        "directory"))
+        return data
+
     def _run_record(self, findings: list[Finding]) -> dict:
+        """The run record, or {} (with a finding) when it is missing, unreadable or malformed."""
         path = join(self.root, RUN_FILE)
         try:
             run = json.loads(self.fs.cat_file(path))
-            if not isinstance(run, dict) or not run.get("tokenizer_sha256"):
-                raise ValueError("no tokenizer_sha256")
-            return run
         except FileNotFoundError:
             findings.append(Finding(self.url(path), "missing: not a `vqtok tokenize` output, or damaged"))
+            return {}
         except (OSError, ValueError) as e:
             findings.append(Finding(self.url(path), f"unreadable run record ({e})"))
-        return {}
+            return {}
+        problem = run_record_problem(run)
+        if problem:
+            findings.append(Finding(self.url(path), f"malformed run record: {problem}"))
+            return {}
+        return run
 
-    def _manifests(self, paths: list[str], sha: str | None, findings: list[Finding]) -> dict[str, dict]:
-        """shard -> manifest of every readable manifest; findings for the others and for a
-        tokenizer other than the run's."""
+    def _manifests(self, paths: list[str], sha: str | None,
+                   findings: list[Finding]) -> tuple[set[str], dict[str, dict]]:
+        """(every shard with a manifest file, shard -> manifest of the well-formed ones); findings
+        for the others and for a tokenizer other than the run's."""
         wanted = sorted(p for p in paths if self._under(p, MANIFEST_DIR) and p.endswith(".json"))
+        present = {self._stem(p, ".json") for p in wanted}
         out = {}
         for path, manifest in read_manifests(self.fs, wanted).items():
-            if not isinstance(manifest, dict):
+            if isinstance(manifest, Exception):
                 findings.append(Finding(self.url(path), f"unreadable manifest ({manifest})"))
                 continue
-            shard = self._stem(path, ".json")
-            if sha is not None and manifest.get("tokenizer_sha256") != sha:
-                findings.append(Finding(self.url(path), f"names tokenizer {str(manifest.get('tokenizer_sha256'))[:12]}..., "
+            problem = manifest_problem(manifest)
+            if problem:
+                findings.append(Finding(self.url(path), f"malformed manifest: {problem}; its shard counts as "
+                                        "not committed (delete this manifest and rerun the same `vqtok "
+                                        "tokenize` to redo the shard)"))
+                continue
+            if sha is not None and manifest["tokenizer_sha256"] != sha:
+                findings.append(Finding(self.url(path), f"names tokenizer {manifest['tokenizer_sha256'][:12]}..., "
                                         f"the output's is {sha[:12]}..."))
-            out[shard] = manifest
-        return out
+            out[self._stem(path, ".json")] = manifest
+        return present, out
+
+    def _check_success(self, listing: dict, present: set[str], sha: str | None) -> list[Finding]:
+        """_SUCCESS is the job summary, and no shard the job finished has lost its manifest since.
+        The summary only counts the finished shards; the manifest index names them."""
+        path = join(self.root, SUCCESS_NAME)
+        url = self.url(path)
+        if path not in listing:
+            return [Finding(url, "missing: the job did not finish (rerun the same `vqtok tokenize`)")]
+        try:
+            summary = json.loads(self.fs.cat_file(path))
+        except (OSError, ValueError) as e:
+            return [Finding(url, f"unreadable job summary ({e})")]
+        problem = success_problem(summary)
+        if problem:
+            return [Finding(url, f"malformed job summary: {problem}")]
+        done = summary["done"]
+        index = read_index(self.fs, self.root) if join(self.root, MANIFEST_DIR, INDEX_NAME) in listing else None
+        if index is not None and sha is not None and index.get("tokenizer_sha256") != sha:
+            index = None                                # not this run's: it cannot name its shards
+        gone = sorted(set(index["shards"]) - present) if index is not None else []
+        if done <= len(present) and not gone:
+            return []
+        why = [f"_SUCCESS counts {done} finished, {len(present)} have a manifest"] if done > len(present) else []
+        why.append(f"missing: {first_few(gone)}, named by {MANIFEST_DIR}/{INDEX_NAME}" if gone else
+                   "no manifest index names them: pass --input to find them")
+        return [Finding(url, f"{max(done - len(present), len(gone))} committed shard(s) are gone "
+                             f"({'; '.join(why)}); rerun the same `vqtok tokenize` to redo them")]
 
     def _missing_inputs(self, manifests: dict[str, dict]) -> list[Finding]:
-
         return [Finding(url, "input shard not accounted for: no manifest in the output (not tokenized, "
                         "or failed; rerun `vqtok tokenize`)")
                 for url in expand_urls(self.inputs) if shard_name(url) not in manifests]
@@ -176,51 +255,71 @@ class OutputVerifier:
         result = FileResult(keys=[] if self.unique_keys else None)
         found = result.findings
         url = self.url(path)
-        blob = self._read(path, url, found)
-        if blob is None:
+        source, result.checked_sum = self._open_checked(path, (manifest.get("files") or {}).get("data"), url, found)
+        if source is None:
             return result
-        result.checked_sum = self._check_digest(blob, (manifest.get("files") or {}).get("data"), url, found)
-        try:
-            parquet = pq.ParquetFile(io.BytesIO(blob))
-            meta = metadata_from_schema(parquet.schema_arrow, url)
-        except UserError as e:
-            found.append(Finding(url, str(e).removeprefix(f"{url}: ")))
-            return result
-        except (OSError, pa.ArrowException) as e:
-            found.append(Finding(url, f"not a readable Parquet file ({e})"))
-            return result
-        if sha is not None and meta.tokenizer_sha256 != sha:
-            found.append(Finding(url, f"schema metadata names tokenizer {meta.tokenizer_sha256[:12]}..., "
-                                      f"the output's is {sha[:12]}..."))
-        if run and (run.get("codebook_size"), list(run.get("grid") or ())) != (meta.codebook_size, list(meta.grid)):
-            found.append(Finding(url, f"codebook {meta.codebook_size} / grid {list(meta.grid)} differ from the "
-                                      f"run record's {run.get('codebook_size')} / {run.get('grid')}"))
-        result.rows = self._check_rows(parquet, meta, shard, url, result)
-        expected = (manifest.get("counts") or {}).get("ok")
-        if result.rows is not None and result.rows != expected:
-            found.append(Finding(url, f"{result.rows} rows, its manifest committed {expected}"))
-        result.rows = result.rows or 0
+        with source:
+            try:
+                parquet = pq.ParquetFile(source)
+                meta = metadata_from_schema(parquet.schema_arrow, url)
+            except UserError as e:
+                found.append(Finding(url, str(e).removeprefix(f"{url}: ")))
+                return result
+            except (OSError, pa.ArrowException) as e:
+                found.append(Finding(url, f"not a readable Parquet file ({e})"))
+                return result
+            if sha is not None and meta.tokenizer_sha256 != sha:
+                found.append(Finding(url, f"schema metadata names tokenizer {meta.tokenizer_sha256[:12]}..., "
+                                          f"the output's is {sha[:12]}..."))
+            if run and (run["codebook_size"], list(run["grid"])) != (meta.codebook_size, list(meta.grid)):
+                found.append(Finding(url, f"codebook {meta.codebook_size} / grid {list(meta.grid)} differ from the "
+                                          f"run record's {run['codebook_size']} / {run['grid']}"))
+            rows = self._check_rows(parquet, meta, shard, url, result)
+        expected = manifest["counts"]["ok"]
+        if rows is not None and rows != expected:
+            found.append(Finding(url, f"{rows} rows, its manifest committed {expected}"))
+        result.rows = rows or 0
         return result
 
-    def _read(self, path: str, url: str, found: list[Finding]) -> bytes | None:
-        """The file's bytes (one file per thread in memory: hashing and parsing read them once)."""
+    def _open_checked(self, path: str, recorded: dict | None, url: str, found: list[Finding]):
+        """(the file as a binary file object for pyarrow, or None when it cannot be read; whether
+        a checksum was recorded), after comparing its size and sha256 with `recorded`. A small
+        file is read once and served from memory; a larger one is hashed in CHUNK_BYTES chunks
+        and opened again for parsing, so no file is ever held whole in memory."""
         try:
-            return self.fs.cat_file(path)
+            size = self.sizes.get(path)
+            if size is None:
+                size = self.fs.size(path)
+            if size <= SMALL_FILE_BYTES:
+                blob = self.fs.cat_file(path)
+                checked = self._check_digest(len(blob), lambda: hashlib.sha256(blob).hexdigest(),
+                                             recorded, url, found)
+                return io.BytesIO(blob), checked
+            checked = self._check_digest(size, lambda: self._sha256(path), recorded, url, found)
+            return self.fs.open(path, "rb"), checked
         except FileNotFoundError:
             found.append(Finding(url, "missing"))
         except OSError as e:
             found.append(Finding(url, f"unreadable ({e})"))
-        return None
+        return None, False
+
+    def _sha256(self, path: str) -> str:
+        digest = hashlib.sha256()
+        with self.fs.open(path, "rb") as f:
+            while chunk := f.read(CHUNK_BYTES):
+                digest.update(chunk)
+        return digest.hexdigest()
 
     @staticmethod
-    def _check_digest(blob: bytes, recorded, url: str, found: list[Finding]) -> bool:
-        """True when a checksum was recorded (whether it matched or not)."""
-        if not isinstance(recorded, dict) or "sha256" not in recorded:
+    def _check_digest(size: int, sha256, recorded: dict | None, url: str, found: list[Finding]) -> bool:
+        """True when a checksum was recorded (whether it matched or not). `sha256()` computes the
+        file's digest: only called when the size matches."""
+        if recorded is None:
             return False
-        if len(blob) != recorded.get("bytes"):
-            found.append(Finding(url, f"{len(blob)} bytes, {recorded.get('bytes')} were committed "
+        if size != recorded["bytes"]:
+            found.append(Finding(url, f"{size} bytes, {recorded['bytes']} were committed "
                                       "(truncated or replaced)"))
-        elif hashlib.sha256(blob).hexdigest() != recorded["sha256"]:
+        elif sha256() != recorded["sha256"]:
             found.append(Finding(url, "sha256 differs from the one recorded at commit (altered)"))
         return True
 
@@ -261,20 +360,20 @@ class OutputVerifier:
         return rows
 
     def _check_errors(self, shard: str, path: str | None, manifest: dict) -> list[Finding]:
-        counts = manifest.get("counts") or {}
-        expected = int(counts.get("failed", 0)) + int(counts.get("shard_errors", 0))
+        counts = manifest["counts"]
+        expected = counts.get("failed", 0) + counts.get("shard_errors", 0)
         url = self.url(path) if path else join(self.output, ERRORS_DIR, shard + DATA_SUFFIX)
         if path is None:
             return [Finding(url, f"missing: its manifest counts {expected} errors")] if expected else []
         found: list[Finding] = []
-        blob = self._read(path, url, found)
-        if blob is None:
+        source, _ = self._open_checked(path, (manifest.get("files") or {}).get("errors"), url, found)
+        if source is None:
             return found
-        self._check_digest(blob, (manifest.get("files") or {}).get("errors"), url, found)
-        try:
-            rows = pq.ParquetFile(io.BytesIO(blob)).metadata.num_rows
-        except (OSError, pa.ArrowException) as e:
-            return found + [Finding(url, f"not a readable Parquet file ({e})")]
+        with source:
+            try:
+                rows = pq.ParquetFile(source).metadata.num_rows      # the footer only
+            except (OSError, pa.ArrowException) as e:
+                return found + [Finding(url, f"not a readable Parquet file ({e})")]
         if rows != expected:
             found.append(Finding(url, f"{rows} error rows, its manifest counts {expected}"))
         return found

@@ -15,7 +15,8 @@ import click
 @click.pass_context
 def command(ctx, output, inputs, unique_keys, threads, as_json):
     """Check every file of OUTPUT against its manifest: present, readable, rows, checksum, codes in
-    [0, K), unique keys, one tokenizer. Exit status 1 on any finding, 0 on a whole output."""
+    [0, K), unique keys, one tokenizer; no committed shard gone since _SUCCESS, no other file that
+    readers would read. Exit status 1 on any finding, 0 on a whole output."""
     from ..verify import format_report, verify_output
 
     report = verify_output(output, list(inputs), threads=threads, unique_keys=unique_keys)

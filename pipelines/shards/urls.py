@@ -10,7 +10,7 @@ import posixpath
 import fsspec
 from braceexpand import braceexpand
 
-from ..errors import UserError
+from ..errors import UserError, first_few
 
 GLOB_CHARS = "*?["
 
@@ -107,8 +107,14 @@ def shard_name(input_url: str) -> str:
 
 
 def list_shards(patterns: list[str]) -> list[tuple[str, str]]:
-    """[(url, shard name)]; two inputs with one name would write one file, so that is refused."""
+    """[(url, shard name)]. Refused: two inputs with one name (they would write one file), and
+    names no reader could use (see `unusable_name`)."""
     urls = expand_urls(patterns)
+    unusable = [(url, why) for url in urls if (why := unusable_name(shard_name(url)))]
+    if unusable:
+        named = first_few(f"{printable(url)} ({why})" for url, why in unusable)
+        raise UserError(f"{len(unusable)} input shard(s) cannot be tokenized under their names: {named}; "
+                        "rename them (a name that does not start with '_' or '.', in UTF-8)")
     seen: dict[str, str] = {}
     for url in urls:
         name = shard_name(url)
@@ -117,3 +123,25 @@ def list_shards(patterns: list[str]) -> list[tuple[str, str]]:
                             "their outputs would collide in one OUTPUT/<name>.parquet")
         seen[name] = url
     return [(url, name) for name, url in seen.items()]
+
+
+def unusable_name(shard: str) -> str | None:
+    """Why a shard name cannot name a tokenize output, or None. OUTPUT/<name>.parquet of a name
+    starting with '_' or '.' (or an empty one) is hidden: pyarrow, pandas, CodesDataset and
+    `vqtok inspect` skip it, so its codes would be written and never read. A name that is not
+    valid UTF-8 (a file name Python decoded with surrogate escapes) cannot be stored in the
+    Parquet `shard` column."""
+    from ..output_format import DATA_SUFFIX, is_hidden     # lazy: training lists shards without pyarrow
+
+    if is_hidden(shard + DATA_SUFFIX):
+        return "starts with '_' or '.': readers skip such files"
+    try:
+        shard.encode("utf-8")
+    except UnicodeEncodeError:
+        return "not valid UTF-8: cannot be stored in the shard column"
+    return None
+
+
+def printable(url: str) -> str:
+    """A URL for a message: undecodable bytes of a file name shown as escapes, not a crash on print."""
+    return url.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 
 import fsspec
 
@@ -24,6 +25,18 @@ INDEX_NAME = "_index.json.gz"    # OUTPUT/_manifest/_index.json.gz: finished sha
 def slim_manifest(manifest: dict) -> dict:
     """What a rerun's summary needs of a shard's manifest; the rest stays in the manifest file."""
     return {"counts": manifest["counts"], "durations_s": manifest["durations_s"]}
+
+
+def read_index(fs: fsspec.AbstractFileSystem, root: str) -> dict | None:
+    """The index `record_finished` wrote under the output at path `root` ({"version",
+    "tokenizer_sha256", "shards": {shard: slim manifest}}), or None when absent or unusable."""
+    try:
+        index = json.loads(gzip.decompress(fs.cat_file(join(root, MANIFEST_DIR, INDEX_NAME))))
+    except (OSError, ValueError, EOFError, zlib.error):
+        return None
+    if not isinstance(index, dict) or not isinstance(index.get("shards"), dict):
+        return None
+    return index
 
 
 class OutputDir:
@@ -135,14 +148,10 @@ class OutputDir:
                    gzip.compress(json.dumps(index, separators=(",", ":")).encode(), mtime=0), self.url)
 
     def _read_index(self, sha: str) -> dict[str, dict]:
-        try:
-            index = json.loads(gzip.decompress(self.fs.cat_file(join(self.root, MANIFEST_DIR, INDEX_NAME))))
-        except (OSError, ValueError, EOFError):
+        index = read_index(self.fs, self.root)
+        if index is None or index.get("tokenizer_sha256") != sha:
             return {}                 # no usable index: every manifest is read instead
-        if not isinstance(index, dict) or index.get("tokenizer_sha256") != sha:
-            return {}
-        shards = index.get("shards")
-        return shards if isinstance(shards, dict) else {}
+        return index["shards"]
 
     def mark_success(self, summary: dict) -> None:
         put_atomic(success_path(self.url), json.dumps(summary, indent=1).encode(), self.url)

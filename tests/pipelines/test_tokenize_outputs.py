@@ -37,3 +37,19 @@ def test_output_dir_refuses_another_tokenizer(tmp_path, tok_dir):
     (stranger / "data.parquet").write_bytes(b"x")
     with pytest.raises(UserError, match="without a vqtok run record"):
         OutputDir(str(stranger)).prepare(meta_a, [], overwrite=False)
+
+
+def test_a_damaged_index_is_ignored_and_the_manifests_read(tmp_path):
+    import gzip
+    import json
+
+    sha = "ab" * 32
+    (tmp_path / "_manifest").mkdir()
+    manifest = {"tokenizer_sha256": sha, "counts": {"ok": 1}, "durations_s": {"wall": 0.1}}
+    (tmp_path / "_manifest" / "a.json").write_text(json.dumps(manifest))
+    (tmp_path / "a.parquet").write_bytes(b"data")
+    index = bytearray(gzip.compress(json.dumps({"version": 1, "tokenizer_sha256": sha,
+                                                "shards": {"a": {"counts": {}}}}).encode() * 50))
+    index[12] ^= 0xFF                                      # the deflate stream is corrupt (zlib.error)
+    (tmp_path / "_manifest" / "_index.json.gz").write_bytes(bytes(index))
+    assert OutputDir(str(tmp_path)).finished(["a"], sha) == {"a": {"counts": {"ok": 1}, "durations_s": {"wall": 0.1}}}

@@ -3,14 +3,20 @@ is one finding naming the file and the cause."""
 from __future__ import annotations
 
 import glob
+import gzip
 import json
 import os
 import shutil
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
+from fsspec.implementations.local import LocalFileSystem
 
+from pipelines import verify
+from pipelines.cli import main
 from pipelines.errors import UserError
 from pipelines.verify import format_report, verify_output
 
@@ -172,3 +178,147 @@ def test_output_on_s3(tokenized_output, s3_env):
     assert [f["path"] for f in report["findings"]] == ["s3://vqtok-verify/out/train-000001.parquet",
                                                       "s3://vqtok-verify/out/train-000002.parquet",
                                                       "s3://vqtok-verify/out/train-000002.parquet"]
+
+
+def test_files_readers_would_read_besides_the_committed_shards(out, tokenized_output):
+    os.makedirs(f"{out}/sub")
+    shutil.copy(f"{out}/train-000000.parquet", f"{out}/sub/train-000000.parquet")
+    assert ds.dataset(out, format="parquet").count_rows() == 62 + 20     # pyarrow reads the copy too
+    report = verify_output(out, tokenized_output["inputs"], unique_keys=True)
+    assert [f["path"] for f in report["findings"]] == [f"{out}/sub/train-000000.parquet"]
+    assert report["findings"][0]["cause"].startswith("not a committed shard: readers of the output")
+    assert report["rows"] == 62 and report["data_files"] == 4          # the committed shard is still checked
+
+    shutil.rmtree(f"{out}/sub")
+    open(f"{out}/notes.txt", "w").write("what this run was\n")
+    with pytest.raises(pa.ArrowInvalid):
+        ds.dataset(out, format="parquet").to_table()
+    for hidden in (".notes.txt", "_tmp/x.parquet", "sub/.x.parquet", "_scratch/sub/y.txt"):   # readers skip these
+        os.makedirs(os.path.dirname(f"{out}/{hidden}"), exist_ok=True)
+        open(f"{out}/{hidden}", "w").write("x")
+    report = verify_output(out)
+    assert [f["path"] for f in report["findings"]] == [f"{out}/notes.txt"]
+    assert report["findings"][0]["cause"].startswith("stray file: pyarrow.dataset and pandas read every file")
+
+
+def write_index(out: str, shards) -> None:
+    sha = json.load(open(f"{out}/_vqtok.json"))["tokenizer_sha256"]
+    index = {"version": 1, "tokenizer_sha256": sha, "shards": {s: {} for s in shards}}
+    open(f"{out}/_manifest/_index.json.gz", "wb").write(gzip.compress(json.dumps(index).encode()))
+
+
+def test_a_removed_shard_is_found_from_success_and_named_by_the_index(out):
+    summary = json.load(open(f"{out}/_SUCCESS"))
+    json.dump({**summary, "shards": 3, "done": 3}, open(f"{out}/_SUCCESS", "w"))
+    assert verify_output(out)["ok"]     # a later job over fewer inputs: more manifests than "done" is fine
+    json.dump(summary, open(f"{out}/_SUCCESS", "w"))
+    for name in ("train-000001.parquet", "_manifest/train-000001.json"):
+        os.remove(f"{out}/{name}")
+    report = verify_output(out)
+    assert report["findings"] == [{"path": f"{out}/_SUCCESS", "cause": (
+        "1 committed shard(s) are gone (_SUCCESS counts 4 finished, 3 have a manifest; missing: "
+        "train-000001, named by _manifest/_index.json.gz); rerun the same `vqtok tokenize` to redo them")}]
+
+    data = bytearray(open(f"{out}/_manifest/_index.json.gz", "rb").read())
+    data[12] ^= 0xFF                                          # a damaged index (zlib.error) names none
+    open(f"{out}/_manifest/_index.json.gz", "wb").write(bytes(data))
+    assert causes(verify_output(out), "_SUCCESS") == [
+        "1 committed shard(s) are gone (_SUCCESS counts 4 finished, 3 have a manifest; no manifest index "
+        "names them: pass --input to find them); rerun the same `vqtok tokenize` to redo them"]
+
+    write_index(out, ["train-000000", "train-000002", "bad-000000"] + [f"gone-{i:02d}" for i in range(7)])
+    assert causes(verify_output(out), "_SUCCESS") == [
+        "7 committed shard(s) are gone (_SUCCESS counts 4 finished, 3 have a manifest; missing: gone-00, "
+        "gone-01, gone-02, gone-03, gone-04 and 2 more, named by _manifest/_index.json.gz); rerun the same "
+        "`vqtok tokenize` to redo them"]
+
+
+def as_json(value) -> bytes:
+    return json.dumps(value).encode()
+
+
+MALFORMED = {   # id: (file, change(parsed JSON) -> new bytes, the finding's cause starts with)
+    "manifest-a-list": ("_manifest/train-000001.json", lambda m: as_json([m]),
+                        "malformed manifest: must be a JSON object, not list"),
+    "manifest-counts-string": ("_manifest/train-000001.json", lambda m: as_json({**m, "counts": "20"}),
+                               "malformed manifest: 'counts' must be an object with 'ok', not '20'"),
+    "manifest-ok-float": ("_manifest/train-000001.json",
+                          lambda m: as_json({**m, "counts": {**m["counts"], "ok": 20.5}}),
+                          "malformed manifest: 'counts.ok' must be a non-negative integer, not 20.5"),
+    "manifest-failed-string": ("_manifest/bad-000000.json",
+                               lambda m: as_json({**m, "counts": {**m["counts"], "failed": "1"}}),
+                               "malformed manifest: 'counts.failed' must be a non-negative integer"),
+    "manifest-files-list": ("_manifest/train-000001.json", lambda m: as_json({**m, "files": []}),
+                            "malformed manifest: 'files' must be an object, not []"),
+    "manifest-bytes-string": ("_manifest/train-000001.json",
+                              lambda m: as_json({**m, "files": {"data": {**m["files"]["data"], "bytes": "9"}}}),
+                              "malformed manifest: 'files.data' must be"),
+    "manifest-tokenizer-number": ("_manifest/train-000001.json",
+                                  lambda m: as_json({**m, "tokenizer_sha256": 7}),
+                                  "malformed manifest: 'tokenizer_sha256' must be a string"),
+    "run-grid-int": ("_vqtok.json", lambda r: as_json({**r, "grid": 5}),
+                     "malformed run record: 'grid' must be a list of two positive integers, not 5"),
+    "run-codebook-string": ("_vqtok.json", lambda r: as_json({**r, "codebook_size": "x"}),
+                            "malformed run record: 'codebook_size' must be an integer >= 2, not 'x'"),
+    "run-tokenizer-list": ("_vqtok.json", lambda r: as_json({**r, "tokenizer_sha256": ["a"]}),
+                           "malformed run record: 'tokenizer_sha256' must be a non-empty string"),
+    "run-a-list": ("_vqtok.json", lambda r: as_json([r]), "malformed run record: must be a JSON object"),
+    "success-not-json": ("_SUCCESS", lambda s: b"done\n", "unreadable job summary ("),
+    "success-not-utf8": ("_SUCCESS", lambda s: b"\xff\xfe", "unreadable job summary ("),
+    "success-a-list": ("_SUCCESS", lambda s: as_json([s]), "malformed job summary: must be a JSON object"),
+    "success-done-string": ("_SUCCESS", lambda s: as_json({**s, "done": "4"}),
+                            "malformed job summary: 'done' must be the number of finished shards, not '4'"),
+}
+
+
+@pytest.mark.parametrize("name,change,cause", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_json_files_are_findings_not_tracebacks(out, name, change, cause):
+    path = f"{out}/{name}"
+    changed = change(json.load(open(path)))
+    open(path, "wb").write(changed)
+    report = verify_output(out)
+    assert not report["ok"]
+    found = causes(report, name)
+    assert len(found) == 1 and found[0].startswith(cause), found
+    if name.startswith("_manifest/"):        # its shard counts as not committed
+        shard = name.removeprefix("_manifest/").removesuffix(".json")
+        assert causes(report, f"{shard}.parquet") == [
+            f"not committed: its manifest _manifest/{shard}.json is unusable; readers would read it unchecked"]
+        assert len(report["findings"]) == 2
+    else:
+        assert len(report["findings"]) == 1, report["findings"]
+
+    result = CliRunner().invoke(main, ["verify", out])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "Traceback" not in result.output
+    assert any(line.startswith(f"{path}: {cause}") for line in result.output.splitlines()), result.output
+
+
+def test_large_files_are_hashed_in_chunks_and_parsed_from_the_open_file(out, monkeypatch):
+    monkeypatch.setattr(verify, "SMALL_FILE_BYTES", 1000, raising=False)   # every data and errors file is "large"
+    monkeypatch.setattr(verify, "CHUNK_BYTES", 512, raising=False)         # and hashed in several chunks
+    whole_reads = []
+    real_cat_file = LocalFileSystem.cat_file
+
+    def cat_file(self, path, *args, **kwargs):
+        if str(path).endswith(".parquet"):
+            whole_reads.append(path)
+        return real_cat_file(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFileSystem, "cat_file", cat_file)
+    assert min(os.path.getsize(p) for p in glob.glob(f"{out}/**/*.parquet", recursive=True)) > 1000
+    report = verify_output(out)
+    assert report["ok"] and report["rows"] == 62 and report["checksums_checked"] == 4, report["findings"]
+
+    path = f"{out}/train-000000.parquet"
+    data = bytearray(open(path, "rb").read())
+    data[len(data) - 700] ^= 0xFF                             # past the first chunks
+    open(path, "wb").write(bytes(data))
+    found = causes(verify_output(out), "train-000000.parquet")
+    assert "sha256 differs from the one recorded at commit (altered)" in found
+
+    table = with_codes(pq.read_table(f"{out}/train-000001.parquet"), 17, 0, 64)
+    pq.write_table(table, f"{out}/train-000001.parquet", row_group_size=5)      # the bad code in row group 3
+    found = causes(verify_output(out), "train-000001.parquet")
+    assert "codes outside [0, 64) (1 values, e.g. 64)" in found
+    assert whole_reads == []
