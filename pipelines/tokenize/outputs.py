@@ -2,7 +2,9 @@
 
 OUTPUT/_vqtok.json records what the directory holds (tokenizer sha, grid, kept fields,
 preprocessing). A run with different settings is refused unless --overwrite, which clears the
-previous outputs first, so one directory never mixes codes of two tokenizers.
+previous outputs first, so one directory never mixes codes of two tokenizers. `prepare` deletes
+(temporary files, or everything with --overwrite): call it only while holding the output's lease
+(lease.py), so that it never deletes another job's files.
 """
 from __future__ import annotations
 
@@ -36,6 +38,16 @@ class OutputDir:
         self.root = self.root.rstrip("/")
         self._index_stale = True      # until `finished` found every finished shard in the index
 
+    def check_location(self) -> None:
+        """UserError unless the output is a directory, or can become one (before any job touches it)."""
+        try:
+            if self.fs.isfile(self.root):
+                raise UserError(f"--output {self.url} is a file, not a directory")
+            if is_local_fs(self.fs):       # object stores have no directories to create
+                self.fs.makedirs(self.root, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--output {self.url}: cannot write ({e})") from None
+
     def identity(self, meta: OutputMetadata, keep_fields: list[str]) -> dict:
         return {"tokenizer_sha256": meta.tokenizer_sha256, "codebook_size": meta.codebook_size,
                 "grid": list(meta.grid), "channels": meta.channels, "resolution": meta.resolution,
@@ -43,7 +55,8 @@ class OutputDir:
                 "version": meta.version}
 
     def prepare(self, meta: OutputMetadata, keep_fields: list[str], overwrite: bool) -> None:
-        """Refuse a directory made with other settings (unless overwrite), then claim it."""
+        """Refuse a directory made with other settings (unless overwrite), then claim it: clear it
+        (overwrite) or its leftover temporary files. Only while this job holds the output's lease."""
         want = self.identity(meta, keep_fields)
         have = self._existing_identity()
         if overwrite:

@@ -10,6 +10,8 @@
   comparison, so never for a node that is gone.
 - Never waits forever: when no actor is ready for `placement_timeout` seconds the job stops with
   a UserError naming the shards left; the same command resumes (finished shards are skipped).
+- Stops at once, without retrying, when a call fails with a StopJob (e.g. the job lost its output
+  lease) or when `check()` (called at least every `poll_s`) raises.
 
 Exactly once: a shard counts as done only when its call returned, which happens after its
 manifest (the commit marker) was written; a retry rewrites the same files under the same names.
@@ -26,6 +28,11 @@ from ..errors import UserError
 
 POLL_S = 2.0          # how often the pool is compared with the live cluster while waiting
 SHOW_SHARDS = 5       # shards named in the placement-timeout error
+
+
+class StopJob(UserError):
+    """Raised by a worker's call when no retry can succeed and the whole job must stop (e.g. it
+    lost its output lease): the scheduler raises it instead of retrying the shard."""
 
 
 @dataclass
@@ -51,7 +58,8 @@ class ShardScheduler:
     def __init__(self, ray, make_actor: Callable[[], object], desired: Callable[[], int],
                  max_attempts: int, on_done: Callable[[str, dict], None] = lambda s, m: None,
                  placement_timeout: float = 300.0, poll_s: float = POLL_S,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 check: Callable[[], None] = lambda: None):
         self.ray = ray
         self.make_actor = make_actor
         self.desired = desired
@@ -61,6 +69,7 @@ class ShardScheduler:
         self.poll_s = poll_s
         self.clock = clock
         self.sleep = sleep
+        self.check = check
 
     def run(self, todo: list[tuple[str, str]]) -> Outcome:
         return _Job(self, todo).run()
@@ -91,6 +100,7 @@ class _Job:
         while self.queue or self.inflight:
             self.fill()
             self.wait_one(max(0.0, next_check - clock()))
+            self.s.check()
             now = clock()
             if now >= next_check:
                 self.resize()
@@ -212,6 +222,9 @@ class _Job:
             self.retry(url, shard, f"worker died: {_cause(e)}")
             self.resize()                        # replace it now if the cluster has room
         except ray.exceptions.RayError as e:
+            stop = _stop_job(e)
+            if stop is not None:
+                raise stop from None
             self.retry(url, shard, _cause(e))
         else:
             self.out.manifests[shard] = manifest
@@ -232,6 +245,15 @@ class _Job:
         return (f"no tokenize worker could be placed on the Ray cluster for {self.s.placement_timeout:g} s "
                 f"(--placement-timeout); {len(left)} shard(s) not done: {named}. Add capacity (or lower "
                 "--cpus-per-worker/--gpus-per-worker) and rerun the same command: finished shards are skipped")
+
+
+def _stop_job(e: BaseException) -> StopJob | None:
+    """The StopJob a worker raised, if `e` (Ray's error for the call) is one. Ray's error for a
+    task's exception is both the cause's class and RayTaskError, with the exception as `cause`."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, StopJob):
+        return cause
+    return StopJob(_cause(e)) if isinstance(e, StopJob) else None
 
 
 def _cause(e: BaseException) -> str:

@@ -29,7 +29,8 @@ class ShardTokenizer:
     processes, and up to N shards at once."""
 
     def __init__(self, encoder: CodeEncoder, meta: OutputMetadata, output: str, keep_fields: list[str],
-                 batch_size: int, decode_processes: int, max_member_bytes: int | None = None):
+                 batch_size: int, decode_processes: int, max_member_bytes: int | None = None,
+                 lease_id: str | None = None):
         self.encoder = encoder
         self.meta = meta
         self.output = output
@@ -38,7 +39,7 @@ class ShardTokenizer:
                                max(batch_size, 1), max_member_bytes or MAX_MEMBER_BYTES)
         self.decoders = DecodePool(self.spec, decode_processes) if decode_processes > 0 else InlineDecoder(self.spec)
         self.encode_lock = threading.Lock()
-        self.committer = ShardCommitter(output)
+        self.committer = ShardCommitter(output, lease_id)
         self._warm_up_writer()
 
     def _warm_up_writer(self) -> None:

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from tokenizer.storage import write_bytes_atomic
 
 from ..output_format import OutputMetadata, codes_numpy_dtype, data_schema, errors_path, errors_schema, join, manifest_path
+from .lease import check_holder
 
 TMP_DIR = "_tmp"
 ROW_GROUP_ROWS = 32768
@@ -86,16 +87,20 @@ def errors_table(rows: list[tuple[str, str | None, str]]) -> pa.Table:
 
 
 class ShardCommitter:
-    """Commits one shard's outputs in the order: old manifest removed -> errors -> data -> manifest."""
+    """Commits one shard's outputs in the order: old manifest removed -> errors -> data -> manifest.
+    With `lease_id` (the job's), nothing is written unless the output's lease still names it."""
 
-    def __init__(self, output: str):
+    def __init__(self, output: str, lease_id: str | None = None):
         self.output = output
+        self.lease_id = lease_id
 
     def commit_data(self, shard: str, data: bytes, data_url: str, errors: list) -> dict:
         """Un-commit the shard (remove its manifest, if an earlier attempt wrote one), then commit
         the error file (or remove a stale one) and the data file; returns {"data": digest,
         "errors": digest or None} for the manifest, so that `vqtok verify` can prove later that
         the files are still the bytes committed."""
+        if self.lease_id is not None:      # a job whose lease was taken over writes nothing more
+            check_holder(self.output, self.lease_id, shard)
         remove(manifest_path(self.output, shard))
         errors_digest = None
         if errors:

@@ -37,3 +37,13 @@ def test_output_dir_refuses_another_tokenizer(tmp_path, tok_dir):
     (stranger / "data.parquet").write_bytes(b"x")
     with pytest.raises(UserError, match="without a vqtok run record"):
         OutputDir(str(stranger)).prepare(meta_a, [], overwrite=False)
+
+
+def test_an_output_that_is_a_file_or_cannot_be_written_is_a_one_line_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=r"^--output .*/file is a file, not a directory$"):
+        OutputDir(str(tmp_path / "file")).check_location()
+    with pytest.raises(UserError, match=r"^--output .*/file/out: cannot write \(.*Not a directory"):
+        OutputDir(str(tmp_path / "file" / "out")).check_location()
+    OutputDir(str(tmp_path / "new" / "out")).check_location()
+    assert (tmp_path / "new" / "out").is_dir()
