@@ -53,7 +53,7 @@ def _run_on_ray(ray, cfg: TokenizeConfig, meta, todo, total: int, skipped: int, 
     def make_actor():
         return actor_cls.remote(cfg.tokenizer, meta.to_json(), out_url(cfg), cfg.keep_fields,
                                 cfg.batch_size, cpus, max_member_bytes=cfg.max_member_bytes,
-                                lease_id=lease.job_id)
+                                lease_id=lease.job_id, shard_timeout=cfg.shard_timeout)
 
     def desired() -> int:     # the workers the live cluster has room for now (--workers: at most)
         fit = fitting_workers(live_nodes(ray), cpus, gpus)
@@ -70,7 +70,8 @@ def _run_on_ray(ray, cfg: TokenizeConfig, meta, todo, total: int, skipped: int, 
             bar.set_postfix(samples=counts["ok"], errors=counts["failed"], refresh=False)
 
     scheduler = ShardScheduler(ray, make_actor, desired, cfg.max_attempts, on_done,
-                               placement_timeout=cfg.placement_timeout, check=lease.raise_if_lost)
+                               placement_timeout=cfg.placement_timeout, check=lease.raise_if_lost,
+                               call_timeout=CALL_TIMEOUTS * cfg.shard_timeout)
     run_t0 = time.perf_counter()
     try:
         outcome = scheduler.run(todo)
@@ -78,6 +79,11 @@ def _run_on_ray(ray, cfg: TokenizeConfig, meta, todo, total: int, skipped: int, 
         if bar is not None:
             bar.close()
     return outcome, run_t0 - ray_t0 + outcome.startup_s
+
+
+# the scheduler's backstop of --shard-timeout: a call may wait for a slot behind one running shard
+# (up to one timeout), then run its own (another), then write; past 3 timeouts its worker is stuck
+CALL_TIMEOUTS = 3
 
 
 def actor_options(cpus: float, gpus: float) -> dict:

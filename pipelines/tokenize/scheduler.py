@@ -10,6 +10,9 @@
   comparison, so never for a node that is gone.
 - Never waits forever: when no actor is ready for `placement_timeout` seconds the job stops with
   a UserError naming the shards left; the same command resumes (finished shards are skipped).
+- A backstop for shards stuck where the workers' own --shard-timeout cannot reach (an inline read
+  that never returns, a hung write): an actor with a call in flight for longer than
+  `call_timeout` is killed; its shards are retried like those of any lost worker.
 - Stops at once, without retrying, when a call fails with a StopJob (e.g. the job lost its output
   lease) or when `check()` (called at least every `poll_s`) raises.
 
@@ -52,6 +55,7 @@ class _Worker:
     order: int                     # creation order: breadth-first ties go to the oldest
     slots: int = 1                 # shards it processes at once (from ready())
     load: int = 0                  # shards submitted and not yet returned
+    stopped: str | None = None     # why the scheduler killed it (a call in flight too long)
 
 
 class ShardScheduler:
@@ -59,7 +63,7 @@ class ShardScheduler:
                  max_attempts: int, on_done: Callable[[str, dict], None] = lambda s, m: None,
                  placement_timeout: float = 300.0, poll_s: float = POLL_S,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-                 check: Callable[[], None] = lambda: None):
+                 check: Callable[[], None] = lambda: None, call_timeout: float | None = None):
         self.ray = ray
         self.make_actor = make_actor
         self.desired = desired
@@ -70,6 +74,7 @@ class ShardScheduler:
         self.clock = clock
         self.sleep = sleep
         self.check = check
+        self.call_timeout = call_timeout
 
     def run(self, todo: list[tuple[str, str]]) -> Outcome:
         return _Job(self, todo).run()
@@ -77,7 +82,7 @@ class ShardScheduler:
 
 class _Job:
     """One run's state: queue (url, shard), pending actors (ready ref -> worker), ready workers,
-    in-flight calls (ref -> (worker, url, shard))."""
+    in-flight calls (ref -> (worker, url, shard, when submitted))."""
 
     def __init__(self, s: ShardScheduler, todo: list[tuple[str, str]]):
         self.s = s
@@ -102,6 +107,7 @@ class _Job:
             self.wait_one(max(0.0, next_check - clock()))
             self.s.check()
             now = clock()
+            self.stop_overdue(now)
             if now >= next_check:
                 self.resize()
                 next_check = now + self.s.poll_s
@@ -166,7 +172,8 @@ class _Job:
                 return
             url, shard = self.queue.popleft()
             self.attempts[shard] += 1
-            self.inflight[w.actor.process.remote(url, shard, self.attempts[shard])] = (w, url, shard)
+            ref = w.actor.process.remote(url, shard, self.attempts[shard])
+            self.inflight[ref] = (w, url, shard, self.s.clock())
             w.load += 1
 
     def slots_soon(self) -> int:
@@ -209,7 +216,20 @@ class _Job:
         if not self.pending and not self.out.startup_s:     # the first wave is up
             self.out.startup_s = self.s.clock() - self.t0
 
-    def on_result(self, ref, w: _Worker, url: str, shard: str) -> None:
+    def stop_overdue(self, now: float) -> None:
+        """Kill each ready actor with a call in flight for longer than call_timeout; its calls
+        then fail (RayActorError) and on_result retries their shards."""
+        limit = self.s.call_timeout
+        if limit is None:
+            return
+        for w, _, shard, since in list(self.inflight.values()):
+            if now - since > limit and w in self.ready:
+                self.ready.remove(w)
+                self.kill(w.actor)
+                self.out.workers_lost += 1
+                w.stopped = f"worker stopped: shard {shard} had no result after {limit:g} s"
+
+    def on_result(self, ref, w: _Worker, url: str, shard: str, since: float) -> None:
         ray = self.ray
         w.load -= 1
         try:
@@ -219,7 +239,7 @@ class _Job:
                 self.ready.remove(w)
                 self.kill(w.actor)
                 self.out.workers_lost += 1
-            self.retry(url, shard, f"worker died: {_cause(e)}")
+            self.retry(url, shard, w.stopped or f"worker died: {_cause(e)}")
             self.resize()                        # replace it now if the cluster has room
         except ray.exceptions.RayError as e:
             stop = _stop_job(e)

@@ -318,6 +318,26 @@ def test_check_stops_the_job_within_a_poll():
     assert 5.0 <= sim.now <= 7.0
 
 
+def test_a_call_in_flight_past_the_call_timeout_stops_its_worker_and_the_shard_is_retried():
+    sim = Sim(room=1, shard_s={"a": 1e6})            # a's shard is stuck (e.g. an inline read hung)
+    out = ShardScheduler(sim, sim.make_actor, lambda: sim.room, 3, poll_s=2.0, clock=sim.clock,
+                         sleep=sim.sleep, call_timeout=30.0).run([("u0", "s0"), ("u1", "s1")])
+    assert sorted(out.manifests) == ["s0", "s1"] and not out.failed
+    assert sim.actor("a").dead and out.workers_lost == 1 and out.replaced_workers == 1
+    assert out.retries == 2                          # s0 and the s1 queued behind it, both on b
+    assert {m["worker"] for m in out.manifests.values()} == {"b"}
+    assert 30.0 < sim.now < 30.0 + 2.0 + 0.5 + 2 * 1.0 + 0.1   # stopped within a poll, b's start, 2 shards
+
+
+def test_a_shard_that_stalls_on_every_worker_fails_after_max_attempts_naming_the_timeout():
+    sim = Sim(room=1, shard_s={name: 1e6 for name in "abc"})
+    out = ShardScheduler(sim, sim.make_actor, lambda: sim.room, 2, poll_s=2.0, clock=sim.clock,
+                         sleep=sim.sleep, call_timeout=30.0).run([("u0", "s0")])
+    assert out.manifests == {}
+    assert out.failed["s0"] == "gave up after 2 attempts: worker stopped: shard s0 had no result after 30 s"
+    assert sim.now < 2 * (30.0 + 2.0 + 0.5) + 0.1
+
+
 # -- pool sizing --------------------------------------------------------------------------------
 
 def cfg(**kw):

@@ -260,6 +260,26 @@ def test_a_second_job_on_the_same_output_is_refused_while_the_first_runs(tmp_pat
     check_rows(read_rows(out), data)
 
 
+def test_a_stalled_shard_fails_after_its_attempts_and_the_others_finish(tmp_path, tok_dir, shards, ray_head):
+    d = tmp_path / "in"
+    d.mkdir()
+    os.symlink(f"{shards['dir']}/train-000000.tar", d / "train-000000.tar")
+    os.mkfifo(d / "stall.tar")          # nobody writes it: every read of it stalls
+    out = str(tmp_path / "out")
+    t0 = time.monotonic()
+    proc = td.vqtok(["tokenize", "--tokenizer", tok_dir, "--input", f"{d}/*.tar", "--output", out, "--keep-fields",
+                     "cls", "--address", ray_head["address"], "--workers", "1", "--cpus-per-worker", "2",
+                     "--shard-timeout", "2", "--max-attempts", "2", "--no-progress"], env=head_env(ray_head))
+    print(f"stalled-shard job: {time.monotonic() - t0:.1f} s")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "1 shard(s) failed; rerun the same command" in proc.stderr
+    summary = summary_of(proc)
+    assert summary["done"] == 1 and summary["retries"] == 1
+    assert summary["failed_shards"] == {"stall": f"gave up after 2 attempts: TimeoutError: {d}/stall.tar: not read "
+                                                 "and decoded within --shard-timeout 2 s; this attempt was stopped"}
+    assert len(read_rows(out)) == 150 and not os.path.exists(f"{out}/_SUCCESS")
+
+
 def test_output_of_another_tokenizer_is_refused_unless_overwrite(tmp_path, tok_dir, shards, ray_head):
     other = tmp_path / "other"
     td.save_tokenizer(other, seed=3)

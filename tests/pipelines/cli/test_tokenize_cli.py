@@ -44,3 +44,18 @@ def test_an_output_that_cannot_be_written_is_a_one_line_error(tmp_path, tokenize
     output = str(tmp_path / "file" / "out") if where == "under-a-file" else "/proc/vqtok-out"
     msg = one_line_error(tokenize("--output", output))
     assert msg.startswith(f"--output {output}: cannot write (")
+
+
+def test_shard_timeout_reaches_the_config_and_is_validated():
+    from unittest import mock
+
+    with mock.patch("pipelines.tokenize.run_tokenize", side_effect=SystemExit(0)) as run:
+        CliRunner().invoke(main, ["tokenize", "--tokenizer", "t", "--input", "a.tar", "--output", "o",
+                                  "--shard-timeout", "90"])
+    assert run.call_args[0][0].shard_timeout == 90.0
+    result = CliRunner().invoke(main, ["tokenize", "--tokenizer", "t", "--input", "a.tar", "--output", "o",
+                                       "--shard-timeout", "0"])
+    assert result.exit_code == 1 and "Error: tokenize.shard_timeout = 0.0 must be > 0 seconds" in result.output
+    with mock.patch("pipelines.tokenize.run_tokenize", side_effect=SystemExit(0)) as run:
+        CliRunner().invoke(main, ["tokenize", "--tokenizer", "t", "--input", "a.tar", "--output", "o"])
+    assert run.call_args[0][0].shard_timeout == 1800.0
