@@ -25,11 +25,15 @@ import click
 @click.option("--placement-timeout", default=300.0, show_default=True, type=float,
               help="Seconds with no worker placed or alive (e.g. every node lost) before the job stops; "
                    "rerun the same command to resume.")
+@click.option("--shard-timeout", default=1800.0, show_default=True, type=float,
+              help="Seconds one attempt may take to read and decode a shard; past it (a stalled read) the "
+                   "attempt fails and is retried, up to --max-attempts.")
 @click.option("--max-member-mib", default=256, show_default=True, type=int,
               help="A sample field (tar member) larger than this is an error row, never read into memory.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def command(tokenizer, inputs, output, address, workers, gpus_per_worker, cpus_per_worker, batch_size,
-            max_error_rate, keep_fields, overwrite, max_attempts, placement_timeout, max_member_mib, no_progress):
+            max_error_rate, keep_fields, overwrite, max_attempts, placement_timeout, shard_timeout, max_member_mib,
+            no_progress):
     """Tokenize image shards into OUTPUT/<shard>.parquet (key, shard, codes, kept fields)."""
     from pipelines.tokenize import TokenizeConfig, run_tokenize
 
@@ -37,7 +41,7 @@ def command(tokenizer, inputs, output, address, workers, gpus_per_worker, cpus_p
                          workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
                          batch_size=batch_size, max_error_rate=max_error_rate, keep_fields=keep_fields,
                          overwrite=overwrite, max_attempts=max_attempts, placement_timeout=placement_timeout,
-                         max_member_bytes=max_member_mib << 20, progress=not no_progress)
+                         shard_timeout=shard_timeout, max_member_bytes=max_member_mib << 20, progress=not no_progress)
     summary = run_tokenize(cfg)
     click.echo(format_summary(summary))
     click.echo("summary: " + json.dumps(summary, sort_keys=True))

@@ -21,7 +21,10 @@ class TokenizeConfig:
     overwrite: bool = False              # replace an output made by another tokenizer/settings
     max_attempts: int = 3                # per shard, counting worker deaths and storage errors
     placement_timeout: float = 300.0     # seconds with no worker placed/alive before the job stops
+    shard_timeout: float = 1800.0        # seconds one attempt may take to read and decode a shard
     max_member_bytes: int = 256 << 20    # a larger tar member is an error row, never read into memory
+    lease_heartbeat: float = 10.0        # seconds between rewrites of OUTPUT/_lease.json's heartbeat
+    lease_stale: float = 60.0            # a lease with no heartbeat for this long is taken over
     progress: bool = True
 
     def __post_init__(self):
@@ -44,6 +47,11 @@ class TokenizeConfig:
         check(self.max_member_bytes >= 1, "tokenize.max_member_bytes", self.max_member_bytes, "must be >= 1")
         check(self.placement_timeout > 0, "tokenize.placement_timeout", self.placement_timeout,
                "must be > 0 seconds")
+        check(self.shard_timeout > 0, "tokenize.shard_timeout", self.shard_timeout, "must be > 0 seconds")
+        check(self.lease_heartbeat > 0, "tokenize.lease_heartbeat", self.lease_heartbeat, "must be > 0 seconds")
+        # a live job's lease must not look stale after one late heartbeat
+        check(self.lease_stale >= 3 * self.lease_heartbeat, "tokenize.lease_stale", self.lease_stale,
+               f"must be at least 3 x tokenize.lease_heartbeat ({self.lease_heartbeat:g} s)")
         reserved = {"key", "shard", "codes"} & set(self.keep_fields)
         check(not reserved, "tokenize.keep_fields", self.keep_fields,
                f"must not name an output column ({', '.join(sorted(reserved))})")

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..samples import Rejection, SamplePolicy, reads_field
 from ..shards.reader import MAX_MEMBER_BYTES, Sample, TarShardReader
+from .deadline import Deadline
 from .writer import kept_field_value
 
 
@@ -102,14 +103,16 @@ class SampleDecoder:
 
 
 class ChunkReader:
-    """A shard's samples in chunks of `size`, read in the decoding thread: the reader's own prefetch thread overlaps storage at the block level
-    (BlockPrefetcher). After iteration `end` says how it ended; a storage error ends it as a
-    failure (the attempt is retried) after the chunks read before it."""
+    """A shard's samples in chunks of `size`, read in the decoding thread: the reader's own
+    prefetch thread overlaps storage at the block level (BlockPrefetcher). After iteration `end` says how it ended; a storage error ends it as a
+    failure (the attempt is retried) after the chunks read before it. Past `deadline`, the next
+    sample read raises TimeoutError."""
 
-    def __init__(self, url: str, spec: DecodeSpec):
+    def __init__(self, url: str, spec: DecodeSpec, deadline: Deadline | None = None):
         self.reader = TarShardReader(url, spec.wants, spec.max_member_bytes)
         self.size = spec.batch_size
         self.failure: BaseException | None = None
+        self.deadline = deadline
 
     def __iter__(self) -> Iterator[tuple[list[Sample], float]]:
         """-> (samples, wall seconds spent reading them)"""
@@ -124,6 +127,8 @@ class ChunkReader:
                 sample = None
             if sample is None:
                 break
+            if self.deadline is not None:
+                self.deadline.check(self.reader.url)
             chunk.append(sample)
             if len(chunk) >= self.size:
                 yield chunk, time.perf_counter() - t0
@@ -142,11 +147,11 @@ Batches = Iterator[tuple[int, np.ndarray, DecodedBatch]]
 
 
 def decode_shard(url: str, spec: DecodeSpec, decoder: SampleDecoder,
-                 next_buffer: Callable[[], tuple[int, np.ndarray]]) -> Batches:
+                 next_buffer: Callable[[], tuple[int, np.ndarray]], deadline: Deadline | None = None) -> Batches:
     """Yield (buffer id, images (n, C, R, R) uint8 view of that buffer, batch) per chunk of
     spec.batch_size samples, into the buffers `next_buffer()` hands out; returns the ShardEnd
     (StopIteration.value). Every batch source (inline, decode process) has this shape."""
-    chunks = ChunkReader(url, spec)
+    chunks = ChunkReader(url, spec, deadline)
     for samples, read_s in chunks:
         slot, out = next_buffer()
         batch = decoder(samples, out)
@@ -171,8 +176,8 @@ class InlineDecoder:
         with self.lock:
             yield self
 
-    def batches(self, url: str) -> Batches:
-        return decode_shard(url, self.spec, self.decoder, lambda: (0, self.buffer))
+    def batches(self, url: str, deadline: Deadline | None = None) -> Batches:
+        return decode_shard(url, self.spec, self.decoder, lambda: (0, self.buffer), deadline)
 
     def close(self) -> None:
         pass

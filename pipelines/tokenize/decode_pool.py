@@ -8,7 +8,9 @@ buffer to the encoder, then gives it back. No image is pickled or copied between
 
 A child is started with `python -m pipelines.tokenize.decode_pool` (it imports neither torch nor
 ray), gets its buffers as memfd file descriptors and talks over a socketpair. It dies with its
-worker (PR_SET_PDEATHSIG on Linux, and end-of-file on the socket everywhere).
+worker (PR_SET_PDEATHSIG on Linux, and end-of-file on the socket everywhere). The worker waits on
+it with the attempt's deadline (--shard-timeout): past it, the process is killed (the pool starts
+a new one) and the attempt fails with TimeoutError, to be retried.
 
 Protocol (parent -> child): ("shard", url), ("free", slot), ("stop",).
           (child -> parent): ("batch", slot, DecodedBatch), ("end", ShardEnd).
@@ -29,6 +31,7 @@ from multiprocessing.connection import Connection
 
 import numpy as np
 
+from .deadline import Deadline
 from .decode import Batches, DecodeSpec, SampleDecoder, decode_shard
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -76,12 +79,15 @@ class DecodeProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def batches(self, url: str) -> Batches:
+    def batches(self, url: str, deadline: Deadline | None = None) -> Batches:
         """Yield (slot, images (n, C, R, R) uint8 in shared memory, batch); the buffer goes back
-        to the child when the consumer asks for the next batch. Returns the ShardEnd."""
+        to the child when the consumer asks for the next batch. Returns the ShardEnd. Past
+        `deadline` the process is killed and TimeoutError raised."""
         self._send(("shard", url))
         self.mid_shard = True
         while True:
+            if deadline is not None:
+                self._wait(url, deadline)
             msg = self._recv()
             if msg[0] == "end":
                 self.mid_shard = False
@@ -98,6 +104,17 @@ class DecodeProcess:
             self.conn.send(msg)
         except OSError:
             raise self._died() from None
+
+    def _wait(self, url: str, deadline: Deadline) -> None:
+        """Until the next message is there; past the deadline, kill the process and raise."""
+        try:
+            ready = not deadline.passed() and self.conn.poll(deadline.left())
+        except (EOFError, OSError):
+            raise self._died() from None
+        if not ready:
+            self.proc.kill()          # mid_shard stays True: the pool replaces this process
+            self.proc.wait()
+            raise deadline.expired(url)
 
     def _recv(self):
         try:

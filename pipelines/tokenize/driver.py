@@ -1,5 +1,5 @@
-"""`vqtok tokenize` driver: list shards, claim the output, skip finished shards, run the rest on
-Ray, write _SUCCESS, return the summary."""
+"""`vqtok tokenize` driver: list shards, take the output's lease, claim the output, skip finished
+shards, run the rest on Ray, write _SUCCESS, release the lease, return the summary."""
 from __future__ import annotations
 
 import collections
@@ -10,6 +10,7 @@ from ..shards.urls import list_shards
 from ..errors import UserError
 from ..ray_utils import ray_session
 from .config import TokenizeConfig
+from .lease import OutputLease
 from .outputs import OutputDir
 from .scheduler import ShardScheduler
 from .tokenizer_info import tokenizer_metadata
@@ -20,24 +21,29 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
     shards = list_shards(cfg.inputs)
     meta = tokenizer_metadata(cfg.tokenizer)
     out = OutputDir(cfg.output)
-    out.prepare(meta, cfg.keep_fields, cfg.overwrite)
-    done = out.finished([s for _, s in shards], meta.tokenizer_sha256)
-    todo = [(url, s) for url, s in shards if s not in done]
-    outcome, startup = None, 0.0
-    if todo:
-        out.clear_success()
-        ray_t0 = time.perf_counter()
-        with ray_session(cfg.address) as ray:
-            outcome, startup = _run_on_ray(ray, cfg, meta, todo, len(shards), len(done), ray_t0)
-    manifests = {**done, **(outcome.manifests if outcome else {})}
-    out.record_finished(manifests, meta.tokenizer_sha256, changed=outcome is not None)
-    summary = summarize(shards, manifests, outcome, len(done), time.perf_counter() - t0, startup)
-    if not summary["failed_shards"]:
-        out.mark_success(summary)
+    out.check_location()
+    about = {"inputs": cfg.inputs[:10], "shards": len(shards), "tokenizer": cfg.tokenizer}
+    with OutputLease(out.url, cfg.lease_heartbeat, cfg.lease_stale, about) as lease:
+        out.prepare(meta, cfg.keep_fields, cfg.overwrite)
+        done = out.finished([s for _, s in shards], meta.tokenizer_sha256)
+        todo = [(url, s) for url, s in shards if s not in done]
+        outcome, startup = None, 0.0
+        if todo:
+            out.clear_success()
+            ray_t0 = time.perf_counter()
+            with ray_session(cfg.address) as ray:
+                outcome, startup = _run_on_ray(ray, cfg, meta, todo, len(shards), len(done), ray_t0, lease)
+        manifests = {**done, **(outcome.manifests if outcome else {})}
+        lease.verify()          # the index and _SUCCESS are written only by the lease's holder
+        out.record_finished(manifests, meta.tokenizer_sha256, changed=outcome is not None)
+        summary = summarize(shards, manifests, outcome, len(done), time.perf_counter() - t0, startup)
+        if not summary["failed_shards"]:
+            out.mark_success(summary)
     return summary
 
 
-def _run_on_ray(ray, cfg: TokenizeConfig, meta, todo, total: int, skipped: int, ray_t0: float):
+def _run_on_ray(ray, cfg: TokenizeConfig, meta, todo, total: int, skipped: int, ray_t0: float,
+                lease: OutputLease):
     """(outcome, seconds from Ray's start or join to the first workers ready)."""
     from .worker import TokenizeWorker
 
@@ -46,7 +52,8 @@ def _run_on_ray(ray, cfg: TokenizeConfig, meta, todo, total: int, skipped: int, 
 
     def make_actor():
         return actor_cls.remote(cfg.tokenizer, meta.to_json(), out_url(cfg), cfg.keep_fields,
-                                cfg.batch_size, cpus, max_member_bytes=cfg.max_member_bytes)
+                                cfg.batch_size, cpus, max_member_bytes=cfg.max_member_bytes,
+                                lease_id=lease.job_id, shard_timeout=cfg.shard_timeout)
 
     def desired() -> int:     # the workers the live cluster has room for now (--workers: at most)
         fit = fitting_workers(live_nodes(ray), cpus, gpus)
@@ -63,7 +70,8 @@ def _run_on_ray(ray, cfg: TokenizeConfig, meta, todo, total: int, skipped: int, 
             bar.set_postfix(samples=counts["ok"], errors=counts["failed"], refresh=False)
 
     scheduler = ShardScheduler(ray, make_actor, desired, cfg.max_attempts, on_done,
-                               placement_timeout=cfg.placement_timeout)
+                               placement_timeout=cfg.placement_timeout, check=lease.raise_if_lost,
+                               call_timeout=CALL_TIMEOUTS * cfg.shard_timeout)
     run_t0 = time.perf_counter()
     try:
         outcome = scheduler.run(todo)
@@ -71,6 +79,11 @@ def _run_on_ray(ray, cfg: TokenizeConfig, meta, todo, total: int, skipped: int, 
         if bar is not None:
             bar.close()
     return outcome, run_t0 - ray_t0 + outcome.startup_s
+
+
+# the scheduler's backstop of --shard-timeout: a call may wait for a slot behind one running shard
+# (up to one timeout), then run its own (another), then write; past 3 timeouts its worker is stuck
+CALL_TIMEOUTS = 3
 
 
 def actor_options(cpus: float, gpus: float) -> dict:

@@ -2,7 +2,9 @@
 
 OUTPUT/_vqtok.json records what the directory holds (tokenizer sha, grid, kept fields,
 preprocessing). A run with different settings is refused unless --overwrite, which clears the
-previous outputs first, so one directory never mixes codes of two tokenizers.
+previous outputs first, so one directory never mixes codes of two tokenizers. `prepare` deletes
+(temporary files, or everything with --overwrite): call it only while holding the output's lease
+(lease.py), so that it never deletes another job's files.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import fsspec
 from tokenizer.storage import is_local_fs
 
 from ..errors import UserError
+from ..output_format import manifest_problem
 from ..output_format import (DATA_SUFFIX, ERRORS_DIR, MANIFEST_DIR, RUN_FILE, SUCCESS_NAME, OutputMetadata, join,
                              manifest_path, read_manifests, success_path)
 from .writer import TMP_DIR, put_atomic
@@ -25,6 +28,24 @@ INDEX_NAME = "_index.json.gz"    # OUTPUT/_manifest/_index.json.gz: finished sha
 def slim_manifest(manifest: dict) -> dict:
     """What a rerun's summary needs of a shard's manifest; the rest stays in the manifest file."""
     return {"counts": manifest["counts"], "durations_s": manifest["durations_s"]}
+
+
+SUMMED_COUNTS = ("read", "ok", "failed", "shard_errors")
+
+
+def summable(slim) -> bool:
+    """Whether a (slim) manifest has every number the summary adds up, of the right type: a
+    manifest edited or damaged by hand makes its shard unfinished (redone), never a traceback."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if not isinstance(slim, dict):
+        return False
+    counts, durations = slim.get("counts"), slim.get("durations_s")
+    return (isinstance(counts, dict) and all(isinstance(counts.get(k), int) for k in SUMMED_COUNTS)
+            and isinstance(counts.get("failed_by_reason"), dict)
+            and all(isinstance(v, int) for v in counts["failed_by_reason"].values())
+            and isinstance(durations, dict) and all(number(v) for v in durations.values()))
 
 
 def read_index(fs: fsspec.AbstractFileSystem, root: str) -> dict | None:
@@ -49,6 +70,16 @@ class OutputDir:
         self.root = self.root.rstrip("/")
         self._index_stale = True      # until `finished` found every finished shard in the index
 
+    def check_location(self) -> None:
+        """UserError unless the output is a directory, or can become one (before any job touches it)."""
+        try:
+            if self.fs.isfile(self.root):
+                raise UserError(f"--output {self.url} is a file, not a directory")
+            if is_local_fs(self.fs):       # object stores have no directories to create
+                self.fs.makedirs(self.root, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--output {self.url}: cannot write ({e})") from None
+
     def identity(self, meta: OutputMetadata, keep_fields: list[str]) -> dict:
         return {"tokenizer_sha256": meta.tokenizer_sha256, "codebook_size": meta.codebook_size,
                 "grid": list(meta.grid), "channels": meta.channels, "resolution": meta.resolution,
@@ -56,7 +87,8 @@ class OutputDir:
                 "version": meta.version}
 
     def prepare(self, meta: OutputMetadata, keep_fields: list[str], overwrite: bool) -> None:
-        """Refuse a directory made with other settings (unless overwrite), then claim it."""
+        """Refuse a directory made with other settings (unless overwrite), then claim it: clear it
+        (overwrite) or its leftover temporary files. Only while this job holds the output's lease."""
         want = self.identity(meta, keep_fields)
         have = self._existing_identity()
         if overwrite:
@@ -126,13 +158,14 @@ class OutputDir:
         data = {p.rsplit("/", 1)[-1] for p in self._data_files()}
         candidates = [s for s in shards if s + ".json" in present and s + DATA_SUFFIX in data]
         index = self._read_index(sha) if INDEX_NAME in present else {}
-        done = {s: index[s] for s in candidates if s in index}
-        unknown = [s for s in candidates if s not in index]
+        done = {s: index[s] for s in candidates if summable(index.get(s))}
+        unknown = [s for s in candidates if s not in done]
         paths = [manifest_path(self.root, s) for s in unknown]
         threads = 1 if is_local_fs(self.fs) else 32     # local reads: threads cost more than they save
         for shard, manifest in zip(unknown, read_manifests(self.fs, paths, threads).values()):
             # an unreadable or torn manifest cannot exist (atomic commits), but never trust one
-            if isinstance(manifest, dict) and manifest.get("tokenizer_sha256") == sha:
+            if manifest_problem(manifest) is None and manifest["tokenizer_sha256"] == sha \
+                    and summable(manifest):
                 done[shard] = slim_manifest(manifest)
         self._index_stale = bool(unknown)
         return done

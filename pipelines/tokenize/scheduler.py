@@ -10,6 +10,11 @@
   comparison, so never for a node that is gone.
 - Never waits forever: when no actor is ready for `placement_timeout` seconds the job stops with
   a UserError naming the shards left; the same command resumes (finished shards are skipped).
+- A backstop for shards stuck where the workers' own --shard-timeout cannot reach (an inline read
+  that never returns, a hung write): an actor with a call in flight for longer than
+  `call_timeout` is killed; its shards are retried like those of any lost worker.
+- Stops at once, without retrying, when a call fails with a StopJob (e.g. the job lost its output
+  lease) or when `check()` (called at least every `poll_s`) raises.
 
 Exactly once: a shard counts as done only when its call returned, which happens after its
 manifest (the commit marker) was written; a retry rewrites the same files under the same names.
@@ -26,6 +31,11 @@ from ..errors import UserError
 
 POLL_S = 2.0          # how often the pool is compared with the live cluster while waiting
 SHOW_SHARDS = 5       # shards named in the placement-timeout error
+
+
+class StopJob(UserError):
+    """Raised by a worker's call when no retry can succeed and the whole job must stop (e.g. it
+    lost its output lease): the scheduler raises it instead of retrying the shard."""
 
 
 @dataclass
@@ -45,13 +55,15 @@ class _Worker:
     order: int                     # creation order: breadth-first ties go to the oldest
     slots: int = 1                 # shards it processes at once (from ready())
     load: int = 0                  # shards submitted and not yet returned
+    stopped: str | None = None     # why the scheduler killed it (a call in flight too long)
 
 
 class ShardScheduler:
     def __init__(self, ray, make_actor: Callable[[], object], desired: Callable[[], int],
                  max_attempts: int, on_done: Callable[[str, dict], None] = lambda s, m: None,
                  placement_timeout: float = 300.0, poll_s: float = POLL_S,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 check: Callable[[], None] = lambda: None, call_timeout: float | None = None):
         self.ray = ray
         self.make_actor = make_actor
         self.desired = desired
@@ -61,6 +73,8 @@ class ShardScheduler:
         self.poll_s = poll_s
         self.clock = clock
         self.sleep = sleep
+        self.check = check
+        self.call_timeout = call_timeout
 
     def run(self, todo: list[tuple[str, str]]) -> Outcome:
         return _Job(self, todo).run()
@@ -68,7 +82,7 @@ class ShardScheduler:
 
 class _Job:
     """One run's state: queue (url, shard), pending actors (ready ref -> worker), ready workers,
-    in-flight calls (ref -> (worker, url, shard))."""
+    in-flight calls (ref -> (worker, url, shard, when submitted))."""
 
     def __init__(self, s: ShardScheduler, todo: list[tuple[str, str]]):
         self.s = s
@@ -91,7 +105,9 @@ class _Job:
         while self.queue or self.inflight:
             self.fill()
             self.wait_one(max(0.0, next_check - clock()))
+            self.s.check()
             now = clock()
+            self.stop_overdue(now)
             if now >= next_check:
                 self.resize()
                 next_check = now + self.s.poll_s
@@ -156,7 +172,8 @@ class _Job:
                 return
             url, shard = self.queue.popleft()
             self.attempts[shard] += 1
-            self.inflight[w.actor.process.remote(url, shard, self.attempts[shard])] = (w, url, shard)
+            ref = w.actor.process.remote(url, shard, self.attempts[shard])
+            self.inflight[ref] = (w, url, shard, self.s.clock())
             w.load += 1
 
     def slots_soon(self) -> int:
@@ -199,7 +216,20 @@ class _Job:
         if not self.pending and not self.out.startup_s:     # the first wave is up
             self.out.startup_s = self.s.clock() - self.t0
 
-    def on_result(self, ref, w: _Worker, url: str, shard: str) -> None:
+    def stop_overdue(self, now: float) -> None:
+        """Kill each ready actor with a call in flight for longer than call_timeout; its calls
+        then fail (RayActorError) and on_result retries their shards."""
+        limit = self.s.call_timeout
+        if limit is None:
+            return
+        for w, _, shard, since in list(self.inflight.values()):
+            if now - since > limit and w in self.ready:
+                self.ready.remove(w)
+                self.kill(w.actor)
+                self.out.workers_lost += 1
+                w.stopped = f"worker stopped: shard {shard} had no result after {limit:g} s"
+
+    def on_result(self, ref, w: _Worker, url: str, shard: str, since: float) -> None:
         ray = self.ray
         w.load -= 1
         try:
@@ -209,9 +239,12 @@ class _Job:
                 self.ready.remove(w)
                 self.kill(w.actor)
                 self.out.workers_lost += 1
-            self.retry(url, shard, f"worker died: {_cause(e)}")
+            self.retry(url, shard, w.stopped or f"worker died: {_cause(e)}")
             self.resize()                        # replace it now if the cluster has room
         except ray.exceptions.RayError as e:
+            stop = _stop_job(e)
+            if stop is not None:
+                raise stop from None
             self.retry(url, shard, _cause(e))
         else:
             self.out.manifests[shard] = manifest
@@ -232,6 +265,15 @@ class _Job:
         return (f"no tokenize worker could be placed on the Ray cluster for {self.s.placement_timeout:g} s "
                 f"(--placement-timeout); {len(left)} shard(s) not done: {named}. Add capacity (or lower "
                 "--cpus-per-worker/--gpus-per-worker) and rerun the same command: finished shards are skipped")
+
+
+def _stop_job(e: BaseException) -> StopJob | None:
+    """The StopJob a worker raised, if `e` (Ray's error for the call) is one. Ray's error for a
+    task's exception is both the cause's class and RayTaskError, with the exception as `cause`."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, StopJob):
+        return cause
+    return StopJob(_cause(e)) if isinstance(e, StopJob) else None
 
 
 def _cause(e: BaseException) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..output_format import FORMAT_VERSION, OutputMetadata, data_path
 from ..shards.reader import MAX_MEMBER_BYTES
+from .deadline import Deadline
 from .decode import DecodeSpec, InlineDecoder, ShardEnd
 from .decode_pool import DecodePool
 from .encoder import CodeEncoder
@@ -26,11 +27,14 @@ from .writer import ShardCommitter, codes_table, parquet_bytes
 class ShardTokenizer:
     """Shards end to end; `run` returns a shard's manifest (also written as its commit marker).
     decode_processes=0 decodes in the calling thread (one shard at a time); N > 0 runs N decode
-    processes, and up to N shards at once."""
+    processes, and up to N shards at once. `shard_timeout` (seconds, None = none): an attempt
+    not read and decoded that long after it got a decode process raises TimeoutError."""
 
     def __init__(self, encoder: CodeEncoder, meta: OutputMetadata, output: str, keep_fields: list[str],
-                 batch_size: int, decode_processes: int, max_member_bytes: int | None = None):
+                 batch_size: int, decode_processes: int, max_member_bytes: int | None = None,
+                 lease_id: str | None = None, shard_timeout: float | None = None):
         self.encoder = encoder
+        self.shard_timeout = shard_timeout
         self.meta = meta
         self.output = output
         self.keep_fields = list(keep_fields)
@@ -38,7 +42,7 @@ class ShardTokenizer:
                                max(batch_size, 1), max_member_bytes or MAX_MEMBER_BYTES)
         self.decoders = DecodePool(self.spec, decode_processes) if decode_processes > 0 else InlineDecoder(self.spec)
         self.encode_lock = threading.Lock()
-        self.committer = ShardCommitter(output)
+        self.committer = ShardCommitter(output, lease_id)
         self._warm_up_writer()
 
     def _warm_up_writer(self) -> None:
@@ -64,7 +68,7 @@ class ShardTokenizer:
             # above, and that wait is not this shard's work
             wall0 = time.perf_counter()
             res["queued"] = wall0 - queued0
-            batches = source.batches(url)
+            batches = source.batches(url, Deadline.after(self.shard_timeout))
             while True:
                 try:
                     _, images, batch = next(batches)

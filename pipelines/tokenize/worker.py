@@ -20,7 +20,8 @@ def decode_processes(cpus: float, accelerator: bool) -> int:
 
 class TokenizeWorker:
     def __init__(self, tokenizer: str, meta_json: str, output: str, keep_fields: list[str],
-                 batch_size: int, cpus: float, max_member_bytes: int | None = None):
+                 batch_size: int, cpus: float, max_member_bytes: int | None = None,
+                 lease_id: str | None = None, shard_timeout: float | None = None):
         from .encoder import CodeEncoder
         from .shard_job import ShardTokenizer
 
@@ -36,7 +37,8 @@ class TokenizeWorker:
         accelerator = self.encoder.device.type != "cpu"
         self.job = ShardTokenizer(self.encoder, meta, output, keep_fields, batch,
                                   decode_processes=decode_processes(cpus, accelerator),
-                                  max_member_bytes=max_member_bytes)
+                                  max_member_bytes=max_member_bytes, lease_id=lease_id,
+                                  shard_timeout=shard_timeout)
 
     def ready(self) -> dict:
         return {"pid": os.getpid(), "device": str(self.encoder.device), "slots": self.job.slots}

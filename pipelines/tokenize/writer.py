@@ -1,7 +1,10 @@
 """Write one shard's results: data Parquet, error Parquet, manifest — each committed atomically.
 
-Commit order is errors, data, manifest: the manifest is the shard's commit marker. A retry after
-a crash rewrites the same deterministic files under the same names, so nothing is duplicated.
+Commit order is: the old manifest removed, errors, data, the new manifest. The manifest is the
+shard's commit marker (with the sha256 of the files it commits), so it is taken away before a
+retry rewrites a committed shard's files: an attempt interrupted half-way leaves a shard without
+a manifest (not done, redone by the next run), never a manifest describing other bytes. A retry
+rewrites the same files under the same names, so nothing is duplicated.
 Local files are written under OUTPUT/_tmp/, fsynced and renamed into place; object stores get one
 PUT of the finished bytes (atomic per object): tokenizer.storage.write_bytes_atomic.
 """
@@ -20,6 +23,7 @@ from tokenizer.storage import write_bytes_atomic
 
 from ..samples import printable
 from ..output_format import OutputMetadata, codes_numpy_dtype, data_schema, errors_path, errors_schema, join, manifest_path
+from .lease import check_holder
 
 TMP_DIR = "_tmp"
 ROW_GROUP_ROWS = 32768
@@ -87,15 +91,21 @@ def errors_table(rows: list[tuple[str, str | None, str]]) -> pa.Table:
 
 
 class ShardCommitter:
-    """Commits one shard's outputs in the order errors -> data -> manifest."""
+    """Commits one shard's outputs in the order: old manifest removed -> errors -> data -> manifest.
+    With `lease_id` (the job's), nothing is written unless the output's lease still names it."""
 
-    def __init__(self, output: str):
+    def __init__(self, output: str, lease_id: str | None = None):
         self.output = output
+        self.lease_id = lease_id
 
     def commit_data(self, shard: str, data: bytes, data_url: str, errors: list) -> dict:
-        """Commit the error file (or remove a stale one) and the data file; returns
-        {"data": digest, "errors": digest or None} for the manifest, so that `vqtok verify` can
-        prove later that the files are still the bytes committed."""
+        """Un-commit the shard (remove its manifest, if an earlier attempt wrote one), then commit
+        the error file (or remove a stale one) and the data file; returns {"data": digest,
+        "errors": digest or None} for the manifest, so that `vqtok verify` can prove later that
+        the files are still the bytes committed."""
+        if self.lease_id is not None:      # a job whose lease was taken over writes nothing more
+            check_holder(self.output, self.lease_id, shard)
+        remove(manifest_path(self.output, shard))
         errors_digest = None
         if errors:
             errors_bytes = parquet_bytes(errors_table(errors))

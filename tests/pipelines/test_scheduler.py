@@ -9,7 +9,7 @@ import pytest
 from pipelines.errors import UserError
 from pipelines.tokenize.config import TokenizeConfig
 from pipelines.tokenize.driver import actor_options, default_cpus, fitting_workers, pool_size
-from pipelines.tokenize.scheduler import ShardScheduler
+from pipelines.tokenize.scheduler import ShardScheduler, StopJob
 from tokenizer.config import ConfigError
 
 
@@ -64,6 +64,7 @@ class _Actor:
         start = max(sim.now, self.ready_at, min(self.free_at))
         slot = self.free_at.index(min(self.free_at))
         self.free_at[slot] = ref.done_at = start + self.shard_s
+        ref.error = sim.errors.get(shard)
         self.max_load = max(self.max_load, sum(1 for r in self.refs if r.shard and r.done_at > sim.now))
         return ref
 
@@ -96,6 +97,7 @@ class Sim:
         self.actors: list[_Actor] = []
         self.events: list = []
         self.log: list = []
+        self.errors: dict = {}     # shard -> the error its calls fail with
 
     # the cluster
     def make_actor(self):
@@ -277,6 +279,63 @@ def test_attempts_are_bounded_when_nodes_keep_dying():
                          sleep=sim.sleep).run([("u0", "s0")])
     assert out.manifests == {} and out.workers_lost == 2 and out.replaced_workers == 1
     assert out.failed["s0"].startswith("gave up after 2 attempts: worker died")
+
+
+class _TaskError(RuntimeError):
+    """Like Ray's error for a call that raised: the worker's exception is its `cause`."""
+
+    def __init__(self, cause):
+        super().__init__(f"task failed: {cause}")
+        self.cause = cause
+
+
+def test_a_stop_job_error_from_a_worker_stops_the_job_without_retrying():
+    sim = Sim(room=2)
+    sim.errors["s3"] = _TaskError(StopJob("--output o: this job lost the output's lease"))
+    scheduler = ShardScheduler(sim, sim.make_actor, lambda: sim.room, 3, poll_s=2.0, clock=sim.clock,
+                               sleep=sim.sleep)
+    with pytest.raises(StopJob, match="lost the output's lease"):
+        scheduler.run([(f"u{i}", f"s{i}") for i in range(8)])
+    assert submissions(sim).count(("b", "s3")) + submissions(sim).count(("a", "s3")) == 1   # never retried
+    # any other error of a call is retried
+    sim = Sim(room=1)
+    sim.errors["s0"] = _TaskError(OSError("storage hiccup"))
+    out = ShardScheduler(sim, sim.make_actor, lambda: sim.room, 2, poll_s=2.0, clock=sim.clock,
+                         sleep=sim.sleep).run([("u0", "s0")])
+    assert out.failed["s0"] == "gave up after 2 attempts: OSError: storage hiccup"
+
+
+def test_check_stops_the_job_within_a_poll():
+    sim = Sim(room=1, shard_s={"a": 100.0})
+
+    def check():
+        if sim.now >= 5.0:
+            raise StopJob("lease lost")
+
+    with pytest.raises(StopJob, match="lease lost"):
+        ShardScheduler(sim, sim.make_actor, lambda: sim.room, 3, poll_s=2.0, clock=sim.clock,
+                       sleep=sim.sleep, check=check).run([("u0", "s0")])
+    assert 5.0 <= sim.now <= 7.0
+
+
+def test_a_call_in_flight_past_the_call_timeout_stops_its_worker_and_the_shard_is_retried():
+    sim = Sim(room=1, shard_s={"a": 1e6})            # a's shard is stuck (e.g. an inline read hung)
+    out = ShardScheduler(sim, sim.make_actor, lambda: sim.room, 3, poll_s=2.0, clock=sim.clock,
+                         sleep=sim.sleep, call_timeout=30.0).run([("u0", "s0"), ("u1", "s1")])
+    assert sorted(out.manifests) == ["s0", "s1"] and not out.failed
+    assert sim.actor("a").dead and out.workers_lost == 1 and out.replaced_workers == 1
+    assert out.retries == 2                          # s0 and the s1 queued behind it, both on b
+    assert {m["worker"] for m in out.manifests.values()} == {"b"}
+    assert 30.0 < sim.now < 30.0 + 2.0 + 0.5 + 2 * 1.0 + 0.1   # stopped within a poll, b's start, 2 shards
+
+
+def test_a_shard_that_stalls_on_every_worker_fails_after_max_attempts_naming_the_timeout():
+    sim = Sim(room=1, shard_s={name: 1e6 for name in "abc"})
+    out = ShardScheduler(sim, sim.make_actor, lambda: sim.room, 2, poll_s=2.0, clock=sim.clock,
+                         sleep=sim.sleep, call_timeout=30.0).run([("u0", "s0")])
+    assert out.manifests == {}
+    assert out.failed["s0"] == "gave up after 2 attempts: worker stopped: shard s0 had no result after 30 s"
+    assert sim.now < 2 * (30.0 + 2.0 + 0.5) + 0.1
 
 
 # -- pool sizing --------------------------------------------------------------------------------

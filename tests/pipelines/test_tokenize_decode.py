@@ -1,11 +1,17 @@
 """Reading and decoding one shard (pipelines/tokenize/decode.py): memory stays bounded by the
-fields decoding asked for, however far a shard inflates."""
+fields decoding asked for, however far a shard inflates; a shard that crawls is stopped at its
+deadline."""
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 import tarfile
+import time
+
+import fsspec
+import pytest
 
 import tok_data as td
 
@@ -79,3 +85,47 @@ def test_no_image_error_names_the_fields_that_were_streamed_past(tmp_path):
     gen = InlineDecoder(DecodeSpec(1, 28, (), 8)).batches(str(path))
     _, _, batch = next(gen)
     assert batch.errors == [("t", "no_image", "no image in sample (found: json, txt)")]
+
+
+class _CrawlingFile(io.RawIOBase):
+    """A storage that crawls: `chunk` bytes per read, each after `delay` seconds."""
+
+    def __init__(self, data: bytes, chunk: int = 2048, delay: float = 0.02):
+        self.data, self.pos, self.chunk, self.delay = data, 0, chunk, delay
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        time.sleep(self.delay)
+        piece = self.data[self.pos:self.pos + min(len(b), self.chunk)]
+        b[:len(piece)] = piece
+        self.pos += len(piece)
+        return len(piece)
+
+
+class _CrawlingFS(fsspec.AbstractFileSystem):
+    protocol = "vqtokcrawl"
+    files: dict[str, bytes] = {}
+
+    def _open(self, path, mode="rb", **kwargs):
+        return _CrawlingFile(self.files[self._strip_protocol(path)])
+
+
+fsspec.register_implementation("vqtokcrawl", _CrawlingFS, clobber=True)
+
+
+def test_the_inline_decoder_stops_a_crawling_shard_at_its_deadline():
+    from pipelines.tokenize.deadline import Deadline
+    from pipelines.tokenize.decode import DecodeSpec, InlineDecoder
+
+    images, labels = td.fashion_mnist(40)
+    _CrawlingFS.files["c.tar"] = td.tar_bytes(td.fmnist_samples(images, labels, "c-"))   # ~50 reads
+    decoder = InlineDecoder(DecodeSpec(1, 28, ("cls",), 8))
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"^vqtokcrawl://c.tar: not read and decoded within --shard-timeout 0.3 s"):
+        for _ in decoder.batches("vqtokcrawl://c.tar", Deadline.after(0.3)):
+            pass
+    assert 0.3 <= time.monotonic() - t0 < 0.3 + 1.0
+    # no deadline: the same shard is read to its end, and the decoder is still usable
+    assert sum(batch.count for _, _, batch in decoder.batches("vqtokcrawl://c.tar")) == 40

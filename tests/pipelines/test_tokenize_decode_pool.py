@@ -186,3 +186,40 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:                      # a zombie is not alive
         return f.read().split()[2] != "Z"
+
+
+def test_a_shard_whose_reading_stalls_fails_its_attempt_at_the_deadline(tmp_path, setup):
+    root, _ = setup
+    fifo = tmp_path / "stall.tar"
+    os.mkfifo(fifo)                  # nobody writes it: the decode process's open never returns
+    job = ShardTokenizer(CodeEncoder(str(root / "tok"), threads=1), tokenizer_metadata(str(root / "tok")),
+                         str(tmp_path / "out"), ["cls"], batch_size=64, decode_processes=1, shard_timeout=1.0)
+    stuck = job.decoders.all[0].proc
+    outcome = {}
+
+    def attempt():
+        t0 = time.monotonic()
+        try:
+            job.run(str(fifo), "stall")
+        except Exception as e:
+            outcome["error"] = e
+        outcome["seconds"] = time.monotonic() - t0
+
+    try:
+        thread = threading.Thread(target=attempt, daemon=True)
+        thread.start()
+        thread.join(timeout=30)
+        if thread.is_alive():        # never in a passing run: unblock the reader so the test ends
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+            thread.join(timeout=30)
+            pytest.fail("the stalled shard hung its attempt past the deadline")
+        assert isinstance(outcome["error"], TimeoutError), outcome
+        assert f"{fifo}: not read and decoded within --shard-timeout 1 s" in str(outcome["error"])
+        assert 1.0 <= outcome["seconds"] < 10.0
+        assert stuck.poll() is not None                      # killed, and replaced by the pool
+        assert not (tmp_path / "out" / "stall.parquet").exists()
+        url, name = _shards(root)[0]
+        assert job.run(url, name)["counts"]["ok"] == 150      # the next shard, on the new process
+        assert job.decoders.all[0].proc is not stuck
+    finally:
+        job.close()

@@ -72,6 +72,7 @@ def test_local_embedded_ray_run_then_rerun_skips(tmp_path, tok_dir, shards):
     assert summary["samples"] == {"read": 450, "ok": 450, "failed": 0, "failed_by_reason": {}}
     assert summary["done"] == 3 and summary["skipped"] == 0 and summary["error_rate"] == 0.0
     assert os.path.exists(f"{out}/_SUCCESS") and not os.path.exists(f"{out}/_errors")
+    assert not os.path.exists(f"{out}/_lease.json")           # released at the end
     meta = read_metadata(f"{out}/train-000000.parquet")
     assert meta.grid == (7, 7) and meta.codebook_size == 64 and meta.channels == 1 and meta.resolution == 28
     assert str(pq.read_schema(f"{out}/train-000000.parquet").field("codes").type) == "list<element: int16>"
@@ -230,10 +231,53 @@ def test_driver_killed_then_same_command_finishes_without_redoing(tmp_path, tok_
     assert 2 <= len(finished) < 8
     again = td.vqtok(args, env=head_env(ray_head))
     assert again.returncode == 0, again.stderr[-3000:]
+    # the killed driver's lease is left behind; its process is gone, so it is taken over at once
+    assert f"its process {proc.pid} on this machine is no longer running" in again.stderr
     assert summary_of(again)["skipped"] == len(finished)
     assert {s: os.stat(f"{out}/{s}.parquet").st_mtime_ns for s in finished} == mtimes
     check_rows(read_rows(out), data)
     assert os.path.exists(f"{out}/_SUCCESS") and not glob.glob(f"{out}/_tmp/*")
+
+
+def test_a_second_job_on_the_same_output_is_refused_while_the_first_runs(tmp_path, tok_dir, ray_head):
+    data = _many_shards(tmp_path, tok_dir)
+    out = str(tmp_path / "out")
+    args = ["tokenize", "--tokenizer", tok_dir, "--input", data["pattern"], "--output", out, "--keep-fields", "cls",
+            "--address", ray_head["address"], "--workers", "1", "--batch-size", "64", "--no-progress"]
+    first = _popen(args, head_env(ray_head))
+    deadline = time.monotonic() + 60
+    while not os.path.exists(f"{out}/_lease.json") and time.monotonic() < deadline:   # before Ray
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        time.sleep(0.05)
+    lease = json.load(open(f"{out}/_lease.json"))
+    second = td.vqtok(args, env=head_env(ray_head))
+    stdout, stderr = first.communicate(timeout=240)
+    assert first.returncode == 0, stderr[-3000:]
+    assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    assert (f"is being written by another tokenize job (job {lease['job_id']} on host {lease['host']}, "
+            f"pid {first.pid}") in second.stderr
+    assert json.loads(stdout.split("summary: ")[-1])["done"] == 8 and not os.path.exists(f"{out}/_lease.json")
+    check_rows(read_rows(out), data)
+
+
+def test_a_stalled_shard_fails_after_its_attempts_and_the_others_finish(tmp_path, tok_dir, shards, ray_head):
+    d = tmp_path / "in"
+    d.mkdir()
+    os.symlink(f"{shards['dir']}/train-000000.tar", d / "train-000000.tar")
+    os.mkfifo(d / "stall.tar")          # nobody writes it: every read of it stalls
+    out = str(tmp_path / "out")
+    t0 = time.monotonic()
+    proc = td.vqtok(["tokenize", "--tokenizer", tok_dir, "--input", f"{d}/*.tar", "--output", out, "--keep-fields",
+                     "cls", "--address", ray_head["address"], "--workers", "1", "--cpus-per-worker", "2",
+                     "--shard-timeout", "2", "--max-attempts", "2", "--no-progress"], env=head_env(ray_head))
+    print(f"stalled-shard job: {time.monotonic() - t0:.1f} s")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "1 shard(s) failed; rerun the same command" in proc.stderr
+    summary = summary_of(proc)
+    assert summary["done"] == 1 and summary["retries"] == 1
+    assert summary["failed_shards"] == {"stall": f"gave up after 2 attempts: TimeoutError: {d}/stall.tar: not read "
+                                                 "and decoded within --shard-timeout 2 s; this attempt was stopped"}
+    assert len(read_rows(out)) == 150 and not os.path.exists(f"{out}/_SUCCESS")
 
 
 def test_output_of_another_tokenizer_is_refused_unless_overwrite(tmp_path, tok_dir, shards, ray_head):

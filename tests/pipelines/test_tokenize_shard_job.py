@@ -115,3 +115,38 @@ def test_crafted_members_cost_their_row_never_the_shard(tmp_path, tok_dir, decod
     for reason in reasons.values():
         expect[reason] = expect.get(reason, 0) + 1
     assert counts["failed_by_reason"] == expect
+
+
+def test_a_retry_interrupted_after_its_data_write_leaves_no_manifest_of_other_bytes(tmp_path, tok_dir, monkeypatch):
+    # a committed shard is retried (e.g. its first call's answer was lost with its worker) and the
+    # input changed meanwhile, so the retry writes other bytes; it dies before its manifest
+    from pipelines.tokenize import writer
+    from pipelines.tokenize.outputs import OutputDir
+    from pipelines.verify import verify_output
+
+    images, labels = td.fashion_mnist(6)
+    shard_url = td.write(tmp_path / "s.tar", td.tar_bytes(td.fmnist_samples(images, labels, "a-")))
+    out = str(tmp_path / "out")
+    meta = tokenizer_metadata(tok_dir)
+    OutputDir(out).prepare(meta, ["cls"], overwrite=False)
+    job = ShardTokenizer(CodeEncoder(tok_dir, threads=1), meta, out, ["cls"], batch_size=4, decode_processes=0)
+    try:
+        job.run(shard_url, "s")
+        td.write(tmp_path / "s.tar", td.tar_bytes(td.fmnist_samples(images[:3], labels[:3], "b-")))
+        real_put = writer.put_atomic
+
+        def no_manifest(url, data, output):
+            if "/_manifest/" in url:
+                raise OSError("storage went away")
+            real_put(url, data, output)
+
+        monkeypatch.setattr(writer, "put_atomic", no_manifest)
+        with pytest.raises(OSError, match="storage went away"):
+            job.run(shard_url, "s", attempt=2)
+    finally:
+        job.close()
+    assert pq.read_table(tmp_path / "out" / "s.parquet").num_rows == 3          # the retry's data
+    causes = [f["cause"] for f in verify_output(out)["findings"] if f["path"].endswith("/s.parquet")]
+    assert not any("sha256 differs" in c or "were committed" in c for c in causes), causes
+    assert len(causes) == 1 and causes[0].startswith("no manifest")
+    assert OutputDir(out).finished(["s"], meta.tokenizer_sha256) == {}           # redone by the next run
