@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import fsspec
 
-from .tarstream import END_MARKER, SKIPPED, SPECIAL, TOO_LARGE, BlockPrefetcher, TarMembers
+from .tarstream import END_MARKER, SKIPPED, SPECIAL, TOO_LARGE, BlockPrefetcher, OpenFailed, TarMembers
 
 MAX_MEMBER_BYTES = 256 << 20    # default: a larger member becomes an error, never held in memory
 
@@ -65,29 +65,30 @@ class TarShardReader:
     in `Sample.too_large`. Memory per sample is thus bounded by what the caller asked for."""
 
     def __init__(self, url: str, want_field: Callable[[str], bool] | None = None,
-                 max_member_bytes: int | None = MAX_MEMBER_BYTES):
+                 max_member_bytes: int | None = MAX_MEMBER_BYTES,
+                 stall_check: Callable[[], None] | None = None):
         self.url = url
         self.want_field = want_field
         self.max_member_bytes = max_member_bytes
+        self.stall_check = stall_check          # called while a storage read waits; may raise
         self.error: str | None = None
         self.bytes_read = 0
         self._split: tuple[str | None, tuple[str, str] | None] = (None, None)
 
     def __iter__(self) -> Iterator[Sample]:
-        try:
-            f = fsspec.open(self.url, "rb").open()
-        except FileNotFoundError:
-            self.error = "shard not found"
-            return
-        except ValueError as e:
-            self.error = f"shard cannot be opened ({e})"
-            return
-        blocks = BlockPrefetcher(f)     # storage reads overlap parsing and decoding
+        # storage reads (the open too: a FIFO blocks there) overlap parsing and decoding
+        blocks = BlockPrefetcher(lambda: fsspec.open(self.url, "rb").open(), stall_check=self.stall_check)
         try:
             yield from self._samples(blocks)
+        except OpenFailed as e:
+            if isinstance(e.cause, FileNotFoundError):
+                self.error = "shard not found"
+            elif isinstance(e.cause, ValueError):
+                self.error = f"shard cannot be opened ({e.cause})"
+            else:
+                raise e.cause from None         # a storage error: the attempt is retried
         finally:
             blocks.close()
-            f.close()
 
     def _wants(self, member: str) -> bool:
         parts = split_member_name(member)

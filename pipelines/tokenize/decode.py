@@ -104,12 +104,14 @@ class SampleDecoder:
 
 class ChunkReader:
     """A shard's samples in chunks of `size`, read in the decoding thread: the reader's own
-    prefetch thread overlaps storage at the block level (BlockPrefetcher). After iteration `end` says how it ended; a storage error ends it as a
-    failure (the attempt is retried) after the chunks read before it. Past `deadline`, the next
-    sample read raises TimeoutError."""
+    prefetch thread overlaps storage at the block level (BlockPrefetcher). After iteration `end`
+    says how it ended; a storage error ends it as a failure (the attempt is retried) after the
+    chunks read before it. Past `deadline`, the next sample read raises TimeoutError, also when
+    it is stuck in storage (the reader's stall check)."""
 
     def __init__(self, url: str, spec: DecodeSpec, deadline: Deadline | None = None):
-        self.reader = TarShardReader(url, spec.wants, spec.max_member_bytes)
+        stall_check = (lambda: deadline.check(url)) if deadline is not None else None
+        self.reader = TarShardReader(url, spec.wants, spec.max_member_bytes, stall_check)
         self.size = spec.batch_size
         self.failure: BaseException | None = None
         self.deadline = deadline
@@ -123,6 +125,8 @@ class ChunkReader:
             try:
                 sample = next(samples, None)
             except Exception as e:     # storage errors: the attempt fails and is retried
+                if self.deadline is not None and self.deadline.passed():
+                    raise
                 self.failure = e
                 sample = None
             if sample is None:

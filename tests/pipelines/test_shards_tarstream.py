@@ -109,21 +109,21 @@ def test_block_prefetcher_hands_out_the_file_in_order_then_the_storage_error():
                 raise ConnectionResetError("connection reset by peer")
             return super().read(n)
 
-    blocks = BlockPrefetcher(io.BytesIO(data))
+    blocks = BlockPrefetcher(lambda: io.BytesIO(data))
     got = []
     while block := blocks.read():
         got.append(block)
     assert b"".join(got) == data and len(got) == 4 and blocks.read() == b""
     blocks.close()
 
-    failing = BlockPrefetcher(FailsAfter(data))
+    failing = BlockPrefetcher(lambda: FailsAfter(data))
     assert b"".join(failing.read() for _ in range(4)) == data        # what came before the error
     with pytest.raises(ConnectionResetError):
         failing.read()
     failing.close()
 
     before = threading.active_count()
-    abandoned = BlockPrefetcher(io.BytesIO(data))
+    abandoned = BlockPrefetcher(lambda: io.BytesIO(data))
     abandoned.read()                               # the thread is blocked on a full queue now
     abandoned.close()
     assert not abandoned.thread.is_alive() and threading.active_count() == before

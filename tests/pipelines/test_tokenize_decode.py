@@ -129,3 +129,31 @@ def test_the_inline_decoder_stops_a_crawling_shard_at_its_deadline():
     assert 0.3 <= time.monotonic() - t0 < 0.3 + 1.0
     # no deadline: the same shard is read to its end, and the decoder is still usable
     assert sum(batch.count for _, _, batch in decoder.batches("vqtokcrawl://c.tar")) == 40
+
+
+def test_the_inline_decoder_stops_a_shard_whose_open_never_returns(tmp_path):
+    """A FIFO nobody writes blocks in open(): the open happens in the reader's prefetch thread, and
+    the decoding thread's wait is cut by the deadline (a watchdog writer unblocks it otherwise)."""
+    import os
+    import threading
+    import time
+
+    from pipelines.tokenize.deadline import Deadline
+    from pipelines.tokenize.decode import DecodeSpec, InlineDecoder
+
+    fifo = tmp_path / "fifo.tar"
+    os.mkfifo(fifo)
+    watchdog = threading.Timer(8.0, lambda: open(fifo, "wb").close())
+    watchdog.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError, match="not read and decoded within --shard-timeout 1 s"):
+            for _ in InlineDecoder(DecodeSpec(1, 28, (), 8)).batches(str(fifo), Deadline.after(1.0)):
+                pass
+        assert time.monotonic() - t0 < 4.0
+    finally:
+        watchdog.cancel()
+        try:                                   # release the prefetch thread still in open()
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
