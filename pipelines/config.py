@@ -125,7 +125,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             number = tp(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key} = {value!r} must be {'an integer' if tp is int else 'a number'}") from None
-        if tp is int and isinstance(value, float) and number != value:
+        if tp is int and isinstance(value, float):   # 512.0 too, as the model config refuses it
             raise ConfigError(f"{key} = {value!r} must be an integer")
         return number
     if tp is str:

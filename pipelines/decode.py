@@ -23,7 +23,7 @@ from tokenizer import VQVAE
 from tokenizer.storage import write_bytes_atomic
 
 from .errors import UserError
-from .output_format import OutputMetadata, join, safe_output_path
+from .output_format import OutputMetadata, join, make_output_dir, safe_output_path
 from .pictures import png_bytes
 from .readers import CodesDataset
 
@@ -112,6 +112,7 @@ def decode_output(tokenizer: str, codes: str, out: str, limit: int | None = None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dataset = CodesDataset(codes, rank=0, world_size=1, fields=("shard",))
     model = load_tokenizer_for(tokenizer, dataset.metadata, codes, device)
+    make_output_dir(out, "--out")
     writer = PngWriter(out)
     total = len(dataset) if limit is None else min(limit, len(dataset))
     try:

@@ -23,7 +23,7 @@ from tokenizer.storage import write_bytes_atomic
 from .shards.urls import expand_urls
 from .errors import UserError
 from .metrics import code_counts, codebook_usage, mean_psnr, per_image_mse, perplexity
-from .output_format import join
+from .output_format import join, make_output_dir
 from .pictures import comparison_grid, png_bytes, usage_histogram
 from .images import ImagePreprocessor
 from .samples import Rejection, SamplePolicy
@@ -108,6 +108,7 @@ def evaluate(tokenizer: str, inputs: list[str], out: str, limit: int | None = No
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = VQVAE.from_pretrained(tokenizer, map_location=device)
     urls = expand_urls(inputs)
+    make_output_dir(out, "--out")        # now, not after the whole evaluation
     acc, skipped = Accumulator(model.codebook_size, grid_images), []
     images = iter_images(urls, model.config.in_channels, model.config.resolution, skipped)
     with tqdm(total=limit, desc="eval", unit="img", file=sys.stderr) as bar:

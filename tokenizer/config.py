@@ -2,6 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import numbers
+import os
+import types
+import typing
 from dataclasses import dataclass, field, fields
 
 
@@ -27,6 +33,7 @@ class QuantizerConfig:
     gradient: str = "straight_through"
 
     def __post_init__(self):
+        check_types(self, "model.quantizer")
         check(self.codebook_size >= 2, "model.quantizer.codebook_size", self.codebook_size, "must be >= 2")
         check(self.codebook_size <= 2**31 - 1, "model.quantizer.codebook_size", self.codebook_size, "is too large")
         check(self.codebook_dim is None or self.codebook_dim >= 1, "model.quantizer.codebook_dim",
@@ -58,6 +65,9 @@ class VQVAEConfig:
     def __post_init__(self):
         if isinstance(self.quantizer, dict):
             self.quantizer = from_dict(QuantizerConfig, self.quantizer, prefix="model.quantizer")
+        if not isinstance(self.quantizer, QuantizerConfig):
+            raise ConfigError(f"model.quantizer must be a mapping, got {type(self.quantizer).__name__}")
+        check_types(self, "model")
         check(self.in_channels in (1, 3), "model.in_channels", self.in_channels, "must be 1 (grey) or 3 (RGB)")
         for key in ("resolution", "hidden", "res_hidden", "code_dim", "num_downsamples"):
             check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "must be >= 1")
@@ -69,6 +79,7 @@ class VQVAEConfig:
         factor = 2 ** self.num_downsamples
         check(self.resolution % factor == 0, "model.resolution", self.resolution,
                f"must be divisible by 2**num_downsamples = {factor}")
+        check_codebook_fits(self.quantizer, self.code_dim)
 
     @property
     def outer_width(self) -> int:
@@ -95,6 +106,82 @@ def check(ok: bool, key: str, value, why: str) -> None:
     """Raise ConfigError('<dotted key> = <value> <why>') unless ok; shared by every stage config."""
     if not ok:
         raise ConfigError(f"{key} = {value!r} {why}")
+
+
+def check_types(config, prefix: str) -> None:
+    """Refuse a field whose value is not of its annotated type, by its dotted key: int fields take
+    integers only (not 512.0, True or "512"), float fields any real number (stored as float, and
+    finite), bool fields true/false, str fields strings. Numpy scalars count as their kind."""
+    for name, kind in _field_kinds(type(config)).items():
+        value = getattr(config, name)
+        key = f"{prefix}.{name}"
+        if value is None and kind.optional:
+            continue
+        if kind.base is int:
+            check(isinstance(value, numbers.Integral) and not isinstance(value, bool), key, value,
+                  "must be an integer" + (" or null" if kind.optional else ""))
+            setattr(config, name, int(value))
+        elif kind.base is float:
+            check(isinstance(value, numbers.Real) and not isinstance(value, bool), key, value, "must be a number")
+            check(math.isfinite(value), key, value, "must be a finite number")
+            setattr(config, name, float(value))
+        elif kind.base is bool:
+            check(isinstance(value, bool), key, value, "must be true or false")
+        elif kind.base is str:
+            check(isinstance(value, str), key, value, "must be a string")
+
+
+class _Kind(typing.NamedTuple):
+    base: type
+    optional: bool
+
+
+@functools.cache
+def _field_kinds(cls) -> dict[str, _Kind]:
+    """{field: (int/float/bool/str, may be None)} for the scalar fields of a config dataclass."""
+    kinds = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        bases = [a for a in args if a is not type(None)]
+        if len(bases) == 1 and bases[0] in (int, float, bool, str):
+            kinds[name] = _Kind(bases[0], len(bases) < len(args))
+    return kinds
+
+
+# fp32 tables of K rows that a quantizer holds: the codebook, and with EMA its running sums
+# (K x D) and counts (K). Refused when they alone would not fit in this machine's memory.
+FP32_BYTES = 4
+FALLBACK_MEMORY_LIMIT = 1 << 40    # where the physical memory cannot be read
+
+
+def codebook_table_bytes(config: QuantizerConfig, code_dim: int) -> int:
+    """Bytes of the quantizer's codebook-sized tensors for encoder width code_dim."""
+    d = config.codebook_dim or code_dim
+    k = config.codebook_size
+    return FP32_BYTES * (k * d * (2 if config.ema else 1) + (k if config.ema else 0))
+
+
+def physical_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_codebook_fits(config: QuantizerConfig, code_dim: int, prefix: str = "model.quantizer") -> None:
+    need = codebook_table_bytes(config, code_dim)
+    memory = physical_memory_bytes()
+    limit = memory or FALLBACK_MEMORY_LIMIT
+    if need > limit:
+        d = config.codebook_dim or code_dim
+        where = f"this machine's {_gib(memory)} of memory" if memory else f"the {_gib(limit)} limit"
+        raise ConfigError(f"{prefix}.codebook_size = {config.codebook_size} with dimension {d} needs "
+                          f"{_gib(need)} for its codebook tables (K x D fp32"
+                          f"{', twice, with the EMA buffers' if config.ema else ''}), more than {where}")
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB"
 
 
 def from_dict(cls, data: dict, prefix: str):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .collectives import Collectives
-from .config import QuantizerConfig
+from .config import QuantizerConfig, check_codebook_fits
 from .nearest import nearest_codes
 
 
@@ -29,6 +29,7 @@ class VectorQuantizer(nn.Module):
                             "codebook_size=512), dim=64))")
         if dim < 1:
             raise ValueError(f"VectorQuantizer: dim = {dim} must be >= 1")
+        check_codebook_fits(config, dim)    # before torch.randn tries to allocate them
         self.config = config
         self.codebook_size = codebook_size = config.codebook_size
         self.dim = dim

@@ -36,6 +36,9 @@ def test_yaml_then_overrides_with_types(tmp_path):
     ("model.codebook_size=8", "unknown config key model.codebook_size"),
     ("steps=ten", "steps = 'ten' must be an integer"),
     ("steps=1.5", "steps = 1.5 must be an integer"),
+    ("steps=7.0", "steps = 7.0 must be an integer"),
+    # the same words as VQVAEConfig.from_dict (a tokenizer's config.json) uses for the same value
+    ("model.quantizer.codebook_size=512.0", r"^model.quantizer.codebook_size = 512.0 must be an integer$"),
     ("amp=maybe", "amp = 'maybe' must be true or false"),
     ("model.resolution=30", "model.resolution = 30 must be divisible"),
     ("novalue", "expected KEY=VALUE"),

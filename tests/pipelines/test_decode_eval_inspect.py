@@ -287,3 +287,50 @@ def test_decode_rgb_tokenizer_writes_rgb_pngs(tmp_path):
         want = (want.clamp(0, 1) * 255).round().to(torch.uint8).numpy().transpose(1, 2, 0)
         assert got.shape == (8, 8, 3)
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("command", ["eval", "decode"])
+def test_a_tokenizer_config_of_the_wrong_type_is_a_one_line_error(tmp_path, tok, command):
+    tok_dir, model = tok
+    bad = tmp_path / "bad-tok"
+    bad.mkdir()
+    for name in os.listdir(tok_dir):
+        (bad / name).write_bytes(open(os.path.join(tok_dir, name), "rb").read())
+    config = json.loads((bad / "config.json").read_text())
+    config["model"]["quantizer"]["codebook_size"] = float(config["model"]["quantizer"]["codebook_size"])
+    (bad / "config.json").write_text(json.dumps(config))
+    if command == "eval":
+        write_tar(tmp_path / "s.tar", [("a.png", png_bytes(np.zeros((28, 28), np.uint8)))])
+        args = ["--input", tmp_path / "s.tar"]
+    else:
+        write_output(tmp_path / "codes", model, {"s0": 2})
+        args = ["--codes", tmp_path / "codes"]
+    result = run(command, "--tokenizer", bad, *args, "--out", tmp_path / "out")
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.startswith(f"Error: {bad / 'config.json'}: model.quantizer.codebook_size = ")
+    assert "must be an integer" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("where,why", [
+    ("file", "is a file, not a directory"),
+    ("file/sub", "cannot be created, a parent of it is a file"),
+    ("/proc/vqtok-no-such-dir", "cannot be created (No such file or directory)"),
+    ("/proc", "files cannot be created in it"),        # exists, but no files can be made there
+])
+@pytest.mark.parametrize("command", ["eval", "decode"])
+def test_an_unusable_out_is_a_one_line_error_naming_the_option(tmp_path, tok, command, where, why):
+    tok_dir, model = tok
+    (tmp_path / "file").write_text("not a directory")
+    out = where if where.startswith("/") else str(tmp_path / where)
+    if command == "eval":
+        write_tar(tmp_path / "s.tar", [("a.png", png_bytes(np.zeros((28, 28), np.uint8)))])
+        args = ["--input", tmp_path / "s.tar"]
+    else:
+        write_output(tmp_path / "codes", model, {"s0": 2})
+        args = ["--codes", tmp_path / "codes"]
+    result = run(command, "--tokenizer", tok_dir, *args, "--out", out)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert result.output.startswith(f"Error: --out {out}: {why}")
+    assert len(result.output.strip().splitlines()) == 1
+    assert (tmp_path / "file").read_text() == "not a directory"

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile, TiffImagePlugin
 
 import tok_data as td
+from pipelines import images
 from pipelines.images import ImageError, ImagePreprocessor
 
 
@@ -59,3 +68,130 @@ def test_preprocess_rejects_bad_bytes_with_a_reason(data, reason):
     with pytest.raises(ImageError) as e:
         ImagePreprocessor(1, 28)(data, "png")
     assert e.value.reason == reason and "'png'" in str(e.value)
+
+
+# -- memory: bounded by the output size and by the encoded bytes --------------------------------
+
+PEAK_RSS_SCRIPT = """
+import json, sys
+from pipelines.images import ImagePreprocessor
+def peak_kib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+data = open(sys.argv[1], "rb").read()
+pre = ImagePreprocessor(3, 32)
+pre(open(sys.argv[2], "rb").read())       # a small image first: one-time allocations
+before = peak_kib()
+out = pre(data)
+grew = peak_kib() - before
+print(json.dumps({"grew_kib": grew, "min": int(out.min()), "max": int(out.max()), "shape": out.shape}))
+"""
+
+
+def peak_rss_growth(tmp_path, data: bytes) -> dict:
+    """Decode `data` at 32x32 RGB in a fresh interpreter; its peak RSS growth and the result.
+    Pillow allocates outside Python's allocator, so tracemalloc would not see it; and the
+    process's VmHWM, unlike ru_maxrss, does not start at the forking parent's size."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    image, small = td.write(tmp_path / "image", data), td.write(tmp_path / "small.png", td.png(np.zeros((8, 8), np.uint8)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS_SCRIPT, image, small], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads VmHWM from /proc")
+
+
+@needs_proc
+@pytest.mark.parametrize("size", [(200_000, 1), (1, 400_000)])
+def test_long_thin_image_costs_memory_by_its_output_not_by_its_aspect_ratio(tmp_path, size):
+    # a grey ramp along the long side: the centre crop is the middle of the ramp, ~128
+    ramp = (np.arange(max(size)) * 256 // max(size)).astype(np.uint8)
+    data = td.png(ramp.reshape(size[1], size[0]))
+    got = peak_rss_growth(tmp_path, data)
+    assert got["shape"] == [3, 32, 32] and 126 <= got["min"] <= got["max"] <= 129
+    assert got["grew_kib"] < 64 * 1024      # resizing the whole image first took gigabytes
+
+
+@needs_proc
+def test_16_bit_grey_is_brought_to_8_bit_without_float64_copies_of_the_image(tmp_path):
+    a16 = np.zeros((4000, 4000), np.uint16)
+    a16[::7] = 40000                     # 1/7 of the rows at 40000 -> 156: the mean is ~22
+    got = peak_rss_growth(tmp_path, td.png(a16))
+    assert 21 <= got["min"] <= got["max"] <= 24
+    # the decoded 16-bit image, its array and the 8-bit results: well under 12 bytes a pixel
+    # (three whole-image float64 temporaries alone were 24)
+    assert got["grew_kib"] < 12 * 4000 * 4000 / 1024
+
+
+def png_declaring(w: int, h: int) -> bytes:
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def gif_declaring(w: int, h: int) -> bytes:
+    return (b"GIF89a" + struct.pack("<HHBBB", w, h, 0x80, 0, 0) + b"\0\0\0\xff\xff\xff"
+            + b"," + struct.pack("<HHHHB", 0, 0, w, h, 0) + b"\x02\x02\x44\x01\x00;")
+
+
+def bmp_rle8_declaring(w: int, h: int) -> bytes:
+    palette, rle = b"\0\0\0\0\xff\xff\xff\0", b"\x00\x01"          # two colours; end of bitmap
+    offset = 14 + 40 + len(palette)
+    return (b"BM" + struct.pack("<IHHI", offset + len(rle), 0, 0, offset)
+            + struct.pack("<IiiHHIIiiII", 40, w, h, 1, 8, 1, len(rle), 2835, 2835, 2, 0) + palette + rle)
+
+
+def tiff_declaring(w: int, h: int) -> bytes:
+    tags = [(256, 4, w), (257, 4, h), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, 8),
+            (277, 3, 1), (278, 4, h), (279, 4, 4)]
+    ifd = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHII", t, typ, 1, v) for t, typ, v in tags)
+    return b"II*\0" + struct.pack("<I", 12) + b"\0\0\0\0" + ifd + b"\0\0\0\0"
+
+
+def jpeg_declaring(w: int, h: int, progressive: bool = False) -> bytes:
+    data = bytearray(td.encode_image(Image.new("L", (8, 8)), "JPEG", progressive=progressive))
+    sof = data.index(b"\xff\xc2" if progressive else b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", h, w)
+    return bytes(data)
+
+
+def progressive_jpeg_declaring(w: int, h: int) -> bytes:
+    return jpeg_declaring(w, h, progressive=True)
+
+
+@pytest.mark.parametrize("build,side", [
+    (png_declaring, 9000), (gif_declaring, 9000), (bmp_rle8_declaring, 9000), (tiff_declaring, 9000),
+    (jpeg_declaring, 9000),
+    # its draft at 32x32 would decode 1000x1000, within the floor; but a progressive JPEG holds
+    # DCT coefficients for all its declared pixels, whatever the draft
+    (progressive_jpeg_declaring, 8000)])
+def test_tiny_file_declaring_many_pixels_is_refused_before_decoding(monkeypatch, build, side):
+    loads = []
+    for cls in (ImageFile.ImageFile, TiffImagePlugin.TiffImageFile):
+        monkeypatch.setattr(cls, "load", lambda self, *a, _real=cls.load: loads.append(self) or _real(self, *a))
+    data = build(side, side)          # tens of M pixels (below Pillow's own bomb limit) in < 1 KB
+    assert len(data) < 1024 and Image.open(io.BytesIO(data)).size == (side, side)
+    loads.clear()
+    with pytest.raises(ImageError) as e:
+        ImagePreprocessor(3, 32)(data, "img")
+    assert e.value.reason == "image_too_large", e.value
+    assert f"{side}x{side}" in str(e.value) and f"{len(data)} bytes" in str(e.value) and "limit" in str(e.value)
+    assert loads == []                # refused from the header: nothing decoded or allocated
+
+
+def test_pixel_budget_follows_the_encoded_bytes():
+    assert images.pixel_budget(10) == images.PIXEL_FLOOR
+    assert images.pixel_budget(100_000) == 100_000 * images.PIXELS_PER_BYTE
+    assert images.pixel_budget(1 << 40) == images.MAX_PIXELS
+    # every image of up to PIXEL_FLOOR pixels gets past the budget however small its file
+    # (this one then fails as the truncated data it is); one row more does not
+    with pytest.raises(ImageError) as e:
+        ImagePreprocessor(1, 32)(png_declaring(1024, 1024))
+    assert e.value.reason == "undecodable_image"
+    with pytest.raises(ImageError) as e:
+        ImagePreprocessor(1, 32)(png_declaring(1024, 1025))
+    assert e.value.reason == "image_too_large"

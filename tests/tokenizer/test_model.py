@@ -148,6 +148,70 @@ def test_config_validation_messages_name_the_key(kwargs, message):
         VQVAEConfig(**kwargs)
 
 
+@pytest.mark.parametrize("data,message", [
+    ({"quantizer": {"codebook_size": 512.0}}, r"^model.quantizer.codebook_size = 512.0 must be an integer$"),
+    ({"quantizer": {"codebook_size": 1e9}}, r"^model.quantizer.codebook_size = 1000000000.0 must be an integer$"),
+    ({"quantizer": {"codebook_size": True}}, r"^model.quantizer.codebook_size = True must be an integer$"),
+    ({"quantizer": {"codebook_size": "512"}}, r"^model.quantizer.codebook_size = '512' must be an integer$"),
+    ({"quantizer": {"codebook_dim": 8.0}}, r"^model.quantizer.codebook_dim = 8.0 must be an integer or null$"),
+    ({"quantizer": {"kmeans_iters": 2.5}}, r"^model.quantizer.kmeans_iters = 2.5 must be an integer$"),
+    ({"quantizer": {"chunk_size": False}}, r"^model.quantizer.chunk_size = False must be an integer$"),
+    ({"hidden": 16.0}, r"^model.hidden = 16.0 must be an integer$"),
+    ({"code_dim": "8"}, r"^model.code_dim = '8' must be an integer$"),
+    ({"num_res_blocks": None}, r"^model.num_res_blocks = None must be an integer$"),
+    ({"quantizer": {"beta": "0.25"}}, r"^model.quantizer.beta = '0.25' must be a number$"),
+    ({"quantizer": {"decay": float("nan")}}, r"^model.quantizer.decay = nan must be a finite number$"),
+    ({"quantizer": {"ema": 1}}, r"^model.quantizer.ema = 1 must be true or false$"),
+    ({"quantizer": {"gradient": None}}, r"^model.quantizer.gradient = None must be a string$"),
+    ({"quantizer": 512}, r"^model.quantizer must be a mapping, got int$"),
+])
+def test_from_dict_refuses_values_of_the_wrong_type_by_their_dotted_key(data, message):
+    with pytest.raises(ConfigError, match=message):
+        VQVAEConfig.from_dict(data)
+
+
+def test_float_fields_take_integers_and_numpy_scalars_become_python_numbers():
+    import numpy as np
+    config = VQVAEConfig.from_dict({"code_dim": np.int64(16), "quantizer": {"beta": 0, "dead_code_threshold": 2}})
+    assert config.quantizer.beta == 0.0 and type(config.quantizer.beta) is float
+    assert type(config.quantizer.dead_code_threshold) is float and type(config.code_dim) is int
+    json.dumps(config.to_dict())     # what save_pretrained writes
+
+
+def test_a_codebook_too_big_for_memory_is_refused_before_allocating_it(monkeypatch):
+    import tokenizer.config as tc
+    monkeypatch.setattr(tc, "physical_memory_bytes", lambda: 1 << 30)
+    # 2**21 codes x 64 fp32 = 512 MiB, twice with EMA: 1 GiB and 8 MiB of counts
+    with pytest.raises(ConfigError, match=r"^model.quantizer.codebook_size = 2097152 with dimension 64 needs "
+                                          r"1.0 GiB .*EMA.*more than this machine's 1.0 GiB of memory$"):
+        VQVAEConfig.from_dict({"quantizer": {"codebook_size": 2**21}})
+    VQVAEConfig.from_dict({"quantizer": {"codebook_size": 2**21, "ema": False}})    # 512 MiB fits
+    with pytest.raises(ConfigError, match="with dimension 256 needs"):   # codebook_dim counts, not code_dim
+        VQVAEConfig.from_dict({"quantizer": {"codebook_size": 2**20, "codebook_dim": 256}})
+    from tokenizer import VectorQuantizer
+    with pytest.raises(ConfigError, match="needs"):                            # built directly too
+        VectorQuantizer(QuantizerConfig(codebook_size=2**21), dim=64)
+    monkeypatch.setattr(tc, "physical_memory_bytes", lambda: None)           # unknown: a fixed cap
+    with pytest.raises(ConfigError, match="more than the 1024.0 GiB limit"):
+        VQVAEConfig.from_dict({"quantizer": {"codebook_size": 2**31 - 1}, "code_dim": 256})
+
+
+@pytest.mark.parametrize("quantizer,message", [
+    ({"codebook_size": 512.0}, "model.quantizer.codebook_size = 512.0 must be an integer"),
+    ({"codebook_size": 2**21}, "model.quantizer.codebook_size = 2097152 with dimension 8 needs"),
+])
+def test_from_pretrained_names_config_json_and_the_key(tmp_path, monkeypatch, quantizer, message):
+    import tokenizer.config as tc
+    monkeypatch.setattr(tc, "physical_memory_bytes", lambda: 64 << 20)
+    VQVAE(tiny()).save_pretrained(str(tmp_path))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["model"]["quantizer"].update(quantizer)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as e:
+        VQVAE.from_pretrained(str(tmp_path))
+    assert str(e.value).startswith(str(tmp_path / "config.json")) and message in str(e.value)
+
+
 def test_outer_hidden_sets_the_width_of_the_finer_resolutions():
     paper = VQVAE(VQVAEConfig(hidden=64))
     wide = VQVAE(VQVAEConfig(hidden=64, outer_hidden=48))
