@@ -341,6 +341,14 @@ def make_output_dir(url: str, option: str) -> None:
         fs, root = fsspec.core.url_to_fs(url)
     except (ValueError, ImportError) as e:
         raise UserError(f"{option} {url}: unsupported URL ({e})") from None
+    if not is_local_fs(fs):       # object stores have no directories to create
+        try:
+            is_file = fs.isfile(root)
+        except OSError as e:
+            raise UserError(f"{option} {url}: cannot be reached ({e})") from None
+        if is_file:
+            raise UserError(f"{option} {url}: is a file, not a directory")
+        return
     try:
         fs.makedirs(root, exist_ok=True)
     except FileExistsError:
@@ -349,8 +357,6 @@ def make_output_dir(url: str, option: str) -> None:
         raise UserError(f"{option} {url}: cannot be created, a parent of it is a file") from None
     except OSError as e:
         raise UserError(f"{option} {url}: cannot be created ({e.strerror or e})") from None
-    if not is_local_fs(fs):
-        return
     probe = os.path.join(root, f".vqtok-write-test-{os.getpid()}-{os.urandom(4).hex()}")
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))

@@ -17,7 +17,7 @@ import fsspec
 from tokenizer.storage import is_local_fs
 
 from ..errors import UserError
-from ..output_format import manifest_problem
+from ..output_format import make_output_dir, manifest_problem
 from ..output_format import (DATA_SUFFIX, ERRORS_DIR, MANIFEST_DIR, RUN_FILE, SUCCESS_NAME, OutputMetadata, join,
                              manifest_path, read_manifests, success_path)
 from .writer import TMP_DIR, put_atomic
@@ -71,14 +71,9 @@ class OutputDir:
         self._index_stale = True      # until `finished` found every finished shard in the index
 
     def check_location(self) -> None:
-        """UserError unless the output is a directory, or can become one (before any job touches it)."""
-        try:
-            if self.fs.isfile(self.root):
-                raise UserError(f"--output {self.url} is a file, not a directory")
-            if is_local_fs(self.fs):       # object stores have no directories to create
-                self.fs.makedirs(self.root, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"--output {self.url}: cannot write ({e})") from None
+        """UserError unless the output is a directory, or can become one, that files can be
+        created in (before any job touches it)."""
+        make_output_dir(self.url, "--output")
 
     def identity(self, meta: OutputMetadata, keep_fields: list[str]) -> dict:
         return {"tokenizer_sha256": meta.tokenizer_sha256, "codebook_size": meta.codebook_size,

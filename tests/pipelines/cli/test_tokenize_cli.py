@@ -35,15 +35,16 @@ def one_line_error(result) -> str:
 def test_an_output_that_is_a_file_is_named_as_such(tmp_path, tokenize):
     (tmp_path / "file").write_text("not a directory")
     msg = one_line_error(tokenize("--output", str(tmp_path / "file")))
-    assert msg == f"--output {tmp_path / 'file'} is a file, not a directory"
+    assert msg == f"--output {tmp_path / 'file'}: is a file, not a directory"
 
 
-@pytest.mark.parametrize("where", ["under-a-file", "proc"])
-def test_an_output_that_cannot_be_written_is_a_one_line_error(tmp_path, tokenize, where):
+@pytest.mark.parametrize("where,why", [("under-a-file", "cannot be created, a parent of it is a file"),
+                                       ("proc", "cannot be created (No such file or directory)")])
+def test_an_output_that_cannot_be_written_is_a_one_line_error(tmp_path, tokenize, where, why):
     (tmp_path / "file").write_text("not a directory")
     output = str(tmp_path / "file" / "out") if where == "under-a-file" else "/proc/vqtok-out"
     msg = one_line_error(tokenize("--output", output))
-    assert msg.startswith(f"--output {output}: cannot write (")
+    assert msg == f"--output {output}: {why}"
 
 
 def test_shard_timeout_reaches_the_config_and_is_validated():
