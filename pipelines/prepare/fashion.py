@@ -9,6 +9,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..pictures import png_bytes
 from .idx import read_idx
+from ..output_format import make_output_dir
 from ..shards.writer import ShardWriter
 
 DEFAULT_SOURCE = "/usr/share/datasets/fashion-mnist"
@@ -41,6 +42,7 @@ def prepare_fashion_mnist(out: str, source: str = DEFAULT_SOURCE, shard_size: in
                           progress: bool = True) -> dict[str, list[str]]:
     """Write each split to `out/{split}-%06d.tar`; returns the shard paths per split.
     `limit` > 0 keeps only the first `limit` samples of each split (tests, smoke runs)."""
+    make_output_dir(out, "--out")
     written = {}
     for split in splits:
         images, labels = load_split(source, split)

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..pictures import png_bytes
 from ..images import IMAGE_EXTS, ImageError, ImagePreprocessor
+from ..output_format import make_output_dir
 from ..shards.writer import ShardWriter
 
 IMAGE_SUFFIXES = tuple(f".{ext}" for ext in IMAGE_EXTS)
@@ -111,6 +112,7 @@ def views(img: Image.Image, opts: FolderOptions, rng: random.Random):
 
 def prepare_folder(src: str, out: str, opts: FolderOptions, progress: bool = True) -> dict:
     """Returns {"images": shard paths, "holdout": shard paths, "skipped": [(file, reason)]}."""
+    make_output_dir(out, "--out")
     files = list_images(src, opts.largest_per_dir)
     if opts.holdout and opts.holdout >= len(files):
         raise UserError(f"--holdout {opts.holdout} leaves no training images (found {len(files)})")

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from .. import distributed as D
 from ..shards.urls import expand_urls
 from ..errors import USER_ERRORS, ConfigError, Reported, SharedError, UserError
+from ..output_format import make_output_dir
 from .config import TrainConfig, parse_config, read_config_text, record_run_config, resolve_config, run_config_url
 from .data import check_first_sample
 from .stop import STOP_SIGNALS
@@ -65,6 +66,8 @@ def prepare_run(a: TrainArgs, world: int, record: bool = True) -> tuple[TrainCon
     the launcher of node 0, or rank 0) written to RUN_DIR/config.yaml. -> (config, its text)."""
     cfg = a.resolve()
     preflight(cfg, world)
+    if record:
+        make_output_dir(a.out, "--out")
     text = record_run_config(cfg, a.out, a.resume) if record else None
     return cfg, text
 
