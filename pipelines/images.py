@@ -26,7 +26,9 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
-MAX_PIXELS = 1 << 28      # 268 M pixels (e.g. 16k x 16k); larger images are error rows
+# the most pixels any image may have: Pillow's own decompression-bomb limit (its warning is an
+# error here), checked first so that the error row says so plainly
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 # An image may decode to at most max(PIXEL_FLOOR, PIXELS_PER_BYTE x its encoded bytes) pixels
 # (and never more than MAX_PIXELS), checked from the header before anything is allocated, so that
 # a few bytes cannot claim gigabytes. Deflate expands at most about 1032:1, so 1024 pixels per
