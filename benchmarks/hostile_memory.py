@@ -30,16 +30,18 @@ import glob  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
-import struct  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-import zlib  # noqa: E402
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipelines.images import ImageError, ImagePreprocessor  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "pipelines"))
+from crafted_images import (bmp_rle8_declaring, gif_declaring, jpeg_declaring,  # noqa: E402
+                            png_declaring, tiff_declaring)
 
 BIG = 9000          # 9000 x 9000 = 81 M pixels: under Pillow's own bomb limit (89.5 M)
 PHOTOS = "/usr/share/wallpapers/*/contents/images/*.jpg"
@@ -85,41 +87,6 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
     return buf.getvalue()
 
 
-def png_header_only(w: int, h: int) -> bytes:
-    """IHDR for w x h 8-bit grey and one tiny IDAT: what Pillow allocates before finding out."""
-    def chunk(tag: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
-
-
-def gif_header_only(w: int, h: int) -> bytes:
-    return (b"GIF89a" + struct.pack("<HHBBB", w, h, 0x80, 0, 0) + b"\0\0\0\xff\xff\xff"
-            + b"," + struct.pack("<HHHHB", 0, 0, w, h, 0) + b"\x02\x02\x44\x01\x00;")
-
-
-def bmp_rle8_end_of_bitmap(w: int, h: int) -> bytes:
-    """A valid RLE8 BMP whose only code is 'end of bitmap': every pixel is colour 0."""
-    palette, rle = b"\0\0\0\0\xff\xff\xff\0", b"\x00\x01"
-    offset = 14 + 40 + len(palette)
-    return (b"BM" + struct.pack("<IHHI", offset + len(rle), 0, 0, offset)
-            + struct.pack("<IiiHHIIiiII", 40, w, h, 1, 8, 1, len(rle), 2835, 2835, 2, 0) + palette + rle)
-
-
-def tiff_header_only(w: int, h: int) -> bytes:
-    tags = [(256, 4, w), (257, 4, h), (258, 3, 8), (259, 3, 1), (262, 3, 1), (273, 4, 8),
-            (277, 3, 1), (278, 4, h), (279, 4, 4)]
-    ifd = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHII", t, typ, 1, v) for t, typ, v in tags)
-    return b"II*\0" + struct.pack("<I", 12) + b"\0\0\0\0" + ifd + b"\0\0\0\0"
-
-
-def jpeg_header_says(w: int, h: int) -> bytes:
-    data = bytearray(encode(Image.new("L", (8, 8)), "JPEG"))
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5:sof + 9] = struct.pack(">HH", h, w)
-    return bytes(data)
-
-
 def photo(largest: bool) -> bytes:
     """A wallpaper photograph (the largest file, or the smallest 1920-wide one), else noise."""
     found = sorted(glob.glob(PHOTOS), key=os.path.getsize)
@@ -155,13 +122,13 @@ def cases() -> dict[str, callable]:
         f"PNG 1-bit {BIG}x{BIG} blank": lambda: encode(Image.new("1", (BIG, BIG)), "PNG", optimize=True),
         f"PNG 8-bit {BIG}x{BIG} blank": lambda: encode(Image.new("L", (BIG, BIG)), "PNG", compress_level=9),
         f"PNG 16-bit {BIG}x{BIG} blank": lambda: encode(Image.new("I;16", (BIG, BIG)), "PNG", compress_level=9),
-        f"PNG header only {BIG}x{BIG}": lambda: png_header_only(BIG, BIG),
+        f"PNG header only {BIG}x{BIG}": lambda: png_declaring(BIG, BIG),
         f"GIF {BIG}x{BIG} blank": lambda: encode(Image.new("P", (BIG, BIG)), "GIF"),
-        f"GIF header only {BIG}x{BIG}": lambda: gif_header_only(BIG, BIG),
-        f"BMP RLE8 {BIG}x{BIG} end-of-bitmap": lambda: bmp_rle8_end_of_bitmap(BIG, BIG),
+        f"GIF header only {BIG}x{BIG}": lambda: gif_declaring(BIG, BIG),
+        f"BMP RLE8 {BIG}x{BIG} end-of-bitmap": lambda: bmp_rle8_declaring(BIG, BIG),
         f"TIFF G4 {BIG}x{BIG} blank": lambda: encode(Image.new("1", (BIG, BIG), 1), "TIFF", compression="group4"),
-        f"TIFF header only {BIG}x{BIG}": lambda: tiff_header_only(BIG, BIG),
-        f"JPEG header says {BIG}x{BIG}": lambda: jpeg_header_says(BIG, BIG),
+        f"TIFF header only {BIG}x{BIG}": lambda: tiff_declaring(BIG, BIG),
+        f"JPEG header says {BIG}x{BIG}": lambda: jpeg_declaring(BIG, BIG),
         f"JPEG {BIG}x{BIG} blank q1": lambda: encode(Image.new("L", (BIG, BIG)), "JPEG", quality=1),
         f"JPEG progressive {BIG}x{BIG} blank q1": lambda: encode(Image.new("L", (BIG, BIG)), "JPEG",
                                                                    quality=1, progressive=True),
