@@ -289,6 +289,15 @@ def test_decode_rgb_tokenizer_writes_rgb_pngs(tmp_path):
         np.testing.assert_array_equal(got, want)
 
 
+def input_args(command: str, tmp_path, model) -> list:
+    """What `vqtok eval` (a shard) or `vqtok decode` (an output) reads, made in tmp_path."""
+    if command == "eval":
+        write_tar(tmp_path / "s.tar", [("a.png", png_bytes(np.zeros((28, 28), np.uint8)))])
+        return ["--input", tmp_path / "s.tar"]
+    write_output(tmp_path / "codes", model, {"s0": 2})
+    return ["--codes", tmp_path / "codes"]
+
+
 @pytest.mark.parametrize("command", ["eval", "decode"])
 def test_a_tokenizer_config_of_the_wrong_type_is_a_one_line_error(tmp_path, tok, command):
     tok_dir, model = tok
@@ -299,12 +308,7 @@ def test_a_tokenizer_config_of_the_wrong_type_is_a_one_line_error(tmp_path, tok,
     config = json.loads((bad / "config.json").read_text())
     config["model"]["quantizer"]["codebook_size"] = float(config["model"]["quantizer"]["codebook_size"])
     (bad / "config.json").write_text(json.dumps(config))
-    if command == "eval":
-        write_tar(tmp_path / "s.tar", [("a.png", png_bytes(np.zeros((28, 28), np.uint8)))])
-        args = ["--input", tmp_path / "s.tar"]
-    else:
-        write_output(tmp_path / "codes", model, {"s0": 2})
-        args = ["--codes", tmp_path / "codes"]
+    args = input_args(command, tmp_path, model)
     result = run(command, "--tokenizer", bad, *args, "--out", tmp_path / "out")
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert result.output.startswith(f"Error: {bad / 'config.json'}: model.quantizer.codebook_size = ")
@@ -323,12 +327,7 @@ def test_an_unusable_out_is_a_one_line_error_naming_the_option(tmp_path, tok, co
     tok_dir, model = tok
     (tmp_path / "file").write_text("not a directory")
     out = where if where.startswith("/") else str(tmp_path / where)
-    if command == "eval":
-        write_tar(tmp_path / "s.tar", [("a.png", png_bytes(np.zeros((28, 28), np.uint8)))])
-        args = ["--input", tmp_path / "s.tar"]
-    else:
-        write_output(tmp_path / "codes", model, {"s0": 2})
-        args = ["--codes", tmp_path / "codes"]
+    args = input_args(command, tmp_path, model)
     result = run(command, "--tokenizer", tok_dir, *args, "--out", out)
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     assert result.output.startswith(f"Error: --out {out}: {why}")
