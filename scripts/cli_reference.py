@@ -53,7 +53,7 @@ def _render_command(cmd: click.Command, path: list[str], parent: click.Context) 
             lines += _render_command(cmd.get_command(ctx, name), path + [name], ctx)
         return lines
     usage = " ".join(path + cmd.collect_usage_pieces(ctx))
-    lines = [f"### `{usage}`", "", _paragraphs(cmd.help or ""), ""]
+    lines = [f"### `{usage}`", _paragraphs(cmd.help or ""), ""]
     rows = [p.get_help_record(ctx) for p in cmd.get_params(ctx)
             if isinstance(p, click.Option) and "--help" not in p.opts]
     if rows:
