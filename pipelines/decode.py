@@ -51,7 +51,7 @@ def load_tokenizer_for(tokenizer: str, meta: OutputMetadata, codes_url: str,
 
 
 # files published at once: each publish waits for a disk flush (fsync), and flushes in flight
-# together overlap (docs/downstream.md has the figures)
+# together overlap (docs/design.md has the figure)
 WRITERS = 4
 
 

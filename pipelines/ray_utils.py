@@ -150,7 +150,7 @@ def ray_session(address: str | None, runtime_env: dict | None = None, num_cpus: 
 
 
 # the embedded cluster's autoscaler monitor: it has nothing to scale, and it ignores SIGTERM, so
-# ray.shutdown() waits a full second for it before killing it (docs/tokenize.md, Design)
+# ray.shutdown() waits a full second for it before killing it (docs/design.md)
 MONITOR_SCRIPT = "autoscaler/_private/monitor.py"
 
 

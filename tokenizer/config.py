@@ -21,11 +21,11 @@ class QuantizerConfig:
     codebook_dim: int | None = None   # low-dim code projection (ViT-VQGAN); None = code_dim
     beta: float = 0.25                # commitment weight (paper)
     ema: bool = True                  # EMA codebook updates (paper appendix)
-    decay: float = 0.99
+    decay: float = 0.99               # EMA decay
     eps: float = 1e-5                 # Laplace smoothing of EMA counts
     dead_code_threshold: float = 1.0  # restart codes whose EMA count falls below this (a restarted code counts min(1, 2x this)); 0 = off
-    kmeans_init: bool = True
-    kmeans_iters: int = 10
+    kmeans_init: bool = True          # k-means++ initialisation from the first batch
+    kmeans_iters: int = 10            # Lloyd iterations of that initialisation
     l2_normalize: bool = False        # cosine codes (LlamaGen / ViT-VQGAN)
     chunk_size: int = 0               # rows per nearest() chunk; 0 = automatic
     # how the reconstruction gradient passes the quantiser: straight_through (the paper) or
@@ -51,12 +51,12 @@ class QuantizerConfig:
 
 @dataclass
 class VQVAEConfig:
-    in_channels: int = 1
+    in_channels: int = 1              # 1 (grey) or 3 (RGB)
     resolution: int = 28              # input H = W
     hidden: int = 128                 # encoder/decoder width
     res_hidden: int = 64              # width inside residual blocks
     outer_hidden: int | None = None   # width at the finer resolutions; None = hidden // 2 (paper)
-    num_res_blocks: int = 2
+    num_res_blocks: int = 2           # residual blocks in the encoder
     decoder_res_blocks: int | None = None   # residual blocks in the decoder; None = num_res_blocks
     num_downsamples: int = 2          # stride-2 4x4 convs: 28->7, 32->8, 128->32
     code_dim: int = 64                # D

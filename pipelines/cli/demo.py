@@ -11,10 +11,12 @@ import click
 @click.option("--source", default="/usr/share/datasets/fashion-mnist", show_default=True,
               help="Folder with the Fashion-MNIST IDX files.")
 @click.option("--config", default=None, help="Training config (default: configs/fashion_mnist.yaml).")
-def command(out, steps, nproc, source, config):
+@click.option("--limit", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Images per split (0 = all 70,000): a quick run.")
+def command(out, steps, nproc, source, config, limit):
     """Prepare Fashion-MNIST shards, train with DDP, tokenize with Ray, evaluate, decode."""
     from ..demo import DemoOptions, run_demo
-    opts = DemoOptions(out=out, steps=steps, nproc=nproc, source=source)
+    opts = DemoOptions(out=out, steps=steps, nproc=nproc, source=source, limit=limit)
     if config:
         opts.config = config
     run_demo(opts)

@@ -8,7 +8,8 @@ import click
               help="WebDataset shards: URL, brace range or glob (repeatable).")
 @click.option("--out", required=True, help="Report directory: reconstructions.png, code_usage.png, metrics.json.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate at most N images.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images per model call.")
 def command(tokenizer, inputs, out, limit, batch_size):
     """Encode and decode images; print one JSON line (mean_psnr, usage, perplexity, images) and write
     a PNG grid of originals vs reconstructions and a PNG histogram of code usage."""

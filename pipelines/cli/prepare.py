@@ -13,7 +13,7 @@ def command():
 @click.option("--out", required=True, help="Output directory or URL for the shards.")
 @click.option("--source", default=None, help="Directory holding the IDX files "
               "[default: /usr/share/datasets/fashion-mnist].")
-@click.option("--shard-size", default=5000, show_default=True, type=click.IntRange(min=1))
+@click.option("--shard-size", default=5000, show_default=True, type=click.IntRange(min=1), help="Samples per shard.")
 @click.option("--limit", default=0, type=click.IntRange(min=0), help="Keep only the first N samples per split.")
 def fashion_mnist(out, source, shard_size, limit):
     """Fashion-MNIST IDX files -> train-%06d.tar and test-%06d.tar (.png + .cls)."""
@@ -34,8 +34,8 @@ def fashion_mnist(out, source, shard_size, limit):
 @click.option("--largest-per-dir", is_flag=True, help="Use only the largest image file under each top-level directory of SRC.")
 @click.option("--holdout", default=0, show_default=True, type=int,
               help="Source images written to holdout-%06d.tar instead (held-out evaluation).")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--shard-size", default=5000, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the file order, crops and holdout choice.")
+@click.option("--shard-size", default=5000, show_default=True, type=int, help="Samples per shard.")
 def folder(src, out, size, crops_per_image, short_side, largest_per_dir, holdout, seed, shard_size):
     """A folder tree of images -> images-%06d.tar of SxS PNGs. Unreadable files are reported and skipped."""
     from ..prepare import FolderOptions, prepare_folder

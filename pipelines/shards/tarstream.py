@@ -1,5 +1,5 @@
 """A streaming tar member parser for WebDataset shards, several times cheaper per member than
-tarfile's stream mode (figures in docs/tokenize.md, Design).
+tarfile's stream mode (figures in docs/design.md).
 
 It reads big blocks (decompressing gzip/bz2/xz on the fly), parses ustar/GNU/pax headers the
 way tarfile does (checksum, base-256 sizes, ustar prefix, GNU long names, pax path/size) and
@@ -53,7 +53,7 @@ class BlockPrefetcher:
     READ_SIZE bytes (b'' at the end) while the thread already waits on storage for the ones after.
     Storage latency (object stores, a cold disk) thus overlaps parsing and decoding, at one
     interpreter-lock hand-off per block: a sample-level reader thread costs one per sample,
-    which measured 16% slower than no thread on small images (docs/tokenize.md, Design).
+    which measured 16% slower than no thread on small images (docs/design.md).
 
     All storage work happens in the thread: `open_file()` (which may block, e.g. on a FIFO) and
     every read; the thread closes the file when it ends. A storage error raised there is raised

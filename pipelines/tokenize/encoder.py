@@ -18,7 +18,7 @@ from tokenizer import VQVAE
 
 from ..output_format import codes_numpy_dtype
 
-# images per model call: the fastest of 32/64/128 on CPU (docs/tokenize.md, Design)
+# images per model call: the fastest of 32/64/128 on CPU (docs/design.md)
 CPU_MICRO_BATCH = 64
 GPU_MICRO_BATCH = 512
 

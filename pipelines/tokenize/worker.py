@@ -3,7 +3,7 @@
 It is a threaded actor: each `process` call runs in its own thread and takes one of the worker's
 decode processes for its shard (calls beyond `slots` wait for one), and all of them share the one
 encoder. torch is imported in the actor, not here: the driver imports this module to define the
-actor class and must not pay torch's import (a large part of start-up; docs/tokenize.md)."""
+actor class and must not pay torch's import (a large part of start-up; docs/design.md)."""
 from __future__ import annotations
 
 import os

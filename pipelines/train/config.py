@@ -32,7 +32,7 @@ RESUMABLE_KEYS = frozenset({
 @dataclass
 class DataConfig:
     train: list[str] = field(default_factory=list)   # shard URL patterns (braces, globs, dirs)
-    val: list[str] = field(default_factory=list)
+    val: list[str] = field(default_factory=list)     # validation shards (rank 0); none = no validation
     batch_size: int = 128          # global: split evenly over ranks
     num_workers: int = 2           # DataLoader workers per rank
     shuffle_buffer: int = 2000     # samples per worker
@@ -51,11 +51,11 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
-    beta1: float = 0.9
+    lr: float = 1e-3               # AdamW peak learning rate
+    beta1: float = 0.9             # AdamW betas
     beta2: float = 0.999
     weight_decay: float = 0.0
-    warmup_steps: int = 0
+    warmup_steps: int = 0          # linear warmup from 0
     schedule: str = "cosine"       # cosine | constant (after warmup)
     min_lr_ratio: float = 0.1      # cosine floor as a fraction of lr
     grad_clip: float = 0.0         # max global grad norm; 0 = off
@@ -74,16 +74,16 @@ class OptimConfig:
 
 @dataclass
 class LoopConfig:
-    max_steps: int = 3000
-    log_every: int = 50
-    val_every: int = 500
+    max_steps: int = 3000          # optimizer steps of the whole run
+    log_every: int = 50            # steps per metrics.jsonl training line
+    val_every: int = 500           # steps per validation (also after the last step)
     checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    seed: int = 0
+    keep_checkpoints: int = 3      # newest checkpoints kept
+    seed: int = 0                  # model init, data order, augmentation
     bf16: bool = True              # autocast on CUDA (the quantiser stays fp32)
     device: str = "auto"           # auto | cpu | cuda
     timeout_s: float = 600.0       # collective timeout: a rank whose peer died fails, not hangs
-    progress: bool = True
+    progress: bool = True          # progress bar on rank 0
 
     def __post_init__(self):
         for key in ("max_steps", "log_every", "val_every", "checkpoint_every", "keep_checkpoints"):
