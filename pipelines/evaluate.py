@@ -18,12 +18,12 @@ import torch
 from tqdm import tqdm
 
 from tokenizer import VQVAE
-from tokenizer.storage import write_bytes_atomic
+from tokenizer.storage import join_url, write_bytes_atomic
 
 from .shards.urls import expand_urls
 from .errors import UserError
 from .metrics import code_counts, codebook_usage, mean_psnr, per_image_mse, perplexity
-from .output_format import join, make_output_dir
+from .output_dir import make_output_dir
 from .pictures import comparison_grid, png_bytes, usage_histogram
 from .images import ImagePreprocessor
 from .samples import Rejection, SamplePolicy
@@ -140,8 +140,8 @@ def _batches(images, batch_size: int, limit: int | None):
 
 def write_report(out: str, report: EvalReport, acc: Accumulator) -> dict:
     """The two PNGs, then metrics.json (its presence says the report is complete), each atomic."""
-    files = {"grid": join(out, GRID_NAME), "histogram": join(out, HISTOGRAM_NAME),
-             "metrics": join(out, METRICS_NAME)}
+    files = {"grid": join_url(out, GRID_NAME), "histogram": join_url(out, HISTOGRAM_NAME),
+             "metrics": join_url(out, METRICS_NAME)}
     write_bytes_atomic(files["grid"], png_bytes(comparison_grid(acc.originals, acc.recons)))
     title = (f"code usage: {report.usage:.1%} of K={len(acc.counts)} used, perplexity "
              f"{report.perplexity:.1f}, {report.images} images")

@@ -6,9 +6,12 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 
+from tokenizer.storage import join_url
+
 from .errors import UserError
-from .output_format import (ERRORS_DIR, MANIFEST_DIR, SUCCESS_NAME, DATA_SUFFIX, join,
-                            list_data_files, read_manifests, read_metadata, require_same_tokenizer)
+from .manifests import read_manifests
+from .output_format import (ERRORS_DIR, MANIFEST_DIR, SUCCESS_NAME, DATA_SUFFIX,
+                            list_data_files, read_metadata, require_same_tokenizer)
 
 
 def inspect_output(output: str) -> dict:
@@ -32,7 +35,7 @@ def inspect_output(output: str) -> dict:
         "rows": rows,
         "data_files": len(paths),
         "row_groups": row_groups,
-        "complete": fs.exists(fs._strip_protocol(join(output, SUCCESS_NAME))),
+        "complete": fs.exists(fs._strip_protocol(join_url(output, SUCCESS_NAME))),
         "shards_done": len(manifests),
         "shards_failed": len(failed_shards),
         "failed_shards": failed_shards,
@@ -52,7 +55,7 @@ def inspect_output(output: str) -> dict:
 
 
 def _manifests(fs, output: str) -> dict[str, dict]:
-    root = fs._strip_protocol(join(output, MANIFEST_DIR))
+    root = fs._strip_protocol(join_url(output, MANIFEST_DIR))
     out = {}
     if not fs.isdir(root):
         return out
@@ -65,7 +68,7 @@ def _manifests(fs, output: str) -> dict[str, dict]:
 
 
 def _errors(fs, output: str) -> list[tuple[str, str | None, str]]:
-    root = fs._strip_protocol(join(output, ERRORS_DIR))
+    root = fs._strip_protocol(join_url(output, ERRORS_DIR))
     if not fs.isdir(root):
         return []
     rows = []

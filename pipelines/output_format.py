@@ -13,19 +13,15 @@ pandas, polars, duckdb, Ray Data and HF datasets), so those readers see only cod
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from urllib.parse import quote
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tokenizer.storage import is_local_fs
+from tokenizer.storage import join_url
 
 from .errors import UserError
 
@@ -37,7 +33,6 @@ ERRORS_DIR, MANIFEST_DIR, SUCCESS_NAME = "_errors", "_manifest", "_SUCCESS"
 RUN_FILE = "_vqtok.json"                      # the run record: tokenizer, grid, kept fields
 DATA_SUFFIX = ".parquet"
 MAX_INT16_CODEBOOK = 32768                    # codes 0..32767 fit int16
-_MAX_NAME_BYTES = 200                         # stay well under the usual 255-byte name limit
 
 
 @dataclass(frozen=True)
@@ -132,24 +127,20 @@ def errors_schema() -> pa.Schema:
     return pa.schema([pa.field(name, pa.string()) for name in ERROR_COLUMNS])
 
 
-def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
-
-
 def data_path(output: str, shard: str) -> str:
-    return join(output, shard + DATA_SUFFIX)
+    return join_url(output, shard + DATA_SUFFIX)
 
 
 def errors_path(output: str, shard: str) -> str:
-    return join(output, ERRORS_DIR, shard + DATA_SUFFIX)
+    return join_url(output, ERRORS_DIR, shard + DATA_SUFFIX)
 
 
 def manifest_path(output: str, shard: str) -> str:
-    return join(output, MANIFEST_DIR, shard + ".json")
+    return join_url(output, MANIFEST_DIR, shard + ".json")
 
 
 def success_path(output: str) -> str:
-    return join(output, SUCCESS_NAME)
+    return join_url(output, SUCCESS_NAME)
 
 
 def is_hidden(relative_path: str) -> bool:
@@ -178,22 +169,6 @@ def data_files_among(root: str, paths) -> list[str]:
         if rel.endswith(DATA_SUFFIX) and not is_hidden(rel):
             out.append(path)
     return sorted(out)
-
-
-def read_manifests(fs: fsspec.AbstractFileSystem, paths: list[str], threads: int = 32) -> dict[str, dict | Exception]:
-    """{path: parsed JSON, or the exception that reading or parsing it raised}, in the order of
-    `paths`. Read concurrently: on an object store each read is a round trip, so 100k manifests
-    one after another would take many minutes."""
-    def one(path):
-        try:
-            return json.loads(fs.cat_file(path))
-        except (OSError, ValueError) as e:
-            return e
-
-    if len(paths) <= 1:
-        return {p: one(p) for p in paths}
-    with ThreadPoolExecutor(max_workers=min(threads, len(paths)), thread_name_prefix="vqtok-manifest") as pool:
-        return dict(zip(paths, pool.map(one, paths)))
 
 
 def manifest_problem(manifest) -> str | None:
@@ -300,84 +275,3 @@ def require_same_tokenizer(metas: dict[str, OutputMetadata]) -> OutputMetadata:
                                 f"{path} has {b!r}; tokenize outputs of different tokenizers "
                                 "cannot be mixed")
     return first
-
-
-def safe_name(key: str) -> str:
-    """An untrusted key as ONE file name: injective percent-encoding (no '/', NUL, '..', no
-    leading '.' or '_'), with over-long names shortened and made unique with a hash of the key."""
-    name = quote(key, safe="", encoding="utf-8", errors="surrogatepass")
-    if name.startswith((".", "_")):     # '.', '..', hidden files; '_' paths are skipped by readers
-        name = f"%{ord(name[0]):02X}" + name[1:]
-    if not name:
-        name = "%"                      # the empty key; '%' alone cannot come from quote()
-    if len(name.encode()) > _MAX_NAME_BYTES:
-        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-        head = name[: _MAX_NAME_BYTES - 40]
-        cut = head.rfind("%", len(head) - 2)            # never split a %XX escape
-        name = (head[:cut] if cut >= 0 else head) + "%~" + digest
-    return name
-
-
-def safe_output_path(out_dir: str, key: str, suffix: str = "") -> str:
-    """A path strictly inside `out_dir` for an untrusted key: '<out_dir>/<safe_name(key)><suffix>'.
-    Distinct keys give distinct paths. For local directories the resolved path is checked too."""
-    if "/" in suffix or "\x00" in suffix:
-        raise ValueError(f"suffix {suffix!r} must be a plain extension")
-    path = join(out_dir, safe_name(key) + suffix)
-    if "://" not in out_dir:
-        base = os.path.realpath(out_dir)
-        if os.path.dirname(os.path.realpath(path)) != base:   # e.g. a symlink planted in out_dir
-            raise UserError(f"{out_dir}: refusing to write key {key[:80]!r} outside the output "
-                            f"directory (resolves to {os.path.realpath(path)})")
-    return path
-
-
-def make_output_dir(url: str, option: str) -> None:
-    """Create the directory `url` (and its parents) that a command writes into, and on a local
-    disk check that a file can be created there, before any work; otherwise UserError
-    '<option> <url>: <why>' (a regular file, a parent that is a file, a read-only or virtual
-    filesystem such as /proc). Object stores have no directories to check."""
-    try:
-        fs, root = fsspec.core.url_to_fs(url)
-    except (ValueError, ImportError) as e:
-        raise UserError(f"{option} {url}: unsupported URL ({e})") from None
-    if not is_local_fs(fs):       # object stores have no directories to create
-        try:
-            is_file = fs.isfile(root)
-        except OSError as e:
-            raise UserError(f"{option} {url}: cannot be reached ({e})") from None
-        if is_file:
-            raise UserError(f"{option} {url}: is a file, not a directory")
-        return
-    try:
-        fs.makedirs(root, exist_ok=True)
-    except FileExistsError:
-        raise UserError(f"{option} {url}: is a file, not a directory") from None
-    except NotADirectoryError:
-        raise UserError(f"{option} {url}: cannot be created, a parent of it is a file") from None
-    except OSError as e:
-        raise UserError(f"{option} {url}: cannot be created ({e.strerror or e})") from None
-    probe = os.path.join(root, f".vqtok-write-test-{os.getpid()}-{os.urandom(4).hex()}")
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"{option} {url}: files cannot be created in it ({e.strerror or e})") from None
-
-
-def codes_array(column: pa.ChunkedArray, meta: OutputMetadata, path: str, size: int) -> np.ndarray:
-    """list<int> column -> (n, size) int64, checked against the grid and the codebook."""
-    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    if array.null_count:
-        raise UserError(f"{path}: {array.null_count} rows have null codes")
-    lengths = np.diff(array.offsets.to_numpy(zero_copy_only=False))
-    if len(lengths) and (lengths != size).any():
-        bad = int(np.flatnonzero(lengths != size)[0])
-        raise UserError(f"{path}: a row has {int(lengths[bad])} codes, the grid {meta.grid} "
-                        f"needs {size}")
-    values = array.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-    if values.size and (values.min() < 0 or values.max() >= meta.codebook_size):
-        bad = values[(values < 0) | (values >= meta.codebook_size)]
-        raise UserError(f"{path}: codes outside [0, {meta.codebook_size}) ({bad.size} values, "
-                        f"e.g. {int(bad[0])})")
-    return values.reshape(len(array), size)

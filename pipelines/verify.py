@@ -38,10 +38,14 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tokenizer.storage import join_url
+
+from .code_rows import codes_array
 from .errors import UserError, first_few
+from .manifests import read_manifests
 from .output_format import (CODES, DATA_SUFFIX, ERRORS_DIR, KEY, MANIFEST_DIR, RUN_FILE, SHARD, SUCCESS_NAME,
-                            codes_array, data_files_among, is_hidden, join, manifest_problem,
-                            metadata_from_schema, read_manifests, run_record_problem, success_problem)
+                            data_files_among, is_hidden, manifest_problem, metadata_from_schema,
+                            run_record_problem, success_problem)
 from .shards.urls import expand_urls, shard_name
 from .tokenize.outputs import INDEX_NAME, read_index
 
@@ -82,7 +86,7 @@ class OutputVerifier:
 
     def url(self, path: str) -> str:
         """A filesystem path under the output -> the URL the user gave, extended."""
-        return join(self.output, self._relative(path))
+        return join_url(self.output, self._relative(path))
 
     def _relative(self, path: str) -> str:
         return path[len(self.root):].lstrip("/")
@@ -114,7 +118,7 @@ class OutputVerifier:
             findings.append(Finding(self.url(errors[shard]), "a failed shard: errors but no manifest "
                                     "(rerun the same `vqtok tokenize` to retry it)"))
         for shard in sorted(set(manifests) - set(data)):
-            findings.append(Finding(self.url(join(self.root, shard + DATA_SUFFIX)),
+            findings.append(Finding(self.url(join_url(self.root, shard + DATA_SUFFIX)),
                                     "missing: its manifest says the shard was committed"))
         results = self._check_files(data, errors, manifests, sha, run)
         for r in results:
@@ -133,7 +137,7 @@ class OutputVerifier:
         return path.rsplit("/", 1)[-1][: -len(suffix)]
 
     def _under(self, path: str, directory: str) -> bool:
-        return path.startswith(join(self.root, directory) + "/")
+        return path.startswith(join_url(self.root, directory) + "/")
 
     def _top_level_data(self, paths: list[str], findings: list[Finding]) -> dict[str, str]:
         """shard -> path of the OUTPUT/<shard>.parquet files; a finding for every other file that
@@ -156,7 +160,7 @@ class OutputVerifier:
 
     def _run_record(self, findings: list[Finding]) -> dict:
         """The run record, or {} (with a finding) when it is missing, unreadable or malformed."""
-        path = join(self.root, RUN_FILE)
+        path = join_url(self.root, RUN_FILE)
         try:
             run = json.loads(self.fs.cat_file(path))
         except FileNotFoundError:
@@ -197,7 +201,7 @@ class OutputVerifier:
     def _check_success(self, listing: dict, present: set[str], sha: str | None) -> list[Finding]:
         """_SUCCESS is the job summary, and no shard the job finished has lost its manifest since.
         The summary only counts the finished shards; the manifest index names them."""
-        path = join(self.root, SUCCESS_NAME)
+        path = join_url(self.root, SUCCESS_NAME)
         url = self.url(path)
         if path not in listing:
             return [Finding(url, "missing: the job did not finish (rerun the same `vqtok tokenize`)")]
@@ -209,7 +213,7 @@ class OutputVerifier:
         if problem:
             return [Finding(url, f"malformed job summary: {problem}")]
         done = summary["done"]
-        index = read_index(self.fs, self.root) if join(self.root, MANIFEST_DIR, INDEX_NAME) in listing else None
+        index = read_index(self.fs, self.root) if join_url(self.root, MANIFEST_DIR, INDEX_NAME) in listing else None
         if index is not None and sha is not None and index.get("tokenizer_sha256") != sha:
             index = None                                # not this run's: it cannot name its shards
         gone = sorted(set(index["shards"]) - present) if index is not None else []
@@ -362,7 +366,7 @@ class OutputVerifier:
     def _check_errors(self, shard: str, path: str | None, manifest: dict) -> list[Finding]:
         counts = manifest["counts"]
         expected = counts.get("failed", 0) + counts.get("shard_errors", 0)
-        url = self.url(path) if path else join(self.output, ERRORS_DIR, shard + DATA_SUFFIX)
+        url = self.url(path) if path else join_url(self.output, ERRORS_DIR, shard + DATA_SUFFIX)
         if path is None:
             return [Finding(url, f"missing: its manifest counts {expected} errors")] if expected else []
         found: list[Finding] = []

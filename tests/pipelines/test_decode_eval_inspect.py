@@ -15,6 +15,7 @@ from PIL import Image
 from codes_output import png_bytes, save_tiny_model, write_output, write_tar
 from pipelines import output_format as fmt
 from pipelines.cli import main
+from pipelines.decode import safe_name
 from pipelines.evaluate import load_image
 
 HOSTILE_KEYS = ["../escape", "../../../../tmp/vqtok-escape", "/abs/olute", "nested/dir/key", "a\x00b",
@@ -123,6 +124,16 @@ def test_untrusted_keys_never_write_outside_out(tmp_path, tok):
         np.testing.assert_array_equal(png_array(out / index[key]), expected_pixels(model, rows[key]["codes"]))
     # the keys in the Parquet are kept exactly as they came
     assert pq.read_table(fmt.data_path(str(tmp_path / "codes"), "s0")).column("key").to_pylist() == HOSTILE_KEYS
+
+
+def test_safe_name_is_one_injective_file_name():
+    keys = ["a", "a/b", "a%2Fb", "../a", ".", "..", "", "_x", "%5Fx", "a\x00", "a\n", "x" * 400,
+            "x" * 401, "é" * 200, "\udcff"]
+    names = [safe_name(k) for k in keys]
+    assert len(set(names)) == len(keys)                            # injective
+    for name in names:
+        assert "/" not in name and "\x00" not in name and not name.startswith((".", "_"))
+        assert 0 < len(name.encode()) <= 200
 
 
 def test_decode_refuses_a_symlink_planted_in_out(tmp_path, tok):
