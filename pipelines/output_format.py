@@ -9,7 +9,10 @@ Layout of an OUTPUT directory (local path or fsspec URL):
     OUTPUT/_vqtok.json              the run record (tokenizer sha, grid, kept fields, preprocessing)
 Every data file carries schema metadata under b"vqtok": JSON describing the tokenizer (see
 OutputMetadata). Paths whose name starts with "_" or "." are not data (the convention of pyarrow,
-pandas, polars, duckdb, Ray Data and HF datasets), so those readers see only code rows.
+pandas, polars, duckdb, Ray Data and HF datasets), so those readers see only code rows. Readers
+read every other .parquet file under OUTPUT, at any depth (list_data_files); a shard, though, is
+only OUTPUT/<shard>.parquet, committed once OUTPUT/_manifest/<shard>.json exists (ShardFiles:
+the one definition tokenize's resume, inspect and verify use).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ ERROR_COLUMNS = ("shard", "key", "error")
 ERRORS_DIR, MANIFEST_DIR, SUCCESS_NAME = "_errors", "_manifest", "_SUCCESS"
 RUN_FILE = "_vqtok.json"                      # the run record: tokenizer, grid, kept fields
 DATA_SUFFIX = ".parquet"
+MANIFEST_SUFFIX = ".json"
 MAX_INT16_CODEBOOK = 32768                    # codes 0..32767 fit int16
 
 
@@ -136,7 +140,7 @@ def errors_path(output: str, shard: str) -> str:
 
 
 def manifest_path(output: str, shard: str) -> str:
-    return join_url(output, MANIFEST_DIR, shard + ".json")
+    return join_url(output, MANIFEST_DIR, shard + MANIFEST_SUFFIX)
 
 
 def success_path(output: str) -> str:
@@ -169,6 +173,62 @@ def data_files_among(root: str, paths) -> list[str]:
         if rel.endswith(DATA_SUFFIX) and not is_hidden(rel):
             out.append(path)
     return sorted(out)
+
+
+@dataclass(frozen=True)
+class ShardFiles:
+    """An output's shard files, by the one rule of what a shard is: shard S has the data file
+    OUTPUT/S.parquet (directly under OUTPUT) and the manifest OUTPUT/_manifest/S.json, S not
+    starting with '_' or '.'. A shard is committed when it has both: its manifest is written
+    last (pipelines/tokenize/writer.py), so a data file alone is an interrupted shard."""
+    data: dict[str, str]          # shard -> path of its data file
+    manifests: dict[str, str]     # shard -> path of its manifest
+
+    def committed(self) -> dict[str, tuple[str, str]]:
+        """shard -> (data path, manifest path) of every committed shard, sorted by shard."""
+        return {s: (self.data[s], self.manifests[s]) for s in sorted(self.data) if s in self.manifests}
+
+
+def shard_files(fs: fsspec.AbstractFileSystem, root: str, paths=None) -> ShardFiles:
+    """The shard files of the output at `root` (a path on `fs`) among `paths`, a listing of
+    files under it (recursive or not; other files are ignored); default: shard_listing's."""
+    root = root.rstrip("/")
+    if paths is None:
+        paths = shard_listing(fs, root)
+    data, manifests = {}, {}
+    for path in paths:
+        if not path.startswith(root + "/"):
+            continue
+        folder, _, name = path[len(root) + 1:].rpartition("/")
+        if is_hidden(name):
+            continue
+        if folder == "" and name.endswith(DATA_SUFFIX):
+            data[name[: -len(DATA_SUFFIX)]] = path
+        elif folder == MANIFEST_DIR and name.endswith(MANIFEST_SUFFIX):
+            manifests[name[: -len(MANIFEST_SUFFIX)]] = path
+    return ShardFiles(data, manifests)
+
+
+def committed_shards(fs: fsspec.AbstractFileSystem, root: str, paths=None) -> dict[str, tuple[str, str]]:
+    """shard -> (data path, manifest path) of the committed shards of the output at `root`
+    (see ShardFiles; `paths` as for shard_files)."""
+    return shard_files(fs, root, paths).committed()
+
+
+def shard_listing(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """The files directly in OUTPUT and in OUTPUT/_manifest (all that ShardFiles looks at): two
+    listings, where a recursive one would cost a round trip per page of every file on object
+    stores. A directory that does not exist holds none."""
+    root = root.rstrip("/")
+    return _files_in(fs, root) + _files_in(fs, join_url(root, MANIFEST_DIR))
+
+
+def _files_in(fs: fsspec.AbstractFileSystem, directory: str) -> list[str]:
+    try:
+        entries = fs.ls(directory, detail=True)
+    except FileNotFoundError:
+        return []
+    return [e["name"] for e in entries if e.get("type") == "file"]
 
 
 def manifest_problem(manifest) -> str | None:

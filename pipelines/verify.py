@@ -45,7 +45,7 @@ from .errors import UserError, first_few
 from .manifests import read_manifests
 from .output_format import (CODES, DATA_SUFFIX, ERRORS_DIR, KEY, MANIFEST_DIR, RUN_FILE, SHARD, SUCCESS_NAME,
                             data_files_among, is_hidden, manifest_problem, metadata_from_schema,
-                            run_record_problem, success_problem)
+                            run_record_problem, shard_files, success_problem)
 from .shards.urls import expand_urls, shard_name
 from .tokenize.outputs import INDEX_NAME, read_index
 
@@ -101,10 +101,12 @@ class OutputVerifier:
         findings: list[Finding] = []
         run = self._run_record(findings)
         sha = run.get("tokenizer_sha256")
-        data = self._top_level_data(paths, findings)
+        files = shard_files(self.fs, self.root, paths)
+        data = files.data
+        findings += self._not_shards(paths, data)
         errors = {self._stem(p, DATA_SUFFIX): p for p in paths
                   if self._under(p, ERRORS_DIR) and p.endswith(DATA_SUFFIX)}
-        present, manifests = self._manifests(paths, sha, findings)
+        present, manifests = set(files.manifests), self._manifests(files.manifests, sha, findings)
         if sha is None and manifests:                   # no run record: the manifests decide
             sha = next(iter(manifests.values())).get("tokenizer_sha256")
         findings += self._check_success(listing, present, sha)
@@ -139,24 +141,25 @@ class OutputVerifier:
     def _under(self, path: str, directory: str) -> bool:
         return path.startswith(join_url(self.root, directory) + "/")
 
-    def _top_level_data(self, paths: list[str], findings: list[Finding]) -> dict[str, str]:
-        """shard -> path of the OUTPUT/<shard>.parquet files; a finding for every other file that
-        readers would read (no part of its path starts with '_' or '.')."""
-        data_files = data_files_among(self.root, paths)
-        data = {self._stem(p, DATA_SUFFIX): p for p in data_files if "/" not in self._relative(p)}
-        for path in data_files:
-            if "/" in self._relative(path):
+    def _not_shards(self, paths: list[str], data: dict[str, str]) -> list[Finding]:
+        """A finding for every file readers would read (no part of its path starts with '_' or
+        '.') that is not a shard's data file OUTPUT/<shard>.parquet."""
+        findings = []
+        shards = set(data.values())
+        readable = data_files_among(self.root, paths)
+        for path in readable:
+            if path not in shards:
                 findings.append(Finding(self.url(path), "not a committed shard: readers of the output "
                                         "(pyarrow.dataset, pandas, CodesDataset, `vqtok inspect`) would read "
                                         "its rows as data; move it out of the output directory"))
-        parquet = set(data_files)
+        readable = set(readable)
         for path in paths:
-            if path not in parquet and not is_hidden(self._relative(path)):
+            if path not in readable and not is_hidden(self._relative(path)):
                 findings.append(Finding(self.url(path), "stray file: pyarrow.dataset and pandas read every "
                                         "file under the output whose path has no part starting with '_' or "
                                         "'.' (and fail on one that is not Parquet); move it out of the output "
                                         "directory"))
-        return data
+        return findings
 
     def _run_record(self, findings: list[Finding]) -> dict:
         """The run record, or {} (with a finding) when it is missing, unreadable or malformed."""
@@ -175,14 +178,12 @@ class OutputVerifier:
             return {}
         return run
 
-    def _manifests(self, paths: list[str], sha: str | None,
-                   findings: list[Finding]) -> tuple[set[str], dict[str, dict]]:
-        """(every shard with a manifest file, shard -> manifest of the well-formed ones); findings
-        for the others and for a tokenizer other than the run's."""
-        wanted = sorted(p for p in paths if self._under(p, MANIFEST_DIR) and p.endswith(".json"))
-        present = {self._stem(p, ".json") for p in wanted}
+    def _manifests(self, paths: dict[str, str], sha: str | None, findings: list[Finding]) -> dict[str, dict]:
+        """shard -> manifest of the well-formed ones among `paths` (shard -> manifest path);
+        findings for the others and for a tokenizer other than the run's."""
         out = {}
-        for path, manifest in read_manifests(self.fs, wanted).items():
+        by_path = {path: shard for shard, path in paths.items()}
+        for path, manifest in read_manifests(self.fs, sorted(by_path)).items():
             if isinstance(manifest, Exception):
                 findings.append(Finding(self.url(path), f"unreadable manifest ({manifest})"))
                 continue
@@ -195,8 +196,8 @@ class OutputVerifier:
             if sha is not None and manifest["tokenizer_sha256"] != sha:
                 findings.append(Finding(self.url(path), f"names tokenizer {manifest['tokenizer_sha256'][:12]}..., "
                                         f"the output's is {sha[:12]}..."))
-            out[self._stem(path, ".json")] = manifest
-        return present, out
+            out[by_path[path]] = manifest
+        return out
 
     def _check_success(self, listing: dict, present: set[str], sha: str | None) -> list[Finding]:
         """_SUCCESS is the job summary, and no shard the job finished has lost its manifest since.

@@ -19,8 +19,8 @@ from tokenizer.storage import is_local_fs, join_url
 from ..errors import UserError
 from ..manifests import read_manifests
 from ..output_dir import make_output_dir
-from ..output_format import (DATA_SUFFIX, ERRORS_DIR, MANIFEST_DIR, RUN_FILE, SUCCESS_NAME, OutputMetadata,
-                             manifest_path, manifest_problem, success_path)
+from ..output_format import (ERRORS_DIR, MANIFEST_DIR, RUN_FILE, SUCCESS_NAME, OutputMetadata, committed_shards,
+                             manifest_problem, shard_files, shard_listing, success_path)
 from .writer import TMP_DIR, put_atomic
 
 INDEX_NAME = "_index.json.gz"    # OUTPUT/_manifest/_index.json.gz: finished shards' slim manifests
@@ -119,11 +119,7 @@ class OutputDir:
                 "use another --output, or pass --overwrite to delete them and start over")
 
     def _data_files(self) -> list[str]:
-        try:
-            names = self.fs.ls(self.root, detail=False)
-        except FileNotFoundError:
-            return []
-        return [p for p in names if p.endswith(DATA_SUFFIX) and not p.rsplit("/", 1)[-1].startswith(("_", "."))]
+        return sorted(shard_files(self.fs, self.root).data.values())
 
     def clear(self) -> None:
         for path in self._data_files():
@@ -147,16 +143,14 @@ class OutputDir:
         previous run left (`record_finished`); only manifests the index does not know are read,
         concurrently. Whether a shard is done always comes from the listings: the index is a
         cache of manifest contents, never a substitute for a manifest."""
-        try:
-            present = {p.rsplit("/", 1)[-1] for p in self.fs.ls(join_url(self.root, MANIFEST_DIR), detail=False)}
-        except FileNotFoundError:
-            return {}
-        data = {p.rsplit("/", 1)[-1] for p in self._data_files()}
-        candidates = [s for s in shards if s + ".json" in present and s + DATA_SUFFIX in data]
-        index = self._read_index(sha) if INDEX_NAME in present else {}
+        listing = shard_listing(self.fs, self.root)
+        committed = committed_shards(self.fs, self.root, listing)
+        candidates = [s for s in shards if s in committed]
+        has_index = join_url(self.root, MANIFEST_DIR, INDEX_NAME) in listing
+        index = self._read_index(sha) if has_index and candidates else {}
         done = {s: index[s] for s in candidates if summable(index.get(s))}
         unknown = [s for s in candidates if s not in done]
-        paths = [manifest_path(self.root, s) for s in unknown]
+        paths = [committed[s][1] for s in unknown]
         threads = 1 if is_local_fs(self.fs) else 32     # local reads: threads cost more than they save
         for shard, manifest in zip(unknown, read_manifests(self.fs, paths, threads).values()):
             # an unreadable or torn manifest cannot exist (atomic commits), but never trust one

@@ -3,6 +3,7 @@ import io
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -270,6 +271,22 @@ def test_inspect_reports_rows_shards_errors_and_tokenizer(tmp_path, tok):
     text = run("inspect", out).stdout
     assert "INCOMPLETE" in text and "2 done" in text and "without a manifest" in text
     assert json.loads(run("inspect", out, "--json").stdout)["uncommitted_shards"] == ["s0"]
+
+
+def test_inspect_counts_as_shards_only_committed_top_level_data_files(tmp_path, tok):
+    """The one rule of what a shard is (resume and verify use it too): OUTPUT/<shard>.parquet
+    with OUTPUT/_manifest/<shard>.json. A manifest whose data file is gone is no finished shard;
+    a .parquet file in a subfolder is read by readers (rows) but is no shard at all."""
+    _, model = tok
+    out = tmp_path / "codes"
+    write_output(out, model, {"s0": 2, "s1": 3, "s2": 4})
+    os.remove(fmt.data_path(str(out), "s2"))
+    os.makedirs(out / "sub")
+    shutil.copy(fmt.data_path(str(out), "s0"), out / "sub" / "copy.parquet")
+    info = json.loads(run("inspect", out, "--json").stdout)
+    assert info["shards_done"] == 2 and info["uncommitted_shards"] == []
+    assert info["data_files"] == 3 and info["rows"] == 2 + 3 + 2
+    assert info["samples_read"] == 2 + 3
 
 
 def test_inspect_of_a_non_output_is_a_clear_error(tmp_path):
