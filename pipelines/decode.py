@@ -25,6 +25,7 @@ from tqdm import tqdm
 from tokenizer import VQVAE
 from tokenizer.storage import join_url, write_bytes_atomic
 
+from .batches import batched
 from .errors import UserError
 from .output_dir import make_output_dir
 from .output_format import OutputMetadata
@@ -155,7 +156,7 @@ def decode_output(tokenizer: str, codes: str, out: str, limit: int | None = None
     total = len(dataset) if limit is None else min(limit, len(dataset))
     try:
         with tqdm(total=total, desc="decode", unit="img", file=sys.stderr) as bar:
-            for batch in _batches(dataset, batch_size, total):
+            for batch in batched(dataset, batch_size, total):
                 images = model.decode(torch.stack([r["codes"] for r in batch]).to(device)).cpu()  # (B, C, H, W)
                 for row, image in zip(batch, images):
                     writer.write(row["shard"], row["key"], png_bytes(image))
@@ -167,17 +168,3 @@ def decode_output(tokenizer: str, codes: str, out: str, limit: int | None = None
         print(f"warning: {writer.duplicates} rows repeat a (shard, key) already decoded; "
               "kept the first of each", file=sys.stderr)
     return DecodeSummary(images=len(writer.written), out=out, index=index, duplicates=writer.duplicates)
-
-
-def _batches(dataset, batch_size: int, total: int):
-    batch, seen = [], 0
-    for row in dataset:
-        if seen >= total:
-            break
-        batch.append(row)
-        seen += 1
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

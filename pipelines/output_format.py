@@ -51,13 +51,6 @@ class OutputMetadata:
     version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)  # unknown keys written by newer writers, kept
 
-    @classmethod
-    def from_model(cls, model, preprocessing: str | dict = "", **extra) -> "OutputMetadata":
-        """From a tokenizer.VQVAE (duck-typed, so this module needs no torch)."""
-        return cls(tokenizer_sha256=model.weights_sha256(), codebook_size=int(model.codebook_size),
-                   grid=tuple(int(g) for g in model.grid), channels=int(model.config.in_channels),
-                   resolution=int(model.config.resolution), preprocessing=preprocessing, extra=extra)
-
     def to_json(self) -> str:
         data = asdict(self)
         extra = data.pop("extra")

@@ -1,5 +1,4 @@
 """vqtok decode / eval / inspect through the CLI, on outputs of a real (tiny) tokenizer."""
-import io
 import json
 import math
 import os
@@ -17,7 +16,6 @@ from codes_output import png_bytes, save_tiny_model, write_output, write_tar
 from pipelines import output_format as fmt
 from pipelines.cli import main
 from pipelines.decode import safe_name
-from pipelines.evaluate import load_image
 
 HOSTILE_KEYS = ["../escape", "../../../../tmp/vqtok-escape", "/abs/olute", "nested/dir/key", "a\x00b",
                 "x" * 5000, "é" * 300, ".", "..", "", "_hidden", ".hidden", "%2E", "normal-000001",
@@ -231,18 +229,6 @@ def test_eval_without_readable_images_is_a_clear_error(tmp_path, tok):
     assert result.exit_code == 1 and "no decodable image" in result.output
     result = run("eval", "--tokenizer", tok_dir, "--input", tmp_path / "missing-*.tar", "--out", tmp_path / "r")
     assert result.exit_code == 1 and result.output.startswith("Error: ")
-
-
-def test_load_image_orients_converts_resizes_and_crops():
-    img = Image.new("RGB", (30, 10), (255, 0, 0))
-    img.paste((0, 0, 255), (10, 0, 20, 10))                       # blue centre third
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    x = load_image(buf.getvalue(), channels=3, resolution=8)
-    assert tuple(x.shape) == (3, 8, 8)
-    assert x[2].mean() > 0.9 and x[0].mean() < 0.1                 # centre crop of the blue third
-    grey = load_image(buf.getvalue(), channels=1, resolution=4)
-    assert tuple(grey.shape) == (1, 4, 4) and 0 <= float(grey.min()) <= float(grey.max()) <= 1
 
 
 def test_inspect_reports_rows_shards_errors_and_tokenizer(tmp_path, tok):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from codes_output import tiny_model, write_output
+from codes_output import output_metadata, tiny_model, write_output
 from pipelines import CodesDataset
 from pipelines import output_format as fmt
 from pipelines.errors import UserError
@@ -176,7 +176,7 @@ def test_refuses_missing_or_invalid_metadata(tmp_path, model):
     pq.write_table(plain, tmp_path / "b.parquet")
     with pytest.raises(UserError, match=r"b\.parquet: no 'vqtok' schema metadata"):
         CodesDataset(str(tmp_path))
-    good = json.loads(fmt.OutputMetadata.from_model(model).to_json())
+    good = json.loads(output_metadata(model).to_json())
     for broken, why in [(b"{not json", "not valid JSON"),
                         (json.dumps({**good, "grid": [4]}).encode(), "invalid 'grid'"),
                         (json.dumps({k: v for k, v in good.items() if k != "codebook_size"}).encode(),
@@ -195,7 +195,7 @@ def test_refuses_missing_field_bad_rows_and_empty_dirs(tmp_path, model):
     write_output(tmp_path, model, {"a": 3})
     with pytest.raises(UserError, match="no column 'label'.*--keep-fields label"):
         CodesDataset(str(tmp_path), fields=("label",))
-    meta = fmt.OutputMetadata.from_model(model)
+    meta = output_metadata(model)
     short = pa.table({"key": ["x"], "shard": ["b"], "codes": [[1, 2, 3]]},
                      schema=fmt.data_schema(meta))
     pq.write_table(short, tmp_path / "b.parquet")
