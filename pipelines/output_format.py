@@ -173,7 +173,7 @@ class ShardFiles:
     """An output's shard files, by the one rule of what a shard is: shard S has the data file
     OUTPUT/S.parquet (directly under OUTPUT) and the manifest OUTPUT/_manifest/S.json, S not
     starting with '_' or '.'. A shard is committed when it has both: its manifest is written
-    last (pipelines/tokenize/writer.py), so a data file alone is an interrupted shard."""
+    last (pipelines/tokenize/commit.py), so a data file alone is an interrupted shard."""
     data: dict[str, str]          # shard -> path of its data file
     manifests: dict[str, str]     # shard -> path of its manifest
 

@@ -21,7 +21,7 @@ from ..manifests import read_manifests
 from ..output_dir import make_output_dir
 from ..output_format import (ERRORS_DIR, MANIFEST_DIR, RUN_FILE, SUCCESS_NAME, OutputMetadata, committed_shards,
                              manifest_problem, shard_files, shard_listing, success_path)
-from .writer import TMP_DIR, put_atomic
+from .commit import TMP_DIR, put_atomic
 
 INDEX_NAME = "_index.json.gz"    # OUTPUT/_manifest/_index.json.gz: finished shards' slim manifests
 

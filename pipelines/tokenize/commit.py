@@ -1,4 +1,4 @@
-"""Write one shard's results: data Parquet, error Parquet, manifest — each committed atomically.
+"""Commit one shard's results: data Parquet, error Parquet, manifest — each written atomically.
 
 Commit order is: the old manifest removed, errors, data, the new manifest. The manifest is the
 shard's commit marker (with the sha256 of the files it commits), so it is taken away before a
