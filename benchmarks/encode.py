@@ -65,6 +65,7 @@ def module_at(ref: str, path: str, name: str) -> types.ModuleType:
                             capture_output=True, text=True).stdout
     module = types.ModuleType(name)
     module.__file__ = str(ROOT / path)
+    module.__package__ = os.path.dirname(path).replace("/", ".")   # for its relative imports
     sys.modules[name] = module
     exec(compile(source, f"{ref}:{path}", "exec"), module.__dict__)
     return module
@@ -161,8 +162,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     images = fashion_images(a.images)
     print(f"command: {' '.join([os.path.basename(sys.executable), *sys.argv])}")
-    print(f"native kernel: {'yes' if nm.native_kernel() else 'none (torch)'}; "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"load average {os.getloadavg()[0]:.1f}")
     tokenizers = []
     with tempfile.TemporaryDirectory() as tmp:
         if not a.no_kmeans:

@@ -31,7 +31,7 @@ import time
 import torch
 
 from tokenizer import nearest as nearest_module
-from tokenizer.nearest import native_kernel, nearest_codes
+from tokenizer.nearest import nearest_codes
 
 LIMIT_ROWS = (512, 1024)  # the arithmetic limit is the fastest of these blockings
 GIB = 1 << 30
@@ -49,33 +49,11 @@ def limit_fn(z, book_t, rows):
     return run
 
 
-def native_limit_fn(z, book):
-    """The native back end's own GEMMs (torch.mm over the same row blocks and column tiles as
-    `_blocked_pass`, the codebook pre-scaled by -2) without the C best-two pass: the arithmetic
-    limit of exactly what nearest_codes runs."""
-    book_t = (book * -2.0).t().contiguous()
-    n, k = z.shape[0], book_t.shape[1]
-    rows, tile = nearest_module.native_blocks(n, k)
-    scores = torch.empty(rows * tile)
-
-    def run():
-        for r0 in range(0, n, rows):
-            r1 = min(r0 + rows, n)
-            for c0 in range(0, k, tile):
-                c1 = min(c0 + tile, k)
-                block = scores[: (r1 - r0) * (c1 - c0)].view(r1 - r0, c1 - c0)
-                torch.mm(z[r0:r1], book_t[:, c0:c1], out=block)
-    return run
-
-
 def build_methods(z, book):
     book_t = book.t().contiguous()
     methods = {f"limit (GEMM only, {r}-row blocks)": limit_fn(z, book_t, r) for r in LIMIT_ROWS}
     methods["nearest_codes"] = lambda: nearest_codes(z, book)
     methods["nearest_codes fp32 only (exact=False)"] = lambda: nearest_codes(z, book, exact=False)
-    if native_kernel() is not None:
-        methods["limit (GEMM only, native blocks)"] = native_limit_fn(z, book)
-    methods["nearest_codes torch back end"] = lambda: nearest_codes(z, book, backend="torch")
     methods["full torch.mm (N x K output)"] = lambda: torch.mm(z, book_t)
     methods["torch.cdist(...).argmin()"] = lambda: torch.cdist(z, book).argmin(1)
     slow = {"torch.cdist(...).argmin()"}
@@ -108,7 +86,7 @@ def build_methods(z, book):
 def round_robin(methods, slow, rounds, slow_rounds, pause=0.05):
     times = {name: [] for name in methods}
     results = {}
-    for _ in range(2 if rounds > 1 else 1):   # warm-up: kernel build, allocator, faiss threads
+    for _ in range(2 if rounds > 1 else 1):   # warm-up: allocator, faiss threads
         for name, fn in methods.items():
             results[name] = fn()
     for r in range(rounds):
@@ -131,7 +109,7 @@ def _rss() -> int:
 def memory_child(n, k, d):
     torch.manual_seed(0)
     z, book = torch.randn(n, d), torch.randn(k, d)
-    nearest_codes(z[:64], book[:64])              # build/load the kernel, warm the allocator
+    nearest_codes(z[:64], book[:64])              # warm the allocator
     base, peak, done = _rss(), [0], threading.Event()
     max_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
@@ -169,8 +147,7 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     return (f"{model}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), native kernel: "
-            f"{'yes (torch.mm + C best-two pass)' if native_kernel() else 'no (torch fallback)'}")
+            f"({torch.get_num_threads()} threads)")
 
 
 def agreement(z, book, ref, idx):
@@ -223,7 +200,7 @@ def main(argv=None) -> int:
     print(f"\nnearest_codes (exact) / arithmetic limit = {ours / limit:.2f}x (target <= 1.3)")
     for name in ("faiss IndexFlatL2 k=1", "nearest_codes fp32 only (exact=False)",
                  "vector-quantize-pytorch eval fwd",
-                 "torch.cdist(...).argmin()", "nearest_codes torch back end"):
+                 "torch.cdist(...).argmin()"):
         if name in times:
             print(f"{name} / nearest_codes = {min(times[name]) / ours:.2f}x")
     if "faiss IndexFlatL2 k=1" in times:

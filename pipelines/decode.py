@@ -1,7 +1,7 @@
 """`vqtok decode`: codes of a tokenize output back to PNG images, one per row.
 
 Layout: OUT/<shard>/<key>.png, each of <shard> and <key> passed through
-output_format.safe_name (keys come from tar member names and are untrusted: nothing is ever
+safe_name (keys come from tar member names and are untrusted: nothing is ever
 written outside OUT, and distinct keys get distinct files). OUT/_index.jsonl maps every
 (shard, key) to its file, since encoded names can differ from the key. Every file is published
 atomically (tokenizer.storage.write_bytes_atomic), the index last: a reader never sees a partial
@@ -9,21 +9,26 @@ PNG, and an index names only files that are complete.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import fsspec
 import torch
 from tqdm import tqdm
 
 from tokenizer import VQVAE
-from tokenizer.storage import write_bytes_atomic
+from tokenizer.storage import join_url, write_bytes_atomic
 
+from .batches import batched
 from .errors import UserError
-from .output_format import OutputMetadata, join, make_output_dir, safe_output_path
+from .output_dir import make_output_dir
+from .output_format import OutputMetadata
 from .pictures import png_bytes
 from .readers import CodesDataset
 
@@ -48,6 +53,40 @@ def load_tokenizer_for(tokenizer: str, meta: OutputMetadata, codes_url: str,
                         f"tokenizer_sha256 {meta.tokenizer_sha256[:12]}... that {codes_url} was made "
                         "with; decode with the same tokenizer directory you tokenized with")
     return model
+
+
+# ---- untrusted keys as file names under OUT ------------------------------------------------------
+MAX_NAME_BYTES = 200           # stay well under the usual 255-byte name limit
+
+
+def safe_name(key: str) -> str:
+    """An untrusted key as ONE file name: injective percent-encoding (no '/', NUL, '..', no
+    leading '.' or '_'), with over-long names shortened and made unique with a hash of the key."""
+    name = quote(key, safe="", encoding="utf-8", errors="surrogatepass")
+    if name.startswith((".", "_")):     # '.', '..', hidden files; '_' paths are skipped by readers
+        name = f"%{ord(name[0]):02X}" + name[1:]
+    if not name:
+        name = "%"                      # the empty key; '%' alone cannot come from quote()
+    if len(name.encode()) > MAX_NAME_BYTES:
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        head = name[: MAX_NAME_BYTES - 40]
+        cut = head.rfind("%", len(head) - 2)            # never split a %XX escape
+        name = (head[:cut] if cut >= 0 else head) + "%~" + digest
+    return name
+
+
+def safe_output_path(out_dir: str, key: str, suffix: str = "") -> str:
+    """A path strictly inside `out_dir` for an untrusted key: '<out_dir>/<safe_name(key)><suffix>'.
+    Distinct keys give distinct paths. For local directories the resolved path is checked too."""
+    if "/" in suffix or "\x00" in suffix:
+        raise ValueError(f"suffix {suffix!r} must be a plain extension")
+    path = join_url(out_dir, safe_name(key) + suffix)
+    if "://" not in out_dir:
+        base = os.path.realpath(out_dir)
+        if os.path.dirname(os.path.realpath(path)) != base:   # e.g. a symlink planted in out_dir
+            raise UserError(f"{out_dir}: refusing to write key {key[:80]!r} outside the output "
+                            f"directory (resolves to {os.path.realpath(path)})")
+    return path
 
 
 # files published at once: each publish waits for a disk flush (fsync), and flushes in flight
@@ -100,7 +139,7 @@ class PngWriter:
         self.flush()
         lines = [json.dumps({"shard": s, "key": k, "file": p[len(self.out) + 1:]})
                  for p, (s, k) in self.written.items()]
-        path = join(self.out, INDEX_NAME)
+        path = join_url(self.out, INDEX_NAME)
         write_bytes_atomic(path, ("\n".join(lines) + "\n").encode())
         return path
 
@@ -117,7 +156,7 @@ def decode_output(tokenizer: str, codes: str, out: str, limit: int | None = None
     total = len(dataset) if limit is None else min(limit, len(dataset))
     try:
         with tqdm(total=total, desc="decode", unit="img", file=sys.stderr) as bar:
-            for batch in _batches(dataset, batch_size, total):
+            for batch in batched(dataset, batch_size, total):
                 images = model.decode(torch.stack([r["codes"] for r in batch]).to(device)).cpu()  # (B, C, H, W)
                 for row, image in zip(batch, images):
                     writer.write(row["shard"], row["key"], png_bytes(image))
@@ -129,17 +168,3 @@ def decode_output(tokenizer: str, codes: str, out: str, limit: int | None = None
         print(f"warning: {writer.duplicates} rows repeat a (shard, key) already decoded; "
               "kept the first of each", file=sys.stderr)
     return DecodeSummary(images=len(writer.written), out=out, index=index, duplicates=writer.duplicates)
-
-
-def _batches(dataset, batch_size: int, total: int):
-    batch, seen = [], 0
-    for row in dataset:
-        if seen >= total:
-            break
-        batch.append(row)
-        seen += 1
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

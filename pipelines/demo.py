@@ -3,7 +3,6 @@ Ray tokenization -> Parquet -> eval report with pictures -> decoded samples."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,15 +74,11 @@ def run_demo(opts: DemoOptions) -> dict:
     times["total_s"] = time.perf_counter() - t0
 
     info = inspect_output(paths["codes"])
-    result = {"paths": {**paths, "tokenizer": final}, "eval": _as_dict(report),
+    result = {"paths": {**paths, "tokenizer": final}, "eval": report.to_dict(),
               "tokenize": {k: summary[k] for k in ("shards", "done", "error_rate", "samples_per_s") if k in summary},
               "rows": info.get("rows"), "times": {k: round(v, 1) for k, v in times.items()}}
     _print_summary(result)
     return result
-
-
-def _as_dict(report) -> dict:
-    return report.to_dict() if hasattr(report, "to_dict") else dict(vars(report))
 
 
 def _print_summary(result: dict) -> None:
@@ -100,7 +95,3 @@ def _print_summary(result: dict) -> None:
         .format(total=result["times"]["total_s"], rows=result["rows"],
                 eval=json.dumps({k: v for k, v in result["eval"].items() if k != "files"}), **p),
         flush=True)
-
-
-def default_out() -> str:
-    return os.environ.get("VQTOK_DEMO_OUT", "demo_out")

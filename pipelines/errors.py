@@ -58,9 +58,16 @@ def first_few(items, limit: int = 5) -> str:
     return named + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
+def first_line(e: BaseException) -> str:
+    """The first non-blank line of an exception's message (its type name if none), for a
+    one-line error that wraps another library's multi-line one."""
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
 # what the CLI and a training rank print as one line
 USER_ERRORS = (UserError, ConfigError, CheckpointError)
 
 __all__ = ["UserError", "SharedError", "Reported", "Stopped", "ConfigError", "CheckpointError",
            "USER_ERRORS", "ERROR_EXIT", "RANK_USER_ERROR_EXIT", "RANK_PEER_FAILED_EXIT",
-           "stopped_exit", "first_few"]
+           "stopped_exit", "first_few", "first_line"]

@@ -18,14 +18,14 @@ import torch
 from tqdm import tqdm
 
 from tokenizer import VQVAE
-from tokenizer.storage import write_bytes_atomic
+from tokenizer.storage import join_url, write_bytes_atomic
 
-from .shards.urls import expand_urls
+from .batches import batched
 from .errors import UserError
+from .shards.urls import expand_urls
 from .metrics import code_counts, codebook_usage, mean_psnr, per_image_mse, perplexity
-from .output_format import join, make_output_dir
+from .output_dir import make_output_dir
 from .pictures import comparison_grid, png_bytes, usage_histogram
-from .images import ImagePreprocessor
 from .samples import Rejection, SamplePolicy
 from .shards.reader import TarShardReader
 
@@ -48,14 +48,6 @@ class EvalReport:
 
     def json_line(self) -> str:
         return json.dumps(self.to_dict())
-
-
-def load_image(data: bytes, channels: int, resolution: int, ext: str = "image") -> torch.Tensor:
-    """Image bytes -> (C, R, R) float in [0, 1], preprocessed exactly as `vqtok tokenize` does
-    (pipelines/images.py: EXIF orientation, 8-bit, alpha over white, channels,
-    shorter-side resize, centre crop). Raises ImageError for unusable bytes."""
-    arr = ImagePreprocessor(channels, resolution)(data, ext)                # (C, R, R) uint8
-    return torch.from_numpy(np.array(arr, copy=True)).float() / 255
 
 
 class Accumulator:
@@ -112,8 +104,8 @@ def evaluate(tokenizer: str, inputs: list[str], out: str, limit: int | None = No
     acc, skipped = Accumulator(model.codebook_size, grid_images), []
     images = iter_images(urls, model.config.in_channels, model.config.resolution, skipped)
     with tqdm(total=limit, desc="eval", unit="img", file=sys.stderr) as bar:
-        for x in _batches(images, batch_size, limit):
-            x = x.to(device)
+        for batch in batched(images, batch_size, limit):
+            x = torch.stack(batch).to(device)
             codes = model.encode(x)                          # (B, h, w)
             acc.add(x, model.decode(codes), codes)
             bar.update(len(x))
@@ -124,24 +116,10 @@ def evaluate(tokenizer: str, inputs: list[str], out: str, limit: int | None = No
     return report
 
 
-def _batches(images, batch_size: int, limit: int | None):
-    batch, seen = [], 0
-    for x in images:
-        if limit is not None and seen >= limit:
-            break
-        batch.append(x)
-        seen += 1
-        if len(batch) == batch_size:
-            yield torch.stack(batch)
-            batch = []
-    if batch:
-        yield torch.stack(batch)
-
-
 def write_report(out: str, report: EvalReport, acc: Accumulator) -> dict:
     """The two PNGs, then metrics.json (its presence says the report is complete), each atomic."""
-    files = {"grid": join(out, GRID_NAME), "histogram": join(out, HISTOGRAM_NAME),
-             "metrics": join(out, METRICS_NAME)}
+    files = {"grid": join_url(out, GRID_NAME), "histogram": join_url(out, HISTOGRAM_NAME),
+             "metrics": join_url(out, METRICS_NAME)}
     write_bytes_atomic(files["grid"], png_bytes(comparison_grid(acc.originals, acc.recons)))
     title = (f"code usage: {report.usage:.1%} of K={len(acc.counts)} used, perplexity "
              f"{report.perplexity:.1f}, {report.images} images")

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections import Counter
 
+import fsspec
 import pyarrow.parquet as pq
 
+from tokenizer.storage import join_url
+
 from .errors import UserError
-from .output_format import (ERRORS_DIR, MANIFEST_DIR, SUCCESS_NAME, DATA_SUFFIX, join,
-                            list_data_files, read_manifests, read_metadata, require_same_tokenizer)
+from .manifests import read_manifests
+from .output_format import (DATA_SUFFIX, ERRORS_DIR, list_data_files, read_metadata, require_same_tokenizer,
+                            shard_files, success_path)
 
 
 def inspect_output(output: str) -> dict:
@@ -21,19 +25,20 @@ def inspect_output(output: str) -> dict:
         rows += md.num_rows
         row_groups += md.num_row_groups
     meta = require_same_tokenizer(metas)
-    manifests = _manifests(fs, output)
-    errors = _errors(fs, output)
+    root = fsspec.core.url_to_fs(output)[1].rstrip("/")
+    files = shard_files(fs, root)
+    committed = files.committed()
+    manifests = _manifests(fs, [m for _, m in committed.values()])
+    errors = _errors(fs, join_url(root, ERRORS_DIR))
     failed_shards = sorted({shard for shard, key, _ in errors if key is None})
-    committed = {p.rsplit("/", 1)[-1][: -len(".json")] for p in manifests}
-    uncommitted = sorted(s for s in (p.rsplit("/", 1)[-1][: -len(DATA_SUFFIX)] for p in paths)
-                         if s not in committed)
+    uncommitted = sorted(set(files.data) - set(committed))
     return {
         "output": output,
         "rows": rows,
         "data_files": len(paths),
         "row_groups": row_groups,
-        "complete": fs.exists(fs._strip_protocol(join(output, SUCCESS_NAME))),
-        "shards_done": len(manifests),
+        "complete": fs.exists(success_path(root)),
+        "shards_done": len(committed),
         "shards_failed": len(failed_shards),
         "failed_shards": failed_shards,
         "uncommitted_shards": uncommitted,   # a data file but no manifest: an interrupted shard
@@ -51,12 +56,8 @@ def inspect_output(output: str) -> dict:
     }
 
 
-def _manifests(fs, output: str) -> dict[str, dict]:
-    root = fs._strip_protocol(join(output, MANIFEST_DIR))
+def _manifests(fs, paths: list[str]) -> dict[str, dict]:
     out = {}
-    if not fs.isdir(root):
-        return out
-    paths = sorted(p for p in fs.find(root) if p.endswith(".json"))
     for path, data in read_manifests(fs, paths).items():      # concurrent: one round trip each
         if isinstance(data, Exception):
             raise UserError(f"{path}: unreadable shard manifest ({data})")
@@ -64,8 +65,7 @@ def _manifests(fs, output: str) -> dict[str, dict]:
     return out
 
 
-def _errors(fs, output: str) -> list[tuple[str, str | None, str]]:
-    root = fs._strip_protocol(join(output, ERRORS_DIR))
+def _errors(fs, root: str) -> list[tuple[str, str | None, str]]:
     if not fs.isdir(root):
         return []
     rows = []

@@ -9,23 +9,22 @@ Layout of an OUTPUT directory (local path or fsspec URL):
     OUTPUT/_vqtok.json              the run record (tokenizer sha, grid, kept fields, preprocessing)
 Every data file carries schema metadata under b"vqtok": JSON describing the tokenizer (see
 OutputMetadata). Paths whose name starts with "_" or "." are not data (the convention of pyarrow,
-pandas, polars, duckdb, Ray Data and HF datasets), so those readers see only code rows.
+pandas, polars, duckdb, Ray Data and HF datasets), so those readers see only code rows. Readers
+read every other .parquet file under OUTPUT, at any depth (list_data_files); a shard, though, is
+only OUTPUT/<shard>.parquet, committed once OUTPUT/_manifest/<shard>.json exists (ShardFiles:
+the one definition tokenize's resume, inspect and verify use).
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from urllib.parse import quote
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tokenizer.storage import is_local_fs
+from tokenizer.storage import join_url
 
 from .errors import UserError
 
@@ -36,8 +35,8 @@ ERROR_COLUMNS = ("shard", "key", "error")
 ERRORS_DIR, MANIFEST_DIR, SUCCESS_NAME = "_errors", "_manifest", "_SUCCESS"
 RUN_FILE = "_vqtok.json"                      # the run record: tokenizer, grid, kept fields
 DATA_SUFFIX = ".parquet"
+MANIFEST_SUFFIX = ".json"
 MAX_INT16_CODEBOOK = 32768                    # codes 0..32767 fit int16
-_MAX_NAME_BYTES = 200                         # stay well under the usual 255-byte name limit
 
 
 @dataclass(frozen=True)
@@ -51,13 +50,6 @@ class OutputMetadata:
     preprocessing: str | dict = ""
     version: int = FORMAT_VERSION
     extra: dict = field(default_factory=dict)  # unknown keys written by newer writers, kept
-
-    @classmethod
-    def from_model(cls, model, preprocessing: str | dict = "", **extra) -> "OutputMetadata":
-        """From a tokenizer.VQVAE (duck-typed, so this module needs no torch)."""
-        return cls(tokenizer_sha256=model.weights_sha256(), codebook_size=int(model.codebook_size),
-                   grid=tuple(int(g) for g in model.grid), channels=int(model.config.in_channels),
-                   resolution=int(model.config.resolution), preprocessing=preprocessing, extra=extra)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -132,24 +124,20 @@ def errors_schema() -> pa.Schema:
     return pa.schema([pa.field(name, pa.string()) for name in ERROR_COLUMNS])
 
 
-def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
-
-
 def data_path(output: str, shard: str) -> str:
-    return join(output, shard + DATA_SUFFIX)
+    return join_url(output, shard + DATA_SUFFIX)
 
 
 def errors_path(output: str, shard: str) -> str:
-    return join(output, ERRORS_DIR, shard + DATA_SUFFIX)
+    return join_url(output, ERRORS_DIR, shard + DATA_SUFFIX)
 
 
 def manifest_path(output: str, shard: str) -> str:
-    return join(output, MANIFEST_DIR, shard + ".json")
+    return join_url(output, MANIFEST_DIR, shard + MANIFEST_SUFFIX)
 
 
 def success_path(output: str) -> str:
-    return join(output, SUCCESS_NAME)
+    return join_url(output, SUCCESS_NAME)
 
 
 def is_hidden(relative_path: str) -> bool:
@@ -180,20 +168,60 @@ def data_files_among(root: str, paths) -> list[str]:
     return sorted(out)
 
 
-def read_manifests(fs: fsspec.AbstractFileSystem, paths: list[str], threads: int = 32) -> dict[str, dict | Exception]:
-    """{path: parsed JSON, or the exception that reading or parsing it raised}, in the order of
-    `paths`. Read concurrently: on an object store each read is a round trip, so 100k manifests
-    one after another would take many minutes."""
-    def one(path):
-        try:
-            return json.loads(fs.cat_file(path))
-        except (OSError, ValueError) as e:
-            return e
+@dataclass(frozen=True)
+class ShardFiles:
+    """An output's shard files, by the one rule of what a shard is: shard S has the data file
+    OUTPUT/S.parquet (directly under OUTPUT) and the manifest OUTPUT/_manifest/S.json, S not
+    starting with '_' or '.'. A shard is committed when it has both: its manifest is written
+    last (pipelines/tokenize/commit.py), so a data file alone is an interrupted shard."""
+    data: dict[str, str]          # shard -> path of its data file
+    manifests: dict[str, str]     # shard -> path of its manifest
 
-    if len(paths) <= 1:
-        return {p: one(p) for p in paths}
-    with ThreadPoolExecutor(max_workers=min(threads, len(paths)), thread_name_prefix="vqtok-manifest") as pool:
-        return dict(zip(paths, pool.map(one, paths)))
+    def committed(self) -> dict[str, tuple[str, str]]:
+        """shard -> (data path, manifest path) of every committed shard, sorted by shard."""
+        return {s: (self.data[s], self.manifests[s]) for s in sorted(self.data) if s in self.manifests}
+
+
+def shard_files(fs: fsspec.AbstractFileSystem, root: str, paths=None) -> ShardFiles:
+    """The shard files of the output at `root` (a path on `fs`) among `paths`, a listing of
+    files under it (recursive or not; other files are ignored); default: shard_listing's."""
+    root = root.rstrip("/")
+    if paths is None:
+        paths = shard_listing(fs, root)
+    data, manifests = {}, {}
+    for path in paths:
+        if not path.startswith(root + "/"):
+            continue
+        folder, _, name = path[len(root) + 1:].rpartition("/")
+        if is_hidden(name):
+            continue
+        if folder == "" and name.endswith(DATA_SUFFIX):
+            data[name[: -len(DATA_SUFFIX)]] = path
+        elif folder == MANIFEST_DIR and name.endswith(MANIFEST_SUFFIX):
+            manifests[name[: -len(MANIFEST_SUFFIX)]] = path
+    return ShardFiles(data, manifests)
+
+
+def committed_shards(fs: fsspec.AbstractFileSystem, root: str, paths=None) -> dict[str, tuple[str, str]]:
+    """shard -> (data path, manifest path) of the committed shards of the output at `root`
+    (see ShardFiles; `paths` as for shard_files)."""
+    return shard_files(fs, root, paths).committed()
+
+
+def shard_listing(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """The files directly in OUTPUT and in OUTPUT/_manifest (all that ShardFiles looks at): two
+    listings, where a recursive one would cost a round trip per page of every file on object
+    stores. A directory that does not exist holds none."""
+    root = root.rstrip("/")
+    return _files_in(fs, root) + _files_in(fs, join_url(root, MANIFEST_DIR))
+
+
+def _files_in(fs: fsspec.AbstractFileSystem, directory: str) -> list[str]:
+    try:
+        entries = fs.ls(directory, detail=True)
+    except FileNotFoundError:
+        return []
+    return [e["name"] for e in entries if e.get("type") == "file"]
 
 
 def manifest_problem(manifest) -> str | None:
@@ -300,84 +328,3 @@ def require_same_tokenizer(metas: dict[str, OutputMetadata]) -> OutputMetadata:
                                 f"{path} has {b!r}; tokenize outputs of different tokenizers "
                                 "cannot be mixed")
     return first
-
-
-def safe_name(key: str) -> str:
-    """An untrusted key as ONE file name: injective percent-encoding (no '/', NUL, '..', no
-    leading '.' or '_'), with over-long names shortened and made unique with a hash of the key."""
-    name = quote(key, safe="", encoding="utf-8", errors="surrogatepass")
-    if name.startswith((".", "_")):     # '.', '..', hidden files; '_' paths are skipped by readers
-        name = f"%{ord(name[0]):02X}" + name[1:]
-    if not name:
-        name = "%"                      # the empty key; '%' alone cannot come from quote()
-    if len(name.encode()) > _MAX_NAME_BYTES:
-        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
-        head = name[: _MAX_NAME_BYTES - 40]
-        cut = head.rfind("%", len(head) - 2)            # never split a %XX escape
-        name = (head[:cut] if cut >= 0 else head) + "%~" + digest
-    return name
-
-
-def safe_output_path(out_dir: str, key: str, suffix: str = "") -> str:
-    """A path strictly inside `out_dir` for an untrusted key: '<out_dir>/<safe_name(key)><suffix>'.
-    Distinct keys give distinct paths. For local directories the resolved path is checked too."""
-    if "/" in suffix or "\x00" in suffix:
-        raise ValueError(f"suffix {suffix!r} must be a plain extension")
-    path = join(out_dir, safe_name(key) + suffix)
-    if "://" not in out_dir:
-        base = os.path.realpath(out_dir)
-        if os.path.dirname(os.path.realpath(path)) != base:   # e.g. a symlink planted in out_dir
-            raise UserError(f"{out_dir}: refusing to write key {key[:80]!r} outside the output "
-                            f"directory (resolves to {os.path.realpath(path)})")
-    return path
-
-
-def make_output_dir(url: str, option: str) -> None:
-    """Create the directory `url` (and its parents) that a command writes into, and on a local
-    disk check that a file can be created there, before any work; otherwise UserError
-    '<option> <url>: <why>' (a regular file, a parent that is a file, a read-only or virtual
-    filesystem such as /proc). Object stores have no directories to check."""
-    try:
-        fs, root = fsspec.core.url_to_fs(url)
-    except (ValueError, ImportError) as e:
-        raise UserError(f"{option} {url}: unsupported URL ({e})") from None
-    if not is_local_fs(fs):       # object stores have no directories to create
-        try:
-            is_file = fs.isfile(root)
-        except OSError as e:
-            raise UserError(f"{option} {url}: cannot be reached ({e})") from None
-        if is_file:
-            raise UserError(f"{option} {url}: is a file, not a directory")
-        return
-    try:
-        fs.makedirs(root, exist_ok=True)
-    except FileExistsError:
-        raise UserError(f"{option} {url}: is a file, not a directory") from None
-    except NotADirectoryError:
-        raise UserError(f"{option} {url}: cannot be created, a parent of it is a file") from None
-    except OSError as e:
-        raise UserError(f"{option} {url}: cannot be created ({e.strerror or e})") from None
-    probe = os.path.join(root, f".vqtok-write-test-{os.getpid()}-{os.urandom(4).hex()}")
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"{option} {url}: files cannot be created in it ({e.strerror or e})") from None
-
-
-def codes_array(column: pa.ChunkedArray, meta: OutputMetadata, path: str, size: int) -> np.ndarray:
-    """list<int> column -> (n, size) int64, checked against the grid and the codebook."""
-    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    if array.null_count:
-        raise UserError(f"{path}: {array.null_count} rows have null codes")
-    lengths = np.diff(array.offsets.to_numpy(zero_copy_only=False))
-    if len(lengths) and (lengths != size).any():
-        bad = int(np.flatnonzero(lengths != size)[0])
-        raise UserError(f"{path}: a row has {int(lengths[bad])} codes, the grid {meta.grid} "
-                        f"needs {size}")
-    values = array.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-    if values.size and (values.min() < 0 or values.max() >= meta.codebook_size):
-        bad = values[(values < 0) | (values >= meta.codebook_size)]
-        raise UserError(f"{path}: codes outside [0, {meta.codebook_size}) ({bad.size} values, "
-                        f"e.g. {int(bad[0])})")
-    return values.reshape(len(array), size)

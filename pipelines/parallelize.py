@@ -27,7 +27,3 @@ def parallelize(model: nn.Module, info: DistInfo) -> nn.Module:
     no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in params
                       else {"broadcast_buffers": False})
     return DistributedDataParallel(model, device_ids=device_ids, **no_buffer_sync)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 TOKEN_PLACES = ("RAY_AUTH_TOKEN, the file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token "
@@ -137,9 +137,9 @@ def ray_session(address: str | None, runtime_env: dict | None = None, num_cpus: 
             ray.init(address="local", num_cpus=num_cpus or os.cpu_count() or 1,
                      include_dashboard=False, **kwargs)
     except ConnectionError as e:
-        raise UserError(f"cannot connect to the Ray cluster at {address}: {_first_line(e)}") from None
+        raise UserError(f"cannot connect to the Ray cluster at {address}: {first_line(e)}") from None
     except ray.exceptions.AuthenticationError as e:    # the mode chosen by hand, or not found out
-        raise UserError(f"the Ray cluster at {address} refused the connection: {_first_line(e)} "
+        raise UserError(f"the Ray cluster at {address} refused the connection: {first_line(e)} "
                         f"(Ray reads the cluster's token from {TOKEN_PLACES})") from None
     try:
         yield ray
@@ -168,8 +168,3 @@ def stop_autoscaler_monitor() -> int:
         except psutil.Error:   # gone already, or not ours to inspect
             continue
     return killed
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

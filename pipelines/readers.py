@@ -25,8 +25,9 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .code_rows import codes_array
 from .errors import UserError
-from .output_format import (CODES, KEY, SHARD, OutputMetadata, codes_array, list_data_files,
+from .output_format import (CODES, KEY, SHARD, OutputMetadata, list_data_files,
                             metadata_from_schema, require_same_tokenizer, success_path)
 
 

@@ -15,7 +15,7 @@ import shlex
 import sys
 import time
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .ray_utils import no_token_error, set_auth_mode, token_available, wrong_token_error
 
 PACKAGES = ("pipelines", "tokenizer")
@@ -74,7 +74,7 @@ def _connect(address: str):
     except AuthenticationError:
         raise
     except Exception as e:
-        raise UserError(f"cannot reach the Ray job API at {address}: {_first_line(e)}") from None
+        raise UserError(f"cannot reach the Ray job API at {address}: {first_line(e)}") from None
 
 
 def submit(address: str, args: list[str], wait: bool, out=sys.stdout) -> int:
@@ -88,7 +88,7 @@ def submit(address: str, args: list[str], wait: bool, out=sys.stdout) -> int:
     try:
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env())
     except Exception as e:
-        raise UserError(f"job submission to {address} failed: {_first_line(e)}") from None
+        raise UserError(f"job submission to {address} failed: {first_line(e)}") from None
     print(job_id, file=out, flush=True)
     if not wait:
         return 0
@@ -112,8 +112,3 @@ def _final_status(client, job_id: str, timeout: float = 60.0) -> str:
         if status in TERMINAL or time.monotonic() > deadline:
             return status
         time.sleep(0.5)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__

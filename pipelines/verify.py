@@ -38,10 +38,14 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tokenizer.storage import join_url
+
+from .code_rows import codes_array
 from .errors import UserError, first_few
+from .manifests import read_manifests
 from .output_format import (CODES, DATA_SUFFIX, ERRORS_DIR, KEY, MANIFEST_DIR, RUN_FILE, SHARD, SUCCESS_NAME,
-                            codes_array, data_files_among, is_hidden, join, manifest_problem,
-                            metadata_from_schema, read_manifests, run_record_problem, success_problem)
+                            data_files_among, is_hidden, manifest_problem, metadata_from_schema,
+                            run_record_problem, shard_files, success_problem)
 from .shards.urls import expand_urls, shard_name
 from .tokenize.outputs import INDEX_NAME, read_index
 
@@ -82,7 +86,7 @@ class OutputVerifier:
 
     def url(self, path: str) -> str:
         """A filesystem path under the output -> the URL the user gave, extended."""
-        return join(self.output, self._relative(path))
+        return join_url(self.output, self._relative(path))
 
     def _relative(self, path: str) -> str:
         return path[len(self.root):].lstrip("/")
@@ -97,10 +101,12 @@ class OutputVerifier:
         findings: list[Finding] = []
         run = self._run_record(findings)
         sha = run.get("tokenizer_sha256")
-        data = self._top_level_data(paths, findings)
+        files = shard_files(self.fs, self.root, paths)
+        data = files.data
+        findings += self._not_shards(paths, data)
         errors = {self._stem(p, DATA_SUFFIX): p for p in paths
                   if self._under(p, ERRORS_DIR) and p.endswith(DATA_SUFFIX)}
-        present, manifests = self._manifests(paths, sha, findings)
+        present, manifests = set(files.manifests), self._manifests(files.manifests, sha, findings)
         if sha is None and manifests:                   # no run record: the manifests decide
             sha = next(iter(manifests.values())).get("tokenizer_sha256")
         findings += self._check_success(listing, present, sha)
@@ -114,7 +120,7 @@ class OutputVerifier:
             findings.append(Finding(self.url(errors[shard]), "a failed shard: errors but no manifest "
                                     "(rerun the same `vqtok tokenize` to retry it)"))
         for shard in sorted(set(manifests) - set(data)):
-            findings.append(Finding(self.url(join(self.root, shard + DATA_SUFFIX)),
+            findings.append(Finding(self.url(join_url(self.root, shard + DATA_SUFFIX)),
                                     "missing: its manifest says the shard was committed"))
         results = self._check_files(data, errors, manifests, sha, run)
         for r in results:
@@ -133,30 +139,31 @@ class OutputVerifier:
         return path.rsplit("/", 1)[-1][: -len(suffix)]
 
     def _under(self, path: str, directory: str) -> bool:
-        return path.startswith(join(self.root, directory) + "/")
+        return path.startswith(join_url(self.root, directory) + "/")
 
-    def _top_level_data(self, paths: list[str], findings: list[Finding]) -> dict[str, str]:
-        """shard -> path of the OUTPUT/<shard>.parquet files; a finding for every other file that
-        readers would read (no part of its path starts with '_' or '.')."""
-        data_files = data_files_among(self.root, paths)
-        data = {self._stem(p, DATA_SUFFIX): p for p in data_files if "/" not in self._relative(p)}
-        for path in data_files:
-            if "/" in self._relative(path):
+    def _not_shards(self, paths: list[str], data: dict[str, str]) -> list[Finding]:
+        """A finding for every file readers would read (no part of its path starts with '_' or
+        '.') that is not a shard's data file OUTPUT/<shard>.parquet."""
+        findings = []
+        shards = set(data.values())
+        readable = data_files_among(self.root, paths)
+        for path in readable:
+            if path not in shards:
                 findings.append(Finding(self.url(path), "not a committed shard: readers of the output "
                                         "(pyarrow.dataset, pandas, CodesDataset, `vqtok inspect`) would read "
                                         "its rows as data; move it out of the output directory"))
-        parquet = set(data_files)
+        readable = set(readable)
         for path in paths:
-            if path not in parquet and not is_hidden(self._relative(path)):
+            if path not in readable and not is_hidden(self._relative(path)):
                 findings.append(Finding(self.url(path), "stray file: pyarrow.dataset and pandas read every "
                                         "file under the output whose path has no part starting with '_' or "
                                         "'.' (and fail on one that is not Parquet); move it out of the output "
                                         "directory"))
-        return data
+        return findings
 
     def _run_record(self, findings: list[Finding]) -> dict:
         """The run record, or {} (with a finding) when it is missing, unreadable or malformed."""
-        path = join(self.root, RUN_FILE)
+        path = join_url(self.root, RUN_FILE)
         try:
             run = json.loads(self.fs.cat_file(path))
         except FileNotFoundError:
@@ -171,14 +178,12 @@ class OutputVerifier:
             return {}
         return run
 
-    def _manifests(self, paths: list[str], sha: str | None,
-                   findings: list[Finding]) -> tuple[set[str], dict[str, dict]]:
-        """(every shard with a manifest file, shard -> manifest of the well-formed ones); findings
-        for the others and for a tokenizer other than the run's."""
-        wanted = sorted(p for p in paths if self._under(p, MANIFEST_DIR) and p.endswith(".json"))
-        present = {self._stem(p, ".json") for p in wanted}
+    def _manifests(self, paths: dict[str, str], sha: str | None, findings: list[Finding]) -> dict[str, dict]:
+        """shard -> manifest of the well-formed ones among `paths` (shard -> manifest path);
+        findings for the others and for a tokenizer other than the run's."""
         out = {}
-        for path, manifest in read_manifests(self.fs, wanted).items():
+        by_path = {path: shard for shard, path in paths.items()}
+        for path, manifest in read_manifests(self.fs, sorted(by_path)).items():
             if isinstance(manifest, Exception):
                 findings.append(Finding(self.url(path), f"unreadable manifest ({manifest})"))
                 continue
@@ -191,13 +196,13 @@ class OutputVerifier:
             if sha is not None and manifest["tokenizer_sha256"] != sha:
                 findings.append(Finding(self.url(path), f"names tokenizer {manifest['tokenizer_sha256'][:12]}..., "
                                         f"the output's is {sha[:12]}..."))
-            out[self._stem(path, ".json")] = manifest
-        return present, out
+            out[by_path[path]] = manifest
+        return out
 
     def _check_success(self, listing: dict, present: set[str], sha: str | None) -> list[Finding]:
         """_SUCCESS is the job summary, and no shard the job finished has lost its manifest since.
         The summary only counts the finished shards; the manifest index names them."""
-        path = join(self.root, SUCCESS_NAME)
+        path = join_url(self.root, SUCCESS_NAME)
         url = self.url(path)
         if path not in listing:
             return [Finding(url, "missing: the job did not finish (rerun the same `vqtok tokenize`)")]
@@ -209,7 +214,7 @@ class OutputVerifier:
         if problem:
             return [Finding(url, f"malformed job summary: {problem}")]
         done = summary["done"]
-        index = read_index(self.fs, self.root) if join(self.root, MANIFEST_DIR, INDEX_NAME) in listing else None
+        index = read_index(self.fs, self.root) if join_url(self.root, MANIFEST_DIR, INDEX_NAME) in listing else None
         if index is not None and sha is not None and index.get("tokenizer_sha256") != sha:
             index = None                                # not this run's: it cannot name its shards
         gone = sorted(set(index["shards"]) - present) if index is not None else []
@@ -362,7 +367,7 @@ class OutputVerifier:
     def _check_errors(self, shard: str, path: str | None, manifest: dict) -> list[Finding]:
         counts = manifest["counts"]
         expected = counts.get("failed", 0) + counts.get("shard_errors", 0)
-        url = self.url(path) if path else join(self.output, ERRORS_DIR, shard + DATA_SUFFIX)
+        url = self.url(path) if path else join_url(self.output, ERRORS_DIR, shard + DATA_SUFFIX)
         if path is None:
             return [Finding(url, f"missing: its manifest counts {expected} errors")] if expected else []
         found: list[Finding] = []

@@ -15,11 +15,6 @@ if [ "$extra" = bench ]; then
   [ -f /usr/share/backgrounds/Kleiber_by_Lukas_Baubkus.jpg ] || need_apt+=(lomiri-wallpapers-20.04)
   [ -f /usr/share/backgrounds/Bridge_by_Sander_Klootwijk.jpg ] || need_apt+=(lomiri-wallpapers-16.04)
 fi
-# a C compiler builds the nearest-code C pass on first use, through cffi, as a Python extension
-# module, so Python's headers too (without either: a slower torch path)
-command -v cc >/dev/null || need_apt+=(gcc libc6-dev)
-python3 -c 'import os, sysconfig; raise SystemExit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
-  || need_apt+=(python3-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "[setup] apt-get install ${need_apt[*]}"

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import tarfile
+import tempfile
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 
 from pipelines import output_format as fmt
+from pipelines.tokenize.tokenizer_info import tokenizer_metadata
 from tokenizer import VQVAE, VQVAEConfig
 
 
@@ -31,6 +33,14 @@ def save_tiny_model(path, **kw) -> VQVAE:
     return model
 
 
+def output_metadata(model: VQVAE) -> fmt.OutputMetadata:
+    """The metadata `vqtok tokenize` writes into the data files of `model`'s codes: the driver's
+    tokenizer_metadata, read from the model saved as a tokenizer directory."""
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        return tokenizer_metadata(folder)
+
+
 def images(model: VQVAE, n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     c, r = model.config.in_channels, model.config.resolution
@@ -45,7 +55,7 @@ def write_output(out, model: VQVAE, shards: dict[str, int], row_group_size: int 
     Returns {key: {"shard", "codes" (h, w) int64 array, "cls", "image"}} of every code row."""
     out = str(out)
     os.makedirs(out, exist_ok=True)
-    meta = meta or fmt.OutputMetadata.from_model(model, preprocessing="test")
+    meta = meta or output_metadata(model)
     schema = fmt.data_schema(meta, [pa.field("cls", pa.int64())] if labelled else [])
     if codes_type is not None:
         schema = schema.set(schema.get_field_index("codes"), pa.field("codes", codes_type))

@@ -18,8 +18,10 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, unsafe or does not match the model; names the file."""
 
 
-def join_url(base: str, name: str) -> str:
-    return base.rstrip("/") + "/" + name
+def join_url(base: str, *parts: str) -> str:
+    """`base` (a local path or fsspec URL, with or without a trailing '/') extended by `parts`,
+    '/'-separated: the one URL join of the project (pipelines use it too)."""
+    return "/".join([base.rstrip("/"), *parts])
 
 
 def read_bytes(url: str) -> bytes:

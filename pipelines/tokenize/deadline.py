@@ -3,7 +3,7 @@ storage read that never returns, a FIFO nobody writes) fails the attempt, which 
 retries, instead of hanging the job.
 
 A decode process is waited on with the deadline (decode_pool.py) and killed past it; the inline
-decoder checks it between samples (decode.py). What neither reaches (an inline read that never
+decoder checks it between samples (shard_decoder.py). What neither reaches (an inline read that never
 returns, a hung write) is the scheduler's backstop: it stops a worker whose call has had no
 result for a multiple of the deadline (scheduler.py)."""
 from __future__ import annotations

@@ -32,7 +32,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from .deadline import Deadline
-from .decode import Batches, DecodeSpec, SampleDecoder, decode_shard
+from .shard_decoder import Batches, DecodeSpec, SampleDecoder, decode_shard
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MAX_BUFFER_BYTES = 1 << 30    # all of one process's batch buffers together

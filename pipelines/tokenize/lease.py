@@ -33,10 +33,9 @@ import uuid
 
 import fsspec
 
-from tokenizer.storage import write_bytes_atomic
+from tokenizer.storage import join_url, write_bytes_atomic
 
 from ..errors import UserError
-from ..output_format import join
 from .scheduler import StopJob
 
 LEASE_NAME = "_lease.json"   # '_': dataset readers skip it
@@ -48,7 +47,7 @@ class LeaseLost(StopJob):
 
 
 def lease_url(output: str) -> str:
-    return join(output.rstrip("/"), LEASE_NAME)
+    return join_url(output.rstrip("/"), LEASE_NAME)
 
 
 def read_lease(url: str) -> dict | None:

@@ -14,13 +14,14 @@ import zlib
 
 import fsspec
 
-from tokenizer.storage import is_local_fs
+from tokenizer.storage import is_local_fs, join_url
 
 from ..errors import UserError
-from ..output_format import make_output_dir, manifest_problem
-from ..output_format import (DATA_SUFFIX, ERRORS_DIR, MANIFEST_DIR, RUN_FILE, SUCCESS_NAME, OutputMetadata, join,
-                             manifest_path, read_manifests, success_path)
-from .writer import TMP_DIR, put_atomic
+from ..manifests import read_manifests
+from ..output_dir import make_output_dir
+from ..output_format import (ERRORS_DIR, MANIFEST_DIR, RUN_FILE, SUCCESS_NAME, OutputMetadata, committed_shards,
+                             manifest_problem, shard_files, shard_listing, success_path)
+from .commit import TMP_DIR, put_atomic
 
 INDEX_NAME = "_index.json.gz"    # OUTPUT/_manifest/_index.json.gz: finished shards' slim manifests
 
@@ -52,7 +53,7 @@ def read_index(fs: fsspec.AbstractFileSystem, root: str) -> dict | None:
     """The index `record_finished` wrote under the output at path `root` ({"version",
     "tokenizer_sha256", "shards": {shard: slim manifest}}), or None when absent or unusable."""
     try:
-        index = json.loads(gzip.decompress(fs.cat_file(join(root, MANIFEST_DIR, INDEX_NAME))))
+        index = json.loads(gzip.decompress(fs.cat_file(join_url(root, MANIFEST_DIR, INDEX_NAME))))
     except (OSError, ValueError, EOFError, zlib.error):
         return None
     if not isinstance(index, dict) or not isinstance(index.get("shards"), dict):
@@ -95,16 +96,16 @@ class OutputDir:
                             "record; choose an empty directory or pass --overwrite to replace them")
         self._clean_tmp()
         if have != want or overwrite:
-            put_atomic(join(self.url, RUN_FILE), json.dumps(want, indent=1).encode(), self.url)
+            put_atomic(join_url(self.url, RUN_FILE), json.dumps(want, indent=1).encode(), self.url)
 
     def _existing_identity(self) -> dict | None:
         try:
-            with self.fs.open(join(self.root, RUN_FILE), "rb") as f:
+            with self.fs.open(join_url(self.root, RUN_FILE), "rb") as f:
                 return json.loads(f.read())
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:
-            raise UserError(f"{join(self.url, RUN_FILE)}: unreadable ({e}); pass --overwrite to start over") from None
+            raise UserError(f"{join_url(self.url, RUN_FILE)}: unreadable ({e}); pass --overwrite to start over") from None
 
     def _mismatch(self, have: dict, want: dict) -> str:
         diff = [k for k in want if have.get(k) != want[k]]
@@ -118,23 +119,19 @@ class OutputDir:
                 "use another --output, or pass --overwrite to delete them and start over")
 
     def _data_files(self) -> list[str]:
-        try:
-            names = self.fs.ls(self.root, detail=False)
-        except FileNotFoundError:
-            return []
-        return [p for p in names if p.endswith(DATA_SUFFIX) and not p.rsplit("/", 1)[-1].startswith(("_", "."))]
+        return sorted(shard_files(self.fs, self.root).data.values())
 
     def clear(self) -> None:
         for path in self._data_files():
             self.fs.rm(path)
         for name in (ERRORS_DIR, MANIFEST_DIR, TMP_DIR, SUCCESS_NAME, RUN_FILE):
-            path = join(self.root, name)
+            path = join_url(self.root, name)
             if self.fs.exists(path):
                 self.fs.rm(path, recursive=True)
 
     def _clean_tmp(self) -> None:
         """Leftovers of a killed run: temporary files never renamed into place."""
-        path = join(self.root, TMP_DIR)
+        path = join_url(self.root, TMP_DIR)
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
 
@@ -146,16 +143,14 @@ class OutputDir:
         previous run left (`record_finished`); only manifests the index does not know are read,
         concurrently. Whether a shard is done always comes from the listings: the index is a
         cache of manifest contents, never a substitute for a manifest."""
-        try:
-            present = {p.rsplit("/", 1)[-1] for p in self.fs.ls(join(self.root, MANIFEST_DIR), detail=False)}
-        except FileNotFoundError:
-            return {}
-        data = {p.rsplit("/", 1)[-1] for p in self._data_files()}
-        candidates = [s for s in shards if s + ".json" in present and s + DATA_SUFFIX in data]
-        index = self._read_index(sha) if INDEX_NAME in present else {}
+        listing = shard_listing(self.fs, self.root)
+        committed = committed_shards(self.fs, self.root, listing)
+        candidates = [s for s in shards if s in committed]
+        has_index = join_url(self.root, MANIFEST_DIR, INDEX_NAME) in listing
+        index = self._read_index(sha) if has_index and candidates else {}
         done = {s: index[s] for s in candidates if summable(index.get(s))}
         unknown = [s for s in candidates if s not in done]
-        paths = [manifest_path(self.root, s) for s in unknown]
+        paths = [committed[s][1] for s in unknown]
         threads = 1 if is_local_fs(self.fs) else 32     # local reads: threads cost more than they save
         for shard, manifest in zip(unknown, read_manifests(self.fs, paths, threads).values()):
             # an unreadable or torn manifest cannot exist (atomic commits), but never trust one
@@ -172,7 +167,7 @@ class OutputDir:
             return
         index = {"version": 1, "tokenizer_sha256": sha,
                  "shards": {s: slim_manifest(m) for s, m in manifests.items()}}
-        put_atomic(join(self.url, MANIFEST_DIR, INDEX_NAME),
+        put_atomic(join_url(self.url, MANIFEST_DIR, INDEX_NAME),
                    gzip.compress(json.dumps(index, separators=(",", ":")).encode(), mtime=0), self.url)
 
     def _read_index(self, sha: str) -> dict[str, dict]:

@@ -18,10 +18,10 @@ import numpy as np
 from ..output_format import FORMAT_VERSION, OutputMetadata, data_path
 from ..shards.reader import MAX_MEMBER_BYTES
 from .deadline import Deadline
-from .decode import DecodeSpec, InlineDecoder, ShardEnd
+from .shard_decoder import DecodeSpec, InlineDecoder, ShardEnd
 from .decode_pool import DecodePool
 from .encoder import CodeEncoder
-from .writer import ShardCommitter, codes_table, parquet_bytes
+from .commit import ShardCommitter, codes_table, parquet_bytes
 
 
 class ShardTokenizer:

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from codes_output import save_tiny_model
+from codes_output import output_metadata, save_tiny_model
 from pipelines import output_format as fmt
 
 EXAMPLE = pathlib.Path(__file__).parents[2] / "examples" / "train_prior.py"
@@ -27,7 +27,7 @@ def write_class_codes(out, model, classes=4, per_class=24):
     """Class c's images are all code (3c + position) % K: learnable only through the class."""
     h, w = model.grid
     k = model.codebook_size
-    meta = fmt.OutputMetadata.from_model(model)
+    meta = output_metadata(model)
     schema = fmt.data_schema(meta, [pa.field("cls", pa.int64())])
     for shard in range(2):
         rows = [(c, i) for c in range(classes) for i in range(per_class // 2)]

@@ -1,8 +1,8 @@
 """vqtok decode / eval / inspect through the CLI, on outputs of a real (tiny) tokenizer."""
-import io
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +15,7 @@ from PIL import Image
 from codes_output import png_bytes, save_tiny_model, write_output, write_tar
 from pipelines import output_format as fmt
 from pipelines.cli import main
-from pipelines.evaluate import load_image
+from pipelines.decode import safe_name
 
 HOSTILE_KEYS = ["../escape", "../../../../tmp/vqtok-escape", "/abs/olute", "nested/dir/key", "a\x00b",
                 "x" * 5000, "é" * 300, ".", "..", "", "_hidden", ".hidden", "%2E", "normal-000001",
@@ -125,6 +125,16 @@ def test_untrusted_keys_never_write_outside_out(tmp_path, tok):
     assert pq.read_table(fmt.data_path(str(tmp_path / "codes"), "s0")).column("key").to_pylist() == HOSTILE_KEYS
 
 
+def test_safe_name_is_one_injective_file_name():
+    keys = ["a", "a/b", "a%2Fb", "../a", ".", "..", "", "_x", "%5Fx", "a\x00", "a\n", "x" * 400,
+            "x" * 401, "é" * 200, "\udcff"]
+    names = [safe_name(k) for k in keys]
+    assert len(set(names)) == len(keys)                            # injective
+    for name in names:
+        assert "/" not in name and "\x00" not in name and not name.startswith((".", "_"))
+        assert 0 < len(name.encode()) <= 200
+
+
 def test_decode_refuses_a_symlink_planted_in_out(tmp_path, tok):
     tok_dir, model = tok
     write_output(tmp_path / "codes", model, {"s0": 2})
@@ -221,18 +231,6 @@ def test_eval_without_readable_images_is_a_clear_error(tmp_path, tok):
     assert result.exit_code == 1 and result.output.startswith("Error: ")
 
 
-def test_load_image_orients_converts_resizes_and_crops():
-    img = Image.new("RGB", (30, 10), (255, 0, 0))
-    img.paste((0, 0, 255), (10, 0, 20, 10))                       # blue centre third
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    x = load_image(buf.getvalue(), channels=3, resolution=8)
-    assert tuple(x.shape) == (3, 8, 8)
-    assert x[2].mean() > 0.9 and x[0].mean() < 0.1                 # centre crop of the blue third
-    grey = load_image(buf.getvalue(), channels=1, resolution=4)
-    assert tuple(grey.shape) == (1, 4, 4) and 0 <= float(grey.min()) <= float(grey.max()) <= 1
-
-
 def test_inspect_reports_rows_shards_errors_and_tokenizer(tmp_path, tok):
     _, model = tok
     out = tmp_path / "codes"
@@ -259,6 +257,22 @@ def test_inspect_reports_rows_shards_errors_and_tokenizer(tmp_path, tok):
     text = run("inspect", out).stdout
     assert "INCOMPLETE" in text and "2 done" in text and "without a manifest" in text
     assert json.loads(run("inspect", out, "--json").stdout)["uncommitted_shards"] == ["s0"]
+
+
+def test_inspect_counts_as_shards_only_committed_top_level_data_files(tmp_path, tok):
+    """The one rule of what a shard is (resume and verify use it too): OUTPUT/<shard>.parquet
+    with OUTPUT/_manifest/<shard>.json. A manifest whose data file is gone is no finished shard;
+    a .parquet file in a subfolder is read by readers (rows) but is no shard at all."""
+    _, model = tok
+    out = tmp_path / "codes"
+    write_output(out, model, {"s0": 2, "s1": 3, "s2": 4})
+    os.remove(fmt.data_path(str(out), "s2"))
+    os.makedirs(out / "sub")
+    shutil.copy(fmt.data_path(str(out), "s0"), out / "sub" / "copy.parquet")
+    info = json.loads(run("inspect", out, "--json").stdout)
+    assert info["shards_done"] == 2 and info["uncommitted_shards"] == []
+    assert info["data_files"] == 3 and info["rows"] == 2 + 3 + 2
+    assert info["samples_read"] == 2 + 3
 
 
 def test_inspect_of_a_non_output_is_a_clear_error(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 
 from pipelines.shards.urls import expand_urls
 from pipelines.errors import UserError
-from pipelines.output_format import read_manifests
+from pipelines.manifests import read_manifests
 from pipelines.tokenize.outputs import OutputDir
 
 SHA = "ab" * 32

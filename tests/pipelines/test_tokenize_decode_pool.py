@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.tokenize.decode import DecodeSpec
+from pipelines.tokenize.shard_decoder import DecodeSpec
 from pipelines.tokenize.decode_pool import DecodePool, DecodeProcessDied
 from pipelines.tokenize.encoder import CodeEncoder
 from pipelines.tokenize.shard_job import ShardTokenizer
@@ -143,7 +143,7 @@ def test_a_storage_error_fails_the_attempt_with_the_shard_named(tmp_path, setup)
 def test_decode_processes_die_with_their_worker(tmp_path):
     script = (
         "import sys, time\n"
-        "from pipelines.tokenize.decode import DecodeSpec\n"
+        "from pipelines.tokenize.shard_decoder import DecodeSpec\n"
         "from pipelines.tokenize.decode_pool import DecodePool\n"
         "pool = DecodePool(DecodeSpec(1, 28, (), 8), 2)\n"
         "print(' '.join(str(p.proc.pid) for p in pool.all), flush=True)\n"

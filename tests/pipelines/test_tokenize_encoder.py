@@ -92,13 +92,3 @@ def test_encode_equals_the_code_encoder_at_every_position(photo_tokenizer):
                                       err_msg=f"batch size {size}")
     order = np.random.default_rng(0).permutation(len(images))
     np.testing.assert_array_equal(enc.encode(images[order]), got[order])
-
-
-def test_the_torch_fallback_gives_identical_codes(photo_tokenizer, monkeypatch):
-    images = photo_crops(200, seed=2)
-    enc = CodeEncoder(photo_tokenizer, device="cpu")
-    native = enc.encode(images)
-    assert nm.native_kernel() is not None, nm._native_error
-    monkeypatch.setattr(nm, "_native", None)       # as after VQTOK_NEAREST_BACKEND=torch
-    monkeypatch.setattr(nm, "_tried", True)
-    np.testing.assert_array_equal(enc.encode(images), native)

@@ -13,7 +13,7 @@ import pytest
 
 from pipelines.errors import UserError
 from pipelines.tokenize.lease import LeaseLost, OutputLease, lease_url, read_lease
-from pipelines.tokenize.writer import ShardCommitter
+from pipelines.tokenize.commit import ShardCommitter
 
 
 @pytest.fixture(params=["local", "memory"])

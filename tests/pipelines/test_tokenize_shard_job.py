@@ -120,7 +120,7 @@ def test_crafted_members_cost_their_row_never_the_shard(tmp_path, tok_dir, decod
 def test_a_retry_interrupted_after_its_data_write_leaves_no_manifest_of_other_bytes(tmp_path, tok_dir, monkeypatch):
     # a committed shard is retried (e.g. its first call's answer was lost with its worker) and the
     # input changed meanwhile, so the retry writes other bytes; it dies before its manifest
-    from pipelines.tokenize import writer
+    from pipelines.tokenize import commit
     from pipelines.tokenize.outputs import OutputDir
     from pipelines.verify import verify_output
 
@@ -133,14 +133,14 @@ def test_a_retry_interrupted_after_its_data_write_leaves_no_manifest_of_other_by
     try:
         job.run(shard_url, "s")
         td.write(tmp_path / "s.tar", td.tar_bytes(td.fmnist_samples(images[:3], labels[:3], "b-")))
-        real_put = writer.put_atomic
+        real_put = commit.put_atomic
 
         def no_manifest(url, data, output):
             if "/_manifest/" in url:
                 raise OSError("storage went away")
             real_put(url, data, output)
 
-        monkeypatch.setattr(writer, "put_atomic", no_manifest)
+        monkeypatch.setattr(commit, "put_atomic", no_manifest)
         with pytest.raises(OSError, match="storage went away"):
             job.run(shard_url, "s", attempt=2)
     finally:

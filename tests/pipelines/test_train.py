@@ -116,7 +116,7 @@ def test_training_sees_the_pixels_tokenize_sees(tmp_path):
     in the training stream and in the tokenize decoder."""
     sys.path.insert(0, os.path.dirname(__file__))
     import tok_data as td
-    from pipelines.tokenize.decode import DecodeSpec, InlineDecoder
+    from pipelines.tokenize.shard_decoder import DecodeSpec, InlineDecoder
     samples, _, _ = td.odd_samples()
     odd = {k: f for k, f in samples if k in ("rgba", "palette", "grey16", "exif")}
     td.write(tmp_path / "odd.tar", td.tar_bytes(list(odd.items())))

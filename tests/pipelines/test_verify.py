@@ -133,6 +133,16 @@ def test_uncommitted_and_failed_shards(out):
     assert len(report["findings"]) == 3
 
 
+def test_only_a_manifest_directly_in_the_manifest_folder_commits_a_shard(out):
+    """A shard is committed by OUTPUT/_manifest/<shard>.json, the one rule resume, inspect and
+    verify share: a copy of a manifest in a subfolder commits nothing."""
+    os.makedirs(f"{out}/_manifest/old")
+    shutil.move(f"{out}/_manifest/train-000000.json", f"{out}/_manifest/old/train-000000.json")
+    report = verify_output(out)
+    assert causes(report, "train-000000.parquet")[0].startswith("no manifest: the shard was not committed")
+    assert report["shards"] == 3
+
+
 def test_errors_file_checked_against_its_manifest(out):
     os.remove(f"{out}/_errors/bad-000000.parquet")
     assert causes(verify_output(out), "_errors/bad-000000.parquet") == ["missing: its manifest counts 1 errors"]

@@ -19,7 +19,7 @@ import numpy as np
 from ..samples import Rejection, SamplePolicy, reads_field
 from ..shards.reader import MAX_MEMBER_BYTES, Sample, TarShardReader
 from .deadline import Deadline
-from .writer import kept_field_value
+from .commit import kept_field_value
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Reading and decoding one shard (pipelines/tokenize/decode.py): memory stays bounded by the
+"""Reading and decoding one shard (pipelines/tokenize/shard_decoder.py): memory stays bounded by the
 fields decoding asked for, however far a shard inflates; a shard that crawls is stopped at its
 deadline."""
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _gzip_shard(path, members: list[tuple[str, int | bytes]]) -> None:
 
 MEASURE = r"""
 import json, resource, sys
-from pipelines.tokenize.decode import DecodeSpec, InlineDecoder
+from pipelines.tokenize.shard_decoder import DecodeSpec, InlineDecoder
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 dec = InlineDecoder(DecodeSpec(1, 28, ("cls",), 8, max_member_bytes=int(sys.argv[2])))
 gen = dec.batches(sys.argv[1])
@@ -81,7 +81,7 @@ def test_a_shard_inflating_to_gigabytes_keeps_its_images_and_bounded_memory(tmp_
 def test_no_image_error_names_the_fields_that_were_streamed_past(tmp_path):
     path = tmp_path / "text.tar"
     td.write(path, td.tar_bytes([("t", {"txt": b"hello", "json": b"{}"})]))
-    from pipelines.tokenize.decode import DecodeSpec, InlineDecoder
+    from pipelines.tokenize.shard_decoder import DecodeSpec, InlineDecoder
     gen = InlineDecoder(DecodeSpec(1, 28, (), 8)).batches(str(path))
     _, _, batch = next(gen)
     assert batch.errors == [("t", "no_image", "no image in sample (found: json, txt)")]
@@ -117,7 +117,7 @@ fsspec.register_implementation("vqtokcrawl", _CrawlingFS, clobber=True)
 
 def test_the_inline_decoder_stops_a_crawling_shard_at_its_deadline():
     from pipelines.tokenize.deadline import Deadline
-    from pipelines.tokenize.decode import DecodeSpec, InlineDecoder
+    from pipelines.tokenize.shard_decoder import DecodeSpec, InlineDecoder
 
     images, labels = td.fashion_mnist(40)
     _CrawlingFS.files["c.tar"] = td.tar_bytes(td.fmnist_samples(images, labels, "c-"))   # ~50 reads
@@ -139,7 +139,7 @@ def test_the_inline_decoder_stops_a_shard_whose_open_never_returns(tmp_path):
     import time
 
     from pipelines.tokenize.deadline import Deadline
-    from pipelines.tokenize.decode import DecodeSpec, InlineDecoder
+    from pipelines.tokenize.shard_decoder import DecodeSpec, InlineDecoder
 
     fifo = tmp_path / "fifo.tar"
     os.mkfifo(fifo)

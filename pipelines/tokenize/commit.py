@@ -1,4 +1,4 @@
-"""Write one shard's results: data Parquet, error Parquet, manifest — each committed atomically.
+"""Commit one shard's results: data Parquet, error Parquet, manifest — each written atomically.
 
 Commit order is: the old manifest removed, errors, data, the new manifest. The manifest is the
 shard's commit marker (with the sha256 of the files it commits), so it is taken away before a
@@ -19,10 +19,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tokenizer.storage import write_bytes_atomic
+from tokenizer.storage import join_url, write_bytes_atomic
 
 from ..samples import printable
-from ..output_format import OutputMetadata, codes_numpy_dtype, data_schema, errors_path, errors_schema, join, manifest_path
+from ..output_format import OutputMetadata, codes_numpy_dtype, data_schema, errors_path, errors_schema, manifest_path
 from .lease import check_holder
 
 TMP_DIR = "_tmp"
@@ -44,7 +44,7 @@ def kept_field_value(name: str, raw: bytes | None):
 
 def put_atomic(url: str, data: bytes, output: str) -> None:
     """write_bytes_atomic with the temporary file under OUTPUT/_tmp (cleared at the next start)."""
-    write_bytes_atomic(url, data, tmp_dir=join(output, TMP_DIR))
+    write_bytes_atomic(url, data, tmp_dir=join_url(output, TMP_DIR))
 
 
 def remove(url: str) -> None:
