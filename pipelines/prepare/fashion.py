@@ -9,7 +9,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..pictures import png_bytes
 from .idx import read_idx
-from ..output_format import make_output_dir
+from ..output_dir import make_output_dir
 from ..shards.writer import ShardWriter
 
 DEFAULT_SOURCE = "/usr/share/datasets/fashion-mnist"

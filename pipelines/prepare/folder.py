@@ -19,7 +19,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..pictures import png_bytes
 from ..images import IMAGE_EXTS, ImageError, ImagePreprocessor
-from ..output_format import make_output_dir
+from ..output_dir import make_output_dir
 from ..shards.writer import ShardWriter
 
 IMAGE_SUFFIXES = tuple(f".{ext}" for ext in IMAGE_EXTS)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from .. import distributed as D
 from ..shards.urls import expand_urls
 from ..errors import USER_ERRORS, ConfigError, Reported, SharedError, UserError
-from ..output_format import make_output_dir
+from ..output_dir import make_output_dir
 from .config import TrainConfig, parse_config, read_config_text, record_run_config, resolve_config, run_config_url
 from .data import check_first_sample
 from .stop import STOP_SIGNALS
