@@ -31,7 +31,7 @@ from ..train.stop import StopSignals
 from .config import PriorTrainConfig
 from .data import CodeBatches
 from .evaluate import code_nll
-from .export import export_prior, train_stats
+from .export import codes_identity, export_prior, train_stats
 
 
 def label_of(cfg: PriorTrainConfig) -> str | None:
@@ -86,6 +86,11 @@ class PriorTrainer:
             raise SharedError(f"{url}: the checkpoint's prior ({_describe(recorded)}) differs from this "
                               f"run's ({_describe(self.prior_config.to_dict())}); resume with the same "
                               "model section and codes of the same tokenizer")
+        trained_on = (state.get("codes") or {}).get("tokenizer_sha256")
+        if trained_on != self.dataset.metadata.tokenizer_sha256:
+            raise SharedError(f"{url}: the checkpoint was trained on codes of tokenizer {str(trained_on)[:12]}..., "
+                              f"{self.cfg.data.codes} holds codes of tokenizer "
+                              f"{self.dataset.metadata.tokenizer_sha256[:12]}...; train into another --out")
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as e:
@@ -111,7 +116,8 @@ class PriorTrainer:
         if self.info.is_main:
             state = {"format": 1, "step": self.step, "model": self.model.state_dict(),
                      "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                     "ranks": ranks, "model_config": self.prior_config.to_dict(), "config": to_dict(self.cfg)}
+                     "ranks": ranks, "model_config": self.prior_config.to_dict(), "config": to_dict(self.cfg),
+                     "codes": codes_identity(self.dataset.metadata)}
             save_checkpoint(self.run_dir, self.step, state, self.cfg.train.keep_checkpoints)
         D.barrier()
 

@@ -335,3 +335,13 @@ def test_the_shipped_configs_parse_and_the_cpu_one_is_the_default():
     assert cpu == default
     gpu = resolve_prior_config(os.path.join(CONFIGS, "prior_gpu.yaml"), codes="x")
     assert isinstance(gpu, PriorTrainConfig) and gpu.model.d_model > cpu.model.d_model
+
+
+def test_resume_refuses_codes_of_another_tokenizer_under_the_same_path(tmp_path, others):
+    codes = tmp_path / "codes"
+    shutil.copytree(others / "mine", codes)
+    args = ["prior", "train", "--codes", codes, "--out", tmp_path / "run", "--batch-size", 2, *sets()]
+    assert run(*args, "--max-steps", 2).exit_code == 0
+    shutil.rmtree(codes)
+    shutil.copytree(others / "same_k", codes)                      # same K, grid and path: other codes
+    one_line_error(run(*args, "--max-steps", 4, "--resume"), "was trained on codes of tokenizer")
