@@ -11,10 +11,12 @@ import click
 @click.option("--source", default="/usr/share/datasets/fashion-mnist", show_default=True,
               help="Folder with the Fashion-MNIST IDX files.")
 @click.option("--config", default=None, help="Training config (default: configs/fashion_mnist.yaml).")
-def command(out, steps, nproc, source, config):
-    """Prepare Fashion-MNIST shards, train with DDP, tokenize with Ray, evaluate, decode."""
+@click.option("--prior-steps", default=600, show_default=True, type=int, help="DDP steps of the prior.")
+def command(out, steps, nproc, source, config, prior_steps):
+    """Prepare Fashion-MNIST shards, train with DDP, tokenize with Ray, evaluate, decode, then
+    train, evaluate and sample a prior over the codes."""
     from ..demo import DemoOptions, run_demo
-    opts = DemoOptions(out=out, steps=steps, nproc=nproc, source=source)
+    opts = DemoOptions(out=out, steps=steps, nproc=nproc, source=source, prior_steps=prior_steps)
     if config:
         opts.config = config
     run_demo(opts)
