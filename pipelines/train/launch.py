@@ -18,12 +18,11 @@ import torch.distributed as dist
 
 from .. import distributed as D
 from ..shards.urls import expand_urls
-from ..errors import (RANK_PEER_FAILED_EXIT, RANK_USER_ERROR_EXIT, USER_ERRORS, ConfigError, Reported,
-                      SharedError, Stopped, UserError)
+from ..errors import (ERROR_SAID_ENV, RANK_PEER_FAILED_EXIT, RANK_USER_ERROR_EXIT, USER_ERRORS, ConfigError,
+                      Reported, SharedError, Stopped, UserError)
 from .config import TrainConfig, parse_config, read_config_text, record_run_config, resolve_config, run_config_url
 from .data import check_first_sample
 from .stop import STOP_SIGNALS
-from .torchrun import ERROR_SAID_ENV
 
 # how long ranks 1.. wait for rank 0 to resolve and check the config (it may read a shard from
 # an object store first); a rank 0 that dies instead is noticed by torchrun much sooner
