@@ -24,7 +24,7 @@ class DemoOptions:
     nproc: int = 2
     decode_limit: int = 64
     prior_config: str = str(REPO_CONFIGS / "prior_cpu.yaml")
-    prior_steps: int = 600
+    prior_steps: int = 1000
     prior_samples: int = 10          # per class
 
 

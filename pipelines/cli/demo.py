@@ -11,7 +11,7 @@ import click
 @click.option("--source", default="/usr/share/datasets/fashion-mnist", show_default=True,
               help="Folder with the Fashion-MNIST IDX files.")
 @click.option("--config", default=None, help="Training config (default: configs/fashion_mnist.yaml).")
-@click.option("--prior-steps", default=600, show_default=True, type=int, help="DDP steps of the prior.")
+@click.option("--prior-steps", default=1000, show_default=True, type=int, help="DDP steps of the prior.")
 def command(out, steps, nproc, source, config, prior_steps):
     """Prepare Fashion-MNIST shards, train with DDP, tokenize with Ray, evaluate, decode, then
     train, evaluate and sample a prior over the codes."""

@@ -23,8 +23,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..decode import load_tokenizer_for
 from ..errors import UserError
+from ..evaluate import _batches as image_batches
+from ..evaluate import iter_images
 from ..readers import CodesDataset
+from ..shards.urls import expand_urls
+from .export import load_prior
 
 LN2 = math.log(2)
 
@@ -110,8 +115,6 @@ def reconstruction_bits(tokenizer, urls: list[str], limit: int | None, batch_siz
     """{"bits_per_image", "sigma", "images"}: -log2 p(x | z) per image over the images of `urls`
     (preprocessed as tokenize does), z their codes under `tokenizer`, with the sigma (of SIGMAS)
     that makes it smallest."""
-    from ..evaluate import _batches as image_batches, iter_images
-
     c, r = tokenizer.config.in_channels, tokenizer.config.resolution
     bits = torch.zeros(len(SIGMAS), dtype=torch.float64)
     images, skipped = 0, []
@@ -132,10 +135,6 @@ def evaluate_prior(prior: str, codes: str, limit: int | None = None, batch_size:
                    tokenizer: str | None = None, images: list[str] | None = None,
                    device: str | None = None) -> dict:
     """The one JSON object `vqtok prior eval` prints (see the module docstring)."""
-    from ..decode import load_tokenizer_for
-    from ..shards.urls import expand_urls
-    from .export import load_prior
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit}: must be >= 1")

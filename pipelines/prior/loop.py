@@ -103,9 +103,9 @@ class PriorTrainer:
             self.rng_at_resume = per_rank[self.info.rank]["rng"]   # set once the loader exists
         self.positions, note = resume_data_positions(per_rank, self.info.rank, self.info.world_size,
                                                      self.cfg.data.num_workers)
-        # the slot that served the next batch in the unbroken run (data.py); a new layout
-        # starts every slot at the next epoch, from worker 0
-        self.rotation = 0 if note else self.step % max(1, self.cfg.data.num_workers)
+        # batch n comes from data slot n mod W (data.py): the unbroken run's next batch came from
+        # slot step mod W (after a new layout any slot could start; this one keeps the rule)
+        self.rotation = self.step % max(1, self.cfg.data.num_workers)
         if self.info.is_main:
             print(f"resumed from {url} at step {self.step}{note}", flush=True)
 
