@@ -63,7 +63,7 @@ class PriorDataConfig:
 
 @dataclass
 class PriorOptimConfig(OptimConfig):
-    lr: float = 1e-3
+    lr: float = 6e-3
     weight_decay: float = 0.01
     warmup_steps: int = 100
     min_lr_ratio: float = 0.05
