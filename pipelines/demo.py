@@ -92,7 +92,7 @@ def run_demo(opts: DemoOptions) -> dict:
                                    nproc_per_node=opts.nproc, max_steps=opts.prior_steps, resume=True))
     times["prior_train_s"] = time.perf_counter() - t
 
-    _say(f"7/8 the prior on the held-out test codes (bits per code; bits per dim with the test images)")
+    _say("7/8 the prior on the held-out test codes (bits per code; bits per dim with the test images)")
     t = time.perf_counter()
     prior_eval = evaluate_prior(prior, paths["codes_test"], tokenizer=final, images=test)
     times["prior_eval_s"] = time.perf_counter() - t

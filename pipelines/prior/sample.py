@@ -12,7 +12,6 @@ prior); `copied_share` is the share of samples equal to some training grid, nove
 """
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np

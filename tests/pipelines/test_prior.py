@@ -261,7 +261,7 @@ def test_a_signal_stops_training_after_a_checkpoint_and_resume_finishes(tmp_path
     assert os.listdir(out / "checkpoints") == [f"step-{step:08d}.pt"] and not (out / "final").exists()
     r = run(*args, "--max-steps", step + 2, "--resume", *sets("train.log_every=1", "train.checkpoint_every=100000"))
     assert r.exit_code == 0, r.output
-    assert f"resumed from" in r.output and (out / "final" / "model.safetensors").exists()
+    assert "resumed from" in r.output and (out / "final" / "model.safetensors").exists()
     assert [json.loads(x)["step"] for x in open(metrics)][-1] == step + 2
 
 
