@@ -17,6 +17,10 @@ from tokenizer import CheckpointError, ConfigError
 ERROR_EXIT = 1               # click's status for a ClickException, which the CLI raises for these
 RANK_USER_ERROR_EXIT = 3
 RANK_PEER_FAILED_EXIT = 4
+# names a file a rank creates once it printed the job's one-line user error: whichever rank's
+# exit torchrun sees first (a peer may die of the broken collective, even by SIGABRT, before the
+# failing rank exits), the launcher then adds no line of its own (pipelines/train/torchrun.py)
+ERROR_SAID_ENV = "VQTOK_RANK_ERROR_SAID"
 
 
 class UserError(Exception):
@@ -68,6 +72,6 @@ def first_line(e: BaseException) -> str:
 # what the CLI and a training rank print as one line
 USER_ERRORS = (UserError, ConfigError, CheckpointError)
 
-__all__ = ["UserError", "SharedError", "Reported", "Stopped", "ConfigError", "CheckpointError",
+__all__ = ["UserError", "SharedError", "Reported", "Stopped", "ConfigError", "CheckpointError", "ERROR_SAID_ENV",
            "USER_ERRORS", "ERROR_EXIT", "RANK_USER_ERROR_EXIT", "RANK_PEER_FAILED_EXIT",
            "stopped_exit", "first_few", "first_line"]

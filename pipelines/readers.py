@@ -127,10 +127,16 @@ class CodesDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        return _rows(self.blocks(worker_id, num_workers), self.fields)
+
+    def blocks(self, worker_id: int = 0, num_workers: int = 1) -> Iterator["Block"]:
+        """The rows that DataLoader worker `worker_id` of `num_workers` yields this epoch, as
+        Blocks (keys, codes (n, h, w) int64 array, fields) in the same order: for consumers that
+        batch arrays themselves instead of collating per-row dicts (the prior's trainer)."""
         blocks = self._read(self.pieces(worker_id, num_workers))
         if self.shuffle:
             blocks = _pool_shuffle(blocks, self.shuffle_buffer, self._rng(worker_id))
-        return _rows(blocks, self.fields)
+        return blocks
 
     def pieces(self, worker_id: int = 0, num_workers: int = 1) -> list[Piece]:
         """The row-group slices read by this rank's worker `worker_id` of `num_workers`."""

@@ -1,4 +1,5 @@
-"""vqtok's model: a VQ-VAE image tokenizer (encoder, vector quantiser, decoder, checkpoints).
+"""vqtok's models: a VQ-VAE image tokenizer (encoder, vector quantiser, decoder, checkpoints) and
+the autoregressive prior over its codes (prior.py).
 
 Pure model code: nothing here imports ray, torch.distributed or pipelines. The torch-backed names
 are imported on first use, so that `from tokenizer import ConfigError` (CLIs, the tokenize
@@ -10,9 +11,10 @@ from .storage import CheckpointError
 
 __version__ = "0.1.0"
 __all__ = ["VQVAE", "VectorQuantizer", "VQVAEConfig", "QuantizerConfig", "ConfigError",
-           "CheckpointError", "Collectives", "nearest_codes", "__version__"]
+           "CheckpointError", "Collectives", "nearest_codes", "Prior", "PriorConfig", "__version__"]
 
-_LAZY = {"VQVAE": ".model", "VectorQuantizer": ".quantizer", "nearest_codes": ".nearest"}
+_LAZY = {"VQVAE": ".model", "VectorQuantizer": ".quantizer", "nearest_codes": ".nearest",
+         "Prior": ".prior", "PriorConfig": ".prior"}
 
 
 def __getattr__(name: str):

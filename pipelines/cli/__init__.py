@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "eval": "evaluate",
     "inspect": "inspect",
     "verify": "verify",
+    "prior": "prior",
     "demo": "demo",
 }
 
@@ -51,7 +52,7 @@ class LazyGroup(click.Group):
         except USER_ERRORS as e:
             raise click.ClickException(str(e)) from None
         except Stopped as e:       # a signal stopped training after a checkpoint: not an error
-            click.echo(f"[vqtok train] {e}", err=True)
+            click.echo(f"[vqtok {ctx.invoked_subcommand}] {e}", err=True)
             ctx.exit(e.exit_code)
         except Reported as e:      # the failing process already printed its one line
             ctx.exit(e.exit_code)

@@ -13,10 +13,14 @@ import click
 @click.option("--config", default=None, help="Training config (default: configs/fashion_mnist.yaml).")
 @click.option("--limit", default=0, show_default=True, type=click.IntRange(min=0),
               help="Images per split (0 = all 70,000): a quick run.")
-def command(out, steps, nproc, source, config, limit):
-    """Prepare Fashion-MNIST shards, train with DDP, tokenize with Ray, evaluate, decode."""
+@click.option("--prior-steps", default=1000, show_default=True, type=click.IntRange(min=0),
+              help="DDP steps of the prior over the codes.")
+def command(out, steps, nproc, source, config, limit, prior_steps):
+    """Prepare Fashion-MNIST shards, train with DDP, tokenize with Ray, evaluate, decode, then
+    train, evaluate and sample a prior over the codes."""
     from ..demo import DemoOptions, run_demo
-    opts = DemoOptions(out=out, steps=steps, nproc=nproc, source=source, limit=limit)
+    opts = DemoOptions(out=out, steps=steps, nproc=nproc, source=source, limit=limit,
+                       prior_steps=prior_steps)
     if config:
         opts.config = config
     run_demo(opts)

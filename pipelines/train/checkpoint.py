@@ -16,6 +16,9 @@ import torch
 from tokenizer import CheckpointError
 from tokenizer.storage import temporary_target, write_bytes_atomic
 
+from .. import distributed as D
+from ..errors import SharedError
+
 NAME = re.compile(r"step-(\d{8})\.pt$")
 
 
@@ -48,6 +51,52 @@ def remove_partial_checkpoints(run_dir: str) -> list[str]:
     for p in partial:
         fs.rm(p)
     return partial
+
+
+def checkpoint_to_resume(run_dir: str, resume: bool, is_main: bool) -> str | None:
+    """The checkpoint a starting run continues from (None: a fresh start), decided by the main
+    rank and the same on every rank (a collective). Checkpoints without --resume are a
+    SharedError; before a run saves anything here, leftovers of killed saves are removed."""
+    decision = None
+    if is_main:
+        found = list_checkpoints(run_dir)
+        if resume or not found:     # a run that will save here: no earlier writer is alive
+            remove_partial_checkpoints(run_dir)
+        if found and not resume:
+            decision = ("error", f"{run_dir} already has checkpoints (newest step {found[-1][0]}); "
+                        "pass --resume to continue or choose another --out")
+        elif found:
+            decision = ("load", found[-1][1])
+    decision = D.broadcast_object(decision)
+    if decision is None:
+        return None
+    if decision[0] == "error":
+        raise SharedError(decision[1])
+    return decision[1]
+
+
+def same_data_layout(per_rank: list[dict], world_size: int, num_workers: int) -> bool:
+    """The checkpoint's per-rank records were written by `world_size` ranks of `num_workers`
+    data workers each: every data slot's recorded position carries over."""
+    return len(per_rank) == world_size and all(r.get("num_workers") == num_workers for r in per_rank)
+
+
+def resume_data_positions(per_rank: list[dict], rank: int, world_size: int,
+                          num_workers: int) -> tuple[dict[int, tuple[int, int]], str]:
+    """({data slot: (epoch, offset)} where this rank's slots continue, a note for the log).
+    With the layout that wrote the checkpoint, the recorded positions. Otherwise the epoch's
+    split over ranks x workers changed, so no slot's position carries over: every slot starts
+    the next epoch from its beginning (no sample of the epoch in progress is seen twice, and
+    the rest of it is skipped)."""
+    if not per_rank:
+        return {}, ""
+    if same_data_layout(per_rank, world_size, num_workers):
+        return {int(w): tuple(p) for w, p in per_rank[rank]["positions"].items()}, ""
+    epoch = 1 + max((int(p[0]) for r in per_rank for p in r.get("positions", {}).values()), default=-1)
+    was = f"{len(per_rank)} ranks x {per_rank[0].get('num_workers')} data workers"
+    note = (f"; the checkpoint was written by {was}, this run has {world_size} x {num_workers}, so "
+            f"the data stream starts epoch {epoch} from its beginning")
+    return {w: (epoch, 0) for w in range(max(1, num_workers))}, note
 
 
 def save_checkpoint(run_dir: str, step: int, state: dict, keep: int) -> str:

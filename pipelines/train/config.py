@@ -126,20 +126,21 @@ def run_config_url(run_dir: str) -> str:
     return f"{run_dir.rstrip('/')}/{RUN_CONFIG}"
 
 
-def dump_config(cfg: TrainConfig) -> str:
+def dump_config(cfg) -> str:
     """The YAML text of a resolved config; `vqtok train --config` reads it back unchanged."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def parse_config(text: str, where: str) -> TrainConfig:
-    """Config text (as dump_config writes it) -> TrainConfig, validated like any config."""
+def parse_config(text: str, where: str, cls: type = TrainConfig):
+    """Config text (as dump_config writes it) -> a `cls` (TrainConfig, or another trainer's
+    config dataclass), validated like any config."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: not valid YAML ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: top level must be a mapping of sections")
-    return build(TrainConfig, data)
+    return build(cls, data)
 
 
 def read_config_text(url: str) -> str | None:
@@ -160,17 +161,18 @@ def flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def changed_keys(old: TrainConfig, new: TrainConfig) -> dict[str, tuple]:
+def changed_keys(old, new) -> dict[str, tuple]:
     """{dotted key: (old value, new value)} for every value that differs."""
     a, b = flat(to_dict(old)), flat(to_dict(new))
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def record_run_config(cfg: TrainConfig, run_dir: str, resume: bool) -> str:
-    """Write `cfg` to RUN_DIR/config.yaml (atomically) once it fits the run there; -> its text.
+def record_run_config(cfg, run_dir: str, resume: bool, resumable: frozenset[str] = RESUMABLE_KEYS) -> str:
+    """Write `cfg` (a TrainConfig, or another trainer's config dataclass) to RUN_DIR/config.yaml
+    (atomically) once it fits the run there; -> its text.
 
     A run directory with checkpoints is continued only with --resume, and then only with the
-    recorded config, except RESUMABLE_KEYS (max_steps to extend a run, workers, logging...).
+    recorded config, except the `resumable` keys (max_steps to extend a run, workers, logging...).
     Without checkpoints nothing was trained yet, so a new config simply replaces the old."""
     url = run_config_url(run_dir)
     found = list_checkpoints(run_dir)
@@ -180,12 +182,12 @@ def record_run_config(cfg: TrainConfig, run_dir: str, resume: bool) -> str:
     if found:
         text = read_config_text(url)       # None: a run from before configs were recorded
         if text is not None:
-            recorded = parse_config(text, url)
-            refused = {k: v for k, v in changed_keys(recorded, cfg).items() if k not in RESUMABLE_KEYS}
+            recorded = parse_config(text, url, type(cfg))
+            refused = {k: v for k, v in changed_keys(recorded, cfg).items() if k not in resumable}
             if refused:
                 what = ", ".join(f"{k} ({old!r} recorded, {new!r} now)" for k, (old, new) in refused.items())
                 raise UserError(f"{url}: --resume cannot change {what}; only "
-                                f"{', '.join(sorted(RESUMABLE_KEYS))} may change on resume: drop the "
+                                f"{', '.join(sorted(resumable))} may change on resume: drop the "
                                 "change or choose another --out")
     text = dump_config(cfg)
     write_bytes_atomic(url, text.encode())

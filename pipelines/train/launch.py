@@ -1,5 +1,8 @@
 """`vqtok train`: resolve the config once, check, record it, then run in this process (one rank)
-or launch torchrun (several), whose ranks read the recorded config."""
+or launch torchrun (several), whose ranks read the recorded config.
+
+The launcher, the rank process wrapper and the config hand-over are shared by every trainer (a
+Stage says which): `vqtok train` (the tokenizer) and `vqtok prior train` (pipelines/prior)."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +18,8 @@ import torch.distributed as dist
 
 from .. import distributed as D
 from ..shards.urls import expand_urls
-from ..errors import USER_ERRORS, ConfigError, Reported, SharedError, UserError
+from ..errors import (ERROR_SAID_ENV, RANK_PEER_FAILED_EXIT, RANK_USER_ERROR_EXIT, USER_ERRORS, ConfigError,
+                      Reported, SharedError, Stopped, UserError)
 from ..output_dir import make_output_dir
 from .config import TrainConfig, parse_config, read_config_text, record_run_config, resolve_config, run_config_url
 from .data import check_first_sample
@@ -156,8 +160,56 @@ def rank_main(argv: list[str]) -> str:
     return run_rank(cfg, ns.out, ns.resume)
 
 
+# ---- one rank process -------------------------------------------------------------------------
+PEER_SIGNS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo", "NCCL")
+
+
+def rank_process(rank_main: Callable[[list[str]], str], argv: list[str], name: str) -> int:
+    """The exit status of one rank running `rank_main(argv)` (`python -m pipelines.train` and
+    the other trainers' rank entries): user errors and signal stops as one line, not tracebacks."""
+    rank = os.environ.get("RANK", "0")
+    try:
+        rank_main(argv)
+    except Stopped as e:
+        for sig in STOP_SIGNALS:   # the checkpoint is saved: a late signal must not kill the exit
+            signal.signal(sig, signal.SIG_IGN)
+        if rank == "0":
+            print(f"[{name}] {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except USER_ERRORS as e:
+        # a decision shared by all ranks is printed once (by rank 0)
+        if not isinstance(e, SharedError) or rank == "0":
+            print(f"Error: {e}", file=sys.stderr, flush=True)
+            said = os.environ.get(ERROR_SAID_ENV)
+            if said:              # tell the launcher the job's error line is printed
+                with open(said, "a"):
+                    pass
+        return RANK_USER_ERROR_EXIT
+    except RuntimeError as e:
+        # a collective broke because another rank died: that rank reports the cause; here one
+        # line instead of a traceback through DDP internals
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, getattr(dist, "DistError", ())) or any(s in message for s in PEER_SIGNS):
+            print(f"[rank {rank}] stopped: a collective failed, probably because a peer rank "
+                  f"failed ({message[:200]})", file=sys.stderr, flush=True)
+            return RANK_PEER_FAILED_EXIT
+        raise
+    return 0
+
+
 # ---- the launcher -----------------------------------------------------------------------------
-def torchrun_argv(a: TrainArgs) -> list[str]:
+@dataclass(frozen=True)
+class Stage:
+    """What the launcher needs of a trainer. Its arguments (TrainArgs, or the other trainer's)
+    carry out, resume and the topology: nproc_per_node, nnodes, node_rank, master_addr,
+    master_port."""
+    name: str                                   # in messages: "vqtok train"
+    module: str                                 # the rank entry torchrun runs: python -m MODULE
+    prepare: Callable[[object, int, bool], tuple[object, str | None]]   # (args, world, record) -> (config, text)
+    run_rank: Callable[[object, str, bool], str]                         # (config, out, resume) -> final
+
+
+def torchrun_argv(a, module: str = "pipelines.train") -> list[str]:
     argv = ["--nproc-per-node", str(a.nproc_per_node), "--nnodes", str(a.nnodes), "--max-restarts", "0"]
     if a.nnodes == 1:
         argv += ["--standalone"]
@@ -166,10 +218,10 @@ def torchrun_argv(a: TrainArgs) -> list[str]:
                  "--master-port", str(a.master_port)]
     # the ranks read what node 0's launcher recorded (global rank 0 reads, the rest get its text)
     rank = ["--out", a.out, "--run-config", run_config_url(a.out)] + (["--resume"] if a.resume else [])
-    return argv + ["-m", "pipelines.train"] + rank
+    return argv + ["-m", module] + rank
 
 
-def run_forwarding_signals(cmd: list[str], env: dict) -> int:
+def run_forwarding_signals(cmd: list[str], env: dict, name: str = "vqtok train") -> int:
     """Run torchrun in its own session and pass it the first SIGTERM/SIGINT we get, once: its
     agent hands it to the ranks, which checkpoint and exit. (In our process group, a Ctrl-C would
     reach the agent twice, and a second signal cuts short the agent's wait for the ranks.)"""
@@ -180,7 +232,7 @@ def run_forwarding_signals(cmd: list[str], env: dict) -> int:
         if not forwarded:
             forwarded.append(signum)
             proc.send_signal(signum)
-            print(f"[vqtok train] {signal.Signals(signum).name}: the ranks stop after the next step and "
+            print(f"[{name}] {signal.Signals(signum).name}: the ranks stop after the next step and "
                   "save a checkpoint", file=sys.stderr, flush=True)
 
     old = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
@@ -194,20 +246,23 @@ def run_forwarding_signals(cmd: list[str], env: dict) -> int:
             proc.wait()
 
 
-def launch(a: TrainArgs) -> str | None:
+TRAIN = Stage("vqtok train", "pipelines.train", prepare_run, run_rank)
+
+
+def launch(a, stage: Stage = TRAIN) -> str | None:
     if a.nproc_per_node < 1 or a.nnodes < 1 or not 0 <= a.node_rank < a.nnodes:
         raise UserError(f"need --nproc-per-node >= 1, --nnodes >= 1 and 0 <= --node-rank < --nnodes "
                         f"(got {a.nproc_per_node}, {a.nnodes}, {a.node_rank})")
     world = a.nproc_per_node * a.nnodes
     # every node checks its own options; node 0 records the run's config
-    cfg, _ = prepare_run(a, world, record=a.node_rank == 0)
+    cfg, _ = stage.prepare(a, world, a.node_rank == 0)
     if world == 1:
-        return run_rank(cfg, a.out, a.resume)
-    cmd = [sys.executable, "-m", "pipelines.train.torchrun"] + torchrun_argv(a)
+        return stage.run_rank(cfg, a.out, a.resume)
+    cmd = [sys.executable, "-m", "pipelines.train.torchrun"] + torchrun_argv(a, stage.module)
     env = {"PYTHONUNBUFFERED": "1", **os.environ}
     # torchrun would force 1 thread per rank (with a warning); share this node's cores instead
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // a.nproc_per_node)))
-    rc = run_forwarding_signals(cmd, env)
+    rc = run_forwarding_signals(cmd, env, stage.name)
     if rc != 0:
         raise Reported(rc)    # the failing rank already printed its one-line error
     return f"{a.out.rstrip('/')}/final"

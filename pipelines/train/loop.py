@@ -17,8 +17,8 @@ from ..shards.urls import expand_urls
 from ..errors import SharedError, Stopped
 from ..metrics import psnr_of_mean_mse
 from ..parallelize import parallelize
-from .checkpoint import (list_checkpoints, load_checkpoint, remove_partial_checkpoints, rng_state,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import (checkpoint_to_resume, load_checkpoint, resume_data_positions, rng_state,
+                         same_data_layout, save_checkpoint, set_rng_state)
 from .config import TrainConfig
 from .augment import augment, augment_generator
 from .data import ShardStream, load_images, make_loader
@@ -77,22 +77,9 @@ class Trainer:
 
     # ---- resume -------------------------------------------------------------------------------
     def _resume(self, resume: bool) -> None:
-        found = list_checkpoints(self.run_dir) if self.info.is_main else None
-        decision = None
-        if self.info.is_main:
-            if resume or not found:     # a run that will save here: no earlier writer is alive
-                remove_partial_checkpoints(self.run_dir)
-            if found and not resume:
-                decision = ("error", f"{self.run_dir} already has checkpoints (newest step "
-                            f"{found[-1][0]}); pass --resume to continue or choose another --out")
-            elif found:
-                decision = ("load", found[-1][1])
-        decision = D.broadcast_object(decision)
-        if decision is None:
-            return
-        if decision[0] == "error":
-            raise SharedError(decision[1])
-        self._load(decision[1])
+        url = checkpoint_to_resume(self.run_dir, resume, self.info.is_main)
+        if url is not None:
+            self._load(url)
 
     def _load(self, url: str) -> None:
         state = load_checkpoint(url)
@@ -107,33 +94,18 @@ class Trainer:
         self.sched.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         per_rank = state.get("ranks", [])
-        note = ""
         if len(per_rank) == self.info.world_size:
             # set once the data loader exists (run): making its iterator draws from the global
             # RNG, which the unbroken run did before the checkpoint
             self.rng_at_resume = per_rank[self.info.rank]["rng"]
-        if self._same_data_layout(per_rank):
+        workers = self.cfg.data.num_workers
+        self.positions, note = resume_data_positions(per_rank, self.info.rank, self.info.world_size, workers)
+        if same_data_layout(per_rank, self.info.world_size, workers):
             mine = per_rank[self.info.rank]
-            self.positions = {int(w): tuple(p) for w, p in mine["positions"].items()}
             self.bad = {int(w): int(b) for w, b in mine["bad"].items()}
             self.damaged = {int(w): int(b) for w, b in mine.get("damaged", {}).items()}
-        elif per_rank:
-            # the epoch's split over ranks x workers changed, so no slot's position carries
-            # over: every slot starts the next epoch from its beginning (no sample of the epoch
-            # in progress is seen twice, and the rest of it is skipped)
-            epoch = 1 + max((int(p[0]) for r in per_rank for p in r.get("positions", {}).values()),
-                            default=-1)
-            self.positions = {w: (epoch, 0) for w in range(max(1, self.cfg.data.num_workers))}
-            was = f"{len(per_rank)} ranks x {per_rank[0].get('num_workers')} data workers"
-            now = f"{self.info.world_size} x {self.cfg.data.num_workers}"
-            note = (f"; the checkpoint was written by {was}, this run has {now}, so the data "
-                    f"stream starts epoch {epoch} from its beginning")
         if self.info.is_main:
             print(f"resumed from {url} at step {self.step}{note}", flush=True)
-
-    def _same_data_layout(self, per_rank: list[dict]) -> bool:
-        return (len(per_rank) == self.info.world_size
-                and all(r.get("num_workers") == self.cfg.data.num_workers for r in per_rank))
 
     def checkpoint(self) -> None:
         mine = {"rng": rng_state(), "num_workers": self.cfg.data.num_workers,

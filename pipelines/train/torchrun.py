@@ -14,13 +14,9 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main as torchrun_main
 
-from ..errors import RANK_PEER_FAILED_EXIT, RANK_USER_ERROR_EXIT, ERROR_EXIT, stopped_exit
+from ..errors import ERROR_EXIT, ERROR_SAID_ENV, RANK_PEER_FAILED_EXIT, RANK_USER_ERROR_EXIT, stopped_exit
 from .stop import STOP_SIGNALS
 
-# a file a rank creates once it printed the job's one-line user error: whichever rank's exit
-# torchrun sees first (a peer may die of the broken collective, even by SIGABRT, before the
-# failing rank exits), the launcher then adds no line of its own
-ERROR_SAID_ENV = "VQTOK_RANK_ERROR_SAID"
 
 
 def main(argv: list[str]) -> int:
