@@ -34,7 +34,7 @@ EXPECTED_COMMANDS = {
     "README.md": (6, 4),
     "docs/benchmarks.md": (0, 0),
     "docs/design.md": (0, 0),
-    "docs/downstream.md": (4, 1),
+    "docs/downstream.md": (4, 3),
     "docs/prepare.md": (3, 2),
     "docs/reference.md": (0, 0),
     "docs/tokenize.md": (3, 2),
