@@ -10,10 +10,10 @@ from .config import ConfigError, QuantizerConfig, VQVAEConfig
 from .storage import CheckpointError
 
 __version__ = "0.1.0"
-__all__ = ["VQVAE", "VectorQuantizer", "VQVAEConfig", "QuantizerConfig", "ConfigError",
+__all__ = ["VQVAE", "VectorQuantizer", "FiniteScalarQuantizer", "VQVAEConfig", "QuantizerConfig", "ConfigError",
            "CheckpointError", "Collectives", "nearest_codes", "Prior", "PriorConfig", "__version__"]
 
-_LAZY = {"VQVAE": ".model", "VectorQuantizer": ".quantizer", "nearest_codes": ".nearest",
+_LAZY = {"VQVAE": ".model", "VectorQuantizer": ".quantizer", "FiniteScalarQuantizer": ".fsq", "nearest_codes": ".nearest",
          "Prior": ".prior", "PriorConfig": ".prior"}
 
 

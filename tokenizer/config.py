@@ -17,7 +17,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class QuantizerConfig:
-    codebook_size: int = 512          # K
+    # vq: nearest-code vector quantisation (the paper); fsq: finite scalar quantisation (Mentzer
+    # et al. 2024), which takes `levels` and `beta`-free training, and ignores every VQ-only key
+    kind: str = "vq"
+    levels: list[int] | None = None   # fsq: values per channel, e.g. [8, 8, 6, 5, 5] = 9600 codes
+    codebook_size: int = 512          # K (fsq: the product of levels, set from them)
     codebook_dim: int | None = None   # low-dim code projection (ViT-VQGAN); None = code_dim
     beta: float = 0.25                # commitment weight (paper)
     ema: bool = True                  # EMA codebook updates (paper appendix)
@@ -31,9 +35,20 @@ class QuantizerConfig:
     # how the reconstruction gradient passes the quantiser: straight_through (the paper) or
     # rotation (Fifty et al. 2024, the rotation trick: rotate and rescale e onto its code)
     gradient: str = "straight_through"
+    # SimVQ (Zhu et al. 2024): codes = a learned linear map of a frozen random codebook; needs
+    # ema: false (the map is learned by the codebook loss)
+    simvq: bool = False
 
     def __post_init__(self):
         check_types(self, "model.quantizer")
+        check(self.kind in ("vq", "fsq"), "model.quantizer.kind", self.kind, "must be vq or fsq")
+        if self.kind == "fsq":
+            self._check_levels()
+        else:
+            check(self.levels is None, "model.quantizer.levels", self.levels,
+                  "is for kind: fsq; a vq quantiser takes codebook_size")
+        check(not (self.simvq and self.ema), "model.quantizer.simvq", self.simvq,
+              "needs ema: false (SimVQ learns its codebook map by gradient, not by EMA)")
         check(self.codebook_size >= 2, "model.quantizer.codebook_size", self.codebook_size, "must be >= 2")
         check(self.codebook_size <= 2**31 - 1, "model.quantizer.codebook_size", self.codebook_size, "is too large")
         check(self.codebook_dim is None or self.codebook_dim >= 1, "model.quantizer.codebook_dim",
@@ -47,6 +62,23 @@ class QuantizerConfig:
         check(self.gradient in ("straight_through", "rotation"), "model.quantizer.gradient", self.gradient,
               "must be straight_through or rotation")
         check(self.chunk_size >= 0, "model.quantizer.chunk_size", self.chunk_size, "must be >= 0 (0 = automatic)")
+
+    def _check_levels(self) -> None:
+        key = "model.quantizer.levels"
+        levels = self.levels
+        check(isinstance(levels, (list, tuple)) and len(levels) >= 1, key, levels,
+              "must be a list of integers >= 2 for kind: fsq, e.g. [8, 8, 6, 5, 5]")
+        for level in levels:
+            check(isinstance(level, numbers.Integral) and not isinstance(level, bool) and level >= 2,
+                  key, levels, "must hold integers >= 2 only")
+        self.levels = [int(level) for level in levels]
+        size = math.prod(self.levels)
+        check(size <= 2**31 - 1, key, self.levels, f"give {size} codes, more than 2**31 - 1")
+        # codebook_size follows from levels; a different explicit one is a contradiction (512 is
+        # the dataclass default, so only it cannot be told from an unset value)
+        check(self.codebook_size in (size, 512), "model.quantizer.codebook_size", self.codebook_size,
+              f"contradicts levels {self.levels} (prod = {size}); leave codebook_size out for kind: fsq")
+        self.codebook_size = size
 
 
 @dataclass
@@ -155,7 +187,9 @@ FALLBACK_MEMORY_LIMIT = 1 << 40    # where the physical memory cannot be read
 
 
 def codebook_table_bytes(config: QuantizerConfig, code_dim: int) -> int:
-    """Bytes of the quantizer's codebook-sized tensors for encoder width code_dim."""
+    """Bytes of the quantizer's codebook-sized tensors for encoder width code_dim (none for fsq)."""
+    if config.kind == "fsq":
+        return 0
     d = config.codebook_dim or code_dim
     k = config.codebook_size
     return FP32_BYTES * (k * d * (2 if config.ema else 1) + (k if config.ema else 0))

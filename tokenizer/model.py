@@ -1,4 +1,5 @@
-"""VQ-VAE: encoder -> vector quantiser -> decoder, with a tokenizer directory format."""
+"""VQ-VAE: encoder -> quantiser (vector or finite scalar) -> decoder, with a tokenizer directory
+format."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ from .checkpoint import (CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, CheckpointEr
 from .collectives import Collectives
 from .config import ConfigError, VQVAEConfig
 from .modules import Decoder, Encoder
+from .fsq import FiniteScalarQuantizer
 from .quantizer import VectorQuantizer
 
 
@@ -27,7 +29,8 @@ class VQVAE(nn.Module):
             config = VQVAEConfig.from_dict(config)
         self.config = config
         self.encoder = Encoder(config)
-        self.quantizer = VectorQuantizer(config.quantizer, config.code_dim, collectives)
+        quantizer = FiniteScalarQuantizer if config.quantizer.kind == "fsq" else VectorQuantizer
+        self.quantizer = quantizer(config.quantizer, config.code_dim, collectives)
         self.decoder = Decoder(config)
         # oneDNN's fast conv layout, for every model however it was made (trained or loaded), so
         # that all give bit-identical results (and oneDNN's fastest convolutions on CPU)

@@ -1,5 +1,5 @@
 """Vector quantiser (van den Oord et al. 2017) with EMA codebook, dead-code restart, k-means init,
-cosine codes and a low-dimensional code projection.
+cosine codes, a low-dimensional code projection and SimVQ's linearly mapped frozen codebook.
 
 Data-parallel replicas stay bitwise identical through one injected `Collectives` object (a no-op
 by default, so this module imports nothing distributed): EMA counts and sums, k-means sums and
@@ -42,7 +42,16 @@ class VectorQuantizer(nn.Module):
         init = torch.randn(codebook_size, self.code_dim)
         if config.l2_normalize:
             init = F.normalize(init, dim=-1)
-        if config.ema:
+        # SimVQ (Zhu et al. 2024): the codebook is a frozen random basis C times one learned
+        # linear map, e = W c + b; the codebook loss moves W, and so every code at once, which
+        # keeps codes that no encoder output is near moving with the rest instead of dying
+        self.codebook_map = nn.Linear(self.code_dim, self.code_dim) if config.simvq else None
+        if config.simvq:
+            self.register_buffer("codebook", init if config.l2_normalize else init * self.code_dim ** -0.5)
+            if config.kmeans_init:    # k-means seeds the basis: start from the identity map
+                nn.init.eye_(self.codebook_map.weight)
+                nn.init.zeros_(self.codebook_map.bias)
+        elif config.ema:
             self.register_buffer("codebook", init)
             self.register_buffer("ema_count", torch.ones(codebook_size))
             self.register_buffer("ema_sum", init.clone())
@@ -71,13 +80,15 @@ class VectorQuantizer(nn.Module):
         book = self.codebook
         key = (id(book), book.data_ptr(), book._version, book.device, book.dtype,
                torch.is_inference_mode_enabled())
+        if self.codebook_map is not None:    # SimVQ: the map's weights are the learned part
+            key += tuple((p.data_ptr(), p._version) for p in self.codebook_map.parameters())
         if self._search_cache is None or self._search_cache[0] != key:
             self._search_cache = (key, self._search_codebook())
         return self._search_cache[1]
 
+    @torch.no_grad()
     def _search_codebook(self) -> torch.Tensor:
-        book = self.codebook.detach().float()
-        return F.normalize(book, dim=-1) if self.config.l2_normalize else book
+        return self._codebook_for_grad().detach()
 
     @torch.no_grad()
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
@@ -96,7 +107,10 @@ class VectorQuantizer(nn.Module):
         return self.out_proj(codes)
 
     def _codebook_for_grad(self) -> torch.Tensor:
+        """(K, code_dim) fp32 codebook: the codes, or with SimVQ the map of the frozen basis."""
         book = self.codebook.float()
+        if self.codebook_map is not None:
+            book = F.linear(book, self.codebook_map.weight.float(), self.codebook_map.bias.float())
         return F.normalize(book, dim=-1) if self.config.l2_normalize else book
 
     # ---- training forward -----------------------------------------------------------------------
@@ -231,10 +245,14 @@ class VectorQuantizer(nn.Module):
             counts = torch.bincount(idx.reshape(-1), minlength=self.codebook_size).float()
             if self.training:  # eval may run on one rank alone: a collective there would hang
                 self.collectives.sum_(counts)
-        probs = counts / counts.sum().clamp_min(1)
-        entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
-        self.metrics["usage"] = (counts > 0).float().mean()
-        self.metrics["perplexity"] = entropy.exp()
+        self.metrics.update(usage_metrics(counts))
+
+
+def usage_metrics(counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(K,) code counts of a step -> {usage: fraction of codes used, perplexity: exp(entropy)}."""
+    probs = counts / counts.sum().clamp_min(1)
+    entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum()
+    return {"usage": (counts > 0).float().mean(), "perplexity": entropy.exp()}
 
 
 def rotation_trick(e: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

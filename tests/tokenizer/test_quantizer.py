@@ -409,3 +409,76 @@ def test_rotation_trick_keeps_the_code_value_and_rotates_the_gradient():
 def test_gradient_option_is_validated():
     with pytest.raises(ValueError, match="model.quantizer.gradient = 'rotate' must be straight_through or rotation"):
         QuantizerConfig(gradient="rotate")
+
+
+def _simvq(k=8, d=4, collectives=None, **config):
+    config = {"ema": False, "simvq": True, "kmeans_init": False, **config}
+    return vq(k, d, collectives, **config)
+
+
+def test_simvq_codes_are_the_learned_map_of_a_frozen_basis():
+    torch.manual_seed(0)
+    q = _simvq(k=32, d=4)
+    assert "codebook" not in dict(q.named_parameters()) and "codebook" in dict(q.named_buffers())
+    expected = q.codebook @ q.codebook_map.weight.T + q.codebook_map.bias
+    assert torch.allclose(q.search_codebook(), expected)
+    z = torch.randn(50, 4)
+    assert torch.equal(q.nearest(z), nearest_codes(z, expected.detach()))
+
+
+def test_simvq_codebook_loss_moves_every_code_through_the_map_and_never_the_basis():
+    torch.manual_seed(0)
+    q = _simvq(k=64, d=4)
+    basis, before = q.codebook.clone(), q.search_codebook().clone()
+    opt = torch.optim.SGD(q.parameters(), lr=0.5)
+    _, idx, losses = q(torch.randn(8, 4))           # 8 rows reach at most 8 of the 64 codes
+    losses["codebook"].backward()
+    assert q.codebook_map.weight.grad is not None and torch.count_nonzero(q.codebook_map.weight.grad) > 0
+    opt.step()
+    after = q.search_codebook()
+    unused = torch.ones(64, dtype=torch.bool)
+    unused[idx.unique()] = False
+    assert int(unused.sum()) >= 56
+    assert bool((after[unused] != before[unused]).any(dim=1).all())   # unused codes moved too
+    assert torch.equal(q.codebook, basis)
+
+
+def test_simvq_eval_search_follows_an_update_of_the_map():
+    torch.manual_seed(0)
+    q = _simvq(k=16, d=4).eval()
+    first = q.search_codebook()
+    assert q.search_codebook() is first                       # cached while nothing changes
+    with torch.no_grad():
+        q.codebook_map.weight.mul_(-1)
+    assert torch.allclose(q.search_codebook(), q.codebook @ q.codebook_map.weight.T + q.codebook_map.bias)
+
+
+def test_simvq_kmeans_init_seeds_the_basis_under_an_identity_map():
+    torch.manual_seed(0)
+    centres = torch.tensor([[5.0, 0], [-5, 0], [0, 5], [0, -5]])
+    z = (centres[:, None] + 0.01 * torch.randn(4, 50, 2)).reshape(-1, 2)
+    q = _simvq(k=4, d=2, kmeans_init=True).train()
+    q(z)
+    assert torch.equal(q.codebook_map.weight.detach(), torch.eye(2))
+    found = sorted(map(tuple, q.search_codebook().round().tolist()))
+    assert found == sorted(map(tuple, centres.tolist()))
+
+
+def test_simvq_replicas_stay_identical():
+    torch.manual_seed(0)
+    world, k, d = 2, 16, 4
+    data = [torch.randn(3, 40, d) + 3, torch.randn(3, 5, d) - 3]
+    replicas = ThreadReplicas(world)
+    quantizers = []
+    for r in range(world):      # DDP starts every replica from rank 0's parameters and buffers
+        torch.manual_seed(1)
+        quantizers.append(_simvq(k, d, replicas.collectives(r), kmeans_init=True, codebook_dim=2,
+                                 l2_normalize=True).train())
+    replicas.run([lambda r=r: [quantizers[r](batch) for batch in data[r]] for r in range(world)])
+    assert_replicas_equal(quantizers)
+
+
+def test_simvq_needs_ema_off():
+    from tokenizer import ConfigError
+    with pytest.raises(ConfigError, match="model.quantizer.simvq = True needs ema: false"):
+        QuantizerConfig(simvq=True)
