@@ -14,6 +14,10 @@ if [ "$extra" = bench ]; then
   [ -d /usr/share/backgrounds/mate/nature ] || need_apt+=(mate-backgrounds)
   [ -f /usr/share/backgrounds/Kleiber_by_Lukas_Baubkus.jpg ] || need_apt+=(lomiri-wallpapers-20.04)
   [ -f /usr/share/backgrounds/Bridge_by_Sander_Klootwijk.jpg ] || need_apt+=(lomiri-wallpapers-16.04)
+  # the bar's set: photographs of packages that ship no wallpapers at all
+  [ -f /usr/share/doc/opencv-doc/examples/data/baboon.jpg ] || need_apt+=(opencv-doc)
+  [ -f /usr/lib/python3/dist-packages/skimage/data/astronaut.png ] || need_apt+=(python3-skimage)
+  [ -d /usr/share/palapeli/collection ] || need_apt+=(palapeli-data)
 fi
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
