@@ -21,6 +21,7 @@ class QuantizerConfig:
     # et al. 2024), which takes `levels` and `beta`-free training, and ignores every VQ-only key
     kind: str = "vq"
     levels: list[int] | None = None   # fsq: values per channel, e.g. [8, 8, 6, 5, 5] = 9600 codes
+    decorrelation: float = 0.0        # fsq: weight of a loss on the correlation of its channels
     codebook_size: int = 512          # K (fsq: the product of levels, set from them)
     codebook_dim: int | None = None   # low-dim code projection (ViT-VQGAN); None = code_dim
     beta: float = 0.25                # commitment weight (paper)
@@ -47,6 +48,8 @@ class QuantizerConfig:
         else:
             check(self.levels is None, "model.quantizer.levels", self.levels,
                   "is for kind: fsq; a vq quantiser takes codebook_size")
+            check(self.decorrelation == 0, "model.quantizer.decorrelation", self.decorrelation, "is for kind: fsq")
+        check(self.decorrelation >= 0, "model.quantizer.decorrelation", self.decorrelation, "must be >= 0")
         check(not (self.simvq and self.ema), "model.quantizer.simvq", self.simvq,
               "needs ema: false (SimVQ learns its codebook map by gradient, not by EMA)")
         check(self.codebook_size >= 2, "model.quantizer.codebook_size", self.codebook_size, "must be >= 2")

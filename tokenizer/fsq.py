@@ -101,8 +101,9 @@ class FiniteScalarQuantizer(nn.Module):
 
     # ---- training forward -----------------------------------------------------------------------
     def forward(self, z: torch.Tensor):
-        """z: (..., dim) -> (z_q (..., dim), idx (...), losses {}): rounding passes the gradient
-        straight through; FSQ has no codebook or commitment loss."""
+        """z: (..., dim) -> (z_q (..., dim), idx (...), losses): rounding passes the gradient
+        straight through; FSQ has no codebook or commitment loss, only, when config.decorrelation
+        > 0, the weighted correlation of its channels over this replica's batch."""
         lead_shape = z.shape[:-1]
         with torch.autocast(device_type=z.device.type, enabled=False):
             h = self.in_proj(z.reshape(-1, self.dim).float())             # (N, d) fp32
@@ -113,7 +114,10 @@ class FiniteScalarQuantizer(nn.Module):
             z_q = self.out_proj(values)
             idx = self.digits_to_index(digits)
             self._record_usage(idx)
-        return z_q.reshape(*lead_shape, self.dim).to(z.dtype), idx.reshape(lead_shape), {}
+            losses = {}
+            if self.training and self.config.decorrelation > 0 and h.shape[0] > 1:
+                losses["decorrelation"] = self.config.decorrelation * channel_correlation(bounded)
+        return z_q.reshape(*lead_shape, self.dim).to(z.dtype), idx.reshape(lead_shape), losses
 
     @torch.no_grad()
     def _record_usage(self, idx: torch.Tensor) -> None:
@@ -121,3 +125,17 @@ class FiniteScalarQuantizer(nn.Module):
         if self.training:   # eval may run on one rank alone: a collective there would hang
             self.collectives.sum_(counts)
         self.metrics.update(usage_metrics(counts))
+
+
+def channel_correlation(x: torch.Tensor) -> torch.Tensor:
+    """(N, d) -> mean squared correlation between distinct channels over the N rows (0 when
+    uncorrelated, 1 when all move together). Correlated channels fill a thin slice of the levels'
+    grid, so most codes go unused; config.decorrelation weighs this as a loss."""
+    d = x.shape[1]
+    if d < 2:
+        return x.sum() * 0
+    centred = x - x.mean(0)
+    scaled = centred / centred.pow(2).mean(0).add(1e-6).sqrt()
+    corr = scaled.T @ scaled / x.shape[0]                                   # (d, d)
+    off = corr - torch.diag(torch.diagonal(corr))
+    return off.pow(2).sum() / (d * (d - 1))

@@ -135,3 +135,30 @@ def test_a_vqvae_with_fsq_encodes_decodes_and_round_trips_through_its_directory(
     with pytest.raises(ValueError, match=r"codes must lie in \[0, 60\)"):
         loaded.decode(torch.full((1, 4, 4), 60))
 
+
+
+def test_the_decorrelation_loss_decorrelates_the_channels():
+    from tokenizer.fsq import channel_correlation
+    torch.manual_seed(0)
+    q = FiniteScalarQuantizer(QuantizerConfig(kind="fsq", levels=LEVELS, decorrelation=1.0), 16).train()
+    z = torch.randn(512, 1) * torch.ones(1, 16) + 0.3 * torch.randn(512, 16)      # one common factor
+    with torch.no_grad():
+        q.in_proj.weight.copy_(q.in_proj.weight.abs())          # every channel reads that factor
+    with torch.no_grad():
+        before = float(channel_correlation(q.bound(q.in_proj(z))))
+    opt = torch.optim.Adam(q.in_proj.parameters(), 3e-2)
+    for _ in range(60):
+        _, _, losses = q(z)
+        opt.zero_grad()
+        losses["decorrelation"].backward()
+        opt.step()
+    with torch.no_grad():
+        after = float(channel_correlation(q.bound(q.in_proj(z))))
+    assert before > 0.5 and after < 0.1
+    _, _, losses = q.eval()(z)
+    assert losses == {}                                           # a training loss only
+
+
+def test_decorrelation_is_for_fsq_only():
+    with pytest.raises(ConfigError, match="model.quantizer.decorrelation = 0.1 is for kind: fsq"):
+        QuantizerConfig(decorrelation=0.1)
