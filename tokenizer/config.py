@@ -18,7 +18,7 @@ class ConfigError(ValueError):
 @dataclass
 class QuantizerConfig:
     # vq: nearest-code vector quantisation (the paper); fsq: finite scalar quantisation (Mentzer
-    # et al. 2024), which takes `levels` and `beta`-free training, and ignores every VQ-only key
+    # et al. 2024), set by `levels`, with no codebook loss; it ignores the VQ-only keys
     kind: str = "vq"
     levels: list[int] | None = None   # fsq: values per channel, e.g. [8, 8, 6, 5, 5] = 9600 codes
     decorrelation: float = 0.0        # fsq: weight of a loss on the correlation of its channels
