@@ -25,15 +25,21 @@ class AugmentConfig:
     flip: bool = False             # horizontal and vertical flips, each with probability 1/2
     rot90: bool = False            # a turn by 0, 90, 180 or 270 degrees (square images)
     min_crop_area: float = 1.0     # crop a random square of >= this fraction of the area, rescale; 1 = off
+    crop_prob: float = 1.0         # the fraction of images that get the crop (the rest keep their pixels)
     channel_shuffle: bool = False  # a random order of the colour channels (RGB only)
 
     def __post_init__(self):
         check(0.0 < self.min_crop_area <= 1.0, "data.augment.min_crop_area", self.min_crop_area,
               "must be in (0, 1] (1 turns crop jitter off)")
+        check(0.0 <= self.crop_prob <= 1.0, "data.augment.crop_prob", self.crop_prob, "must be in [0, 1]")
 
     @property
     def moves_pixels(self) -> bool:
-        return self.flip or self.rot90 or self.min_crop_area < 1.0
+        return self.flip or self.rot90 or self.crops
+
+    @property
+    def crops(self) -> bool:
+        return self.min_crop_area < 1.0 and self.crop_prob > 0
 
     @property
     def enabled(self) -> bool:
@@ -56,9 +62,13 @@ def affine_maps(n: int, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tenso
     cos = torch.tensor([1.0, 0.0, -1.0, 0.0])[turns]      # exact for multiples of 90 degrees
     sin = torch.tensor([0.0, 1.0, 0.0, -1.0])[turns]
     side = torch.ones(n)
-    if cfg.min_crop_area < 1.0:
+    if cfg.crops:
         area = cfg.min_crop_area + (1 - cfg.min_crop_area) * torch.rand(n, generator=gen)
         side = area.sqrt()
+        # a scaled crop is a bilinear resampling, a blur: images left whole keep the sharp pixels
+        # that held-out photographs have (drawn only when used, so crop_prob 1 replays old runs)
+        if cfg.crop_prob < 1.0:
+            side = torch.where(torch.rand(n, generator=gen) < cfg.crop_prob, side, torch.ones(n))
     # the crop's centre may sit anywhere that keeps the crop inside the image
     shift = (1 - side)[:, None] * (2 * torch.rand(n, 2, generator=gen) - 1)
     maps = torch.zeros(n, 2, 3)

@@ -74,6 +74,23 @@ def test_crop_jitter_zooms_into_a_part_of_the_image():
     torch.testing.assert_close(augment(const, AugmentConfig(min_crop_area=0.2), augment_generator(0, 0, 1)), const)
 
 
+def test_crop_prob_leaves_the_other_images_unresampled():
+    x = torch.rand(400, 3, 16, 16)
+    gen = lambda: augment_generator(3, 0, 7)
+    y = augment(x, AugmentConfig(min_crop_area=0.5, crop_prob=0.25), gen())
+    whole = torch.tensor([torch.allclose(y[i], x[i], rtol=0, atol=1e-5) for i in range(len(x))])
+    # about 3/4 keep their pixels (to fp32 rounding of the sampling grid); the cropped are resampled
+    assert 0.65 < whole.float().mean() < 0.85, whole.float().mean()
+    assert all(not torch.allclose(y[i], x[i], atol=1e-3) for i in torch.nonzero(~whole).flatten())
+    # 0 turns the crop off
+    assert torch.equal(augment(x, AugmentConfig(min_crop_area=0.5, crop_prob=0.0), gen()), x)
+    # crop_prob 1 draws nothing extra: runs made before the key existed replay the same crops
+    old = augment(x, AugmentConfig(min_crop_area=0.5), gen())
+    assert torch.equal(old, augment(x, AugmentConfig(min_crop_area=0.5, crop_prob=1.0), gen()))
+    with pytest.raises(ConfigError, match=r"data.augment.crop_prob = 1.5 must be in \[0, 1\]"):
+        resolve_config(None, ["data.augment.crop_prob=1.5"], train_data=["x"])
+
+
 def test_channel_shuffle_permutes_colours_per_image():
     x = torch.zeros(64, 3, 4, 4)
     x[:, 0], x[:, 1], x[:, 2] = 0.1, 0.5, 0.9
