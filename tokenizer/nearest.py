@@ -168,10 +168,18 @@ def _fp32_pass(z: torch.Tensor, codebook: torch.Tensor, code_sq: torch.Tensor, c
         if two:
             idx[start:stop], best[start:stop], second[start:stop] = best_two(block)
         else:
-            torch.argmin(block, dim=1, out=idx[start:stop])
+            idx[start:stop] = argmin_rows(block)
     if not two:
         return idx, None
     return idx, _unsure_rows(z, code_sq, best, second, torch_unit_roundoff(z.device))
+
+
+def argmin_rows(scores: torch.Tensor) -> torch.Tensor:
+    """(n, K) fp32 -> (n,) int64 first index of each row's minimum, like torch.argmin; on CPU
+    through numpy's SIMD argmin, about twice as fast as torch's over K = 16,384 columns."""
+    if scores.device.type == "cpu":
+        return torch.from_numpy(scores.numpy().argmin(axis=1))
+    return scores.argmin(dim=1)
 
 
 def best_two(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

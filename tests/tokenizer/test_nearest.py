@@ -241,6 +241,19 @@ def test_error_margin_covers_the_computed_scores():
         assert torch.all((scores - exact).abs() <= nm.error_margin(d) / 2 * scale)
 
 
+def test_fp32_only_is_the_first_minimum_of_the_fp32_scores():
+    """exact=False (k-means' assignment) is the argmin of the fp32 scores, first index on ties,
+    on CPU (numpy) and as torch.argmin computes it on accelerators."""
+    z, book = integer_data(700, 300, 6, seed=3)                      # many exact ties
+    scores = torch.addmm(book.pow(2).sum(1), z, book.t(), beta=1.0, alpha=-2.0)
+    expect = scores.argmin(dim=1)
+    assert torch.equal(nearest_codes(z, book, exact=False), expect)
+    assert torch.equal(nearest_codes(z, book, chunk_rows=7, exact=False), expect)
+    assert torch.equal(nm.argmin_rows(scores.clone()), expect)
+    tied = (scores == scores.min(1, keepdim=True).values).sum(1) > 1
+    assert tied.sum() >= 50                                           # the rule was exercised
+
+
 def test_untouched_fp32_winners_are_certain():
     """exact=False and exact=True agree wherever the fp32 gap is beyond the margin."""
     g = torch.Generator().manual_seed(12)
