@@ -176,7 +176,7 @@ def _fp32_pass(z: torch.Tensor, codebook: torch.Tensor, code_sq: torch.Tensor, c
 
 def argmin_rows(scores: torch.Tensor) -> torch.Tensor:
     """(n, K) fp32 -> (n,) int64 first index of each row's minimum, like torch.argmin; on CPU
-    through numpy's SIMD argmin, about twice as fast as torch's over K = 16,384 columns."""
+    through numpy's SIMD argmin, which is faster than torch's (docs/benchmarks.md, Nearest-code search)."""
     if scores.device.type == "cpu":
         return torch.from_numpy(scores.numpy().argmin(axis=1))
     return scores.argmin(dim=1)
