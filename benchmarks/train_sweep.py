@@ -46,7 +46,8 @@ def launch(name: str, seed: int, a) -> subprocess.Popen:
     config, sets = SWEEP[name]
     cmd = [sys.executable, f"{HERE}/train_quality.py", "photos32", "--work", a.work, "--tag", name,
            "--config", f"{ROOT}/{config}", "--seed", str(seed), "--steps", str(a.steps), "--nproc", "1",
-           "--timing-rounds", "0", "--threads", str(a.threads), "--set", "train.bf16=false"]
+           "--timing-rounds", "0", "--threads", str(a.threads), "--set", "train.bf16=false",
+           "--set", "data.num_workers=1"]    # nine runs share the machine's cores: one worker each
     for s in sets:
         cmd += ["--set", s]
     if name == "k512":

@@ -25,6 +25,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    local_world_size: int = 1      # ranks on this node
 
     @property
     def is_main(self) -> bool:
@@ -59,7 +60,7 @@ def setup(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
-    return DistInfo(rank, world, local_rank, dev)
+    return DistInfo(rank, world, local_rank, dev, env_int("LOCAL_WORLD_SIZE", 1))
 
 
 def teardown() -> None:

@@ -77,8 +77,12 @@ def checkpoint_to_resume(run_dir: str, resume: bool, is_main: bool) -> str | Non
 
 def same_data_layout(per_rank: list[dict], world_size: int, num_workers: int) -> bool:
     """The checkpoint's per-rank records were written by `world_size` ranks of `num_workers`
-    data workers each: every data slot's recorded position carries over."""
-    return len(per_rank) == world_size and all(r.get("num_workers") == num_workers for r in per_rank)
+    data workers each: every data slot's recorded position carries over. 0 workers (the rank
+    reads itself) and 1 worker read the same one slot per rank, so they count as the same layout."""
+    def slots(workers) -> int | None:
+        return max(1, workers) if isinstance(workers, int) else None
+    return len(per_rank) == world_size and all(slots(r.get("num_workers")) == slots(num_workers)
+                                               for r in per_rank)
 
 
 def resume_data_positions(per_rank: list[dict], rank: int, world_size: int,

@@ -34,7 +34,9 @@ class DataConfig:
     train: list[str] = field(default_factory=list)   # shard URL patterns (braces, globs, dirs)
     val: list[str] = field(default_factory=list)     # validation shards (rank 0); none = no validation
     batch_size: int = 128          # global: split evenly over ranks
-    num_workers: int = 2           # DataLoader workers per rank
+    # DataLoader workers per rank, or "auto": none where the ranks already have a CPU core each
+    # at most on a CPU run (a worker would only take turns with its rank), else 2 (data_workers)
+    num_workers: int | str = 2
     shuffle_buffer: int = 2000     # samples per worker
     val_samples: int = 1024        # validation images (rank 0)
     # true: images must already have model.in_channels and model.resolution (a mismatch stops
@@ -44,7 +46,8 @@ class DataConfig:
 
     def __post_init__(self):
         check(self.batch_size >= 1, "data.batch_size", self.batch_size, "must be >= 1")
-        check(self.num_workers >= 0, "data.num_workers", self.num_workers, "must be >= 0")
+        check(self.num_workers == "auto" or (type(self.num_workers) is int and self.num_workers >= 0),
+              "data.num_workers", self.num_workers, "must be an integer >= 0 or 'auto'")
         check(self.shuffle_buffer >= 1, "data.shuffle_buffer", self.shuffle_buffer, "must be >= 1")
         check(self.val_samples >= 1, "data.val_samples", self.val_samples, "must be >= 1")
 

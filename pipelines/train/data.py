@@ -14,6 +14,7 @@ ended how, and the batches count damaged shards (`damaged`) for the metrics.
 """
 from __future__ import annotations
 
+import os
 import random
 import sys
 from typing import Iterator
@@ -153,6 +154,25 @@ class ShardStream(IterableDataset):
                     yield {"images": torch.from_numpy(np.stack(images)), "worker": worker,
                            "epoch": epoch - 1, "offset": offset, "bad": bad, "damaged": damaged}
                 return
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, as a container or taskset sets it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:                     # not on Linux
+        return os.cpu_count() or 1
+
+
+def data_workers(setting: int | str, device_type: str, local_ranks: int, cores: int) -> int:
+    """data.num_workers as a number: a number stays; "auto" is 0 on a CPU run whose ranks have
+    at most one core each, else 2. There a worker adds no parallelism, only a fourth process
+    taking turns with two busy ranks: the rank it preempts holds up the other at the next
+    all-reduce. 0 and 1 worker read the same data slot, so the choice changes speed only, not
+    the samples or their order (see same_data_layout)."""
+    if setting != "auto":
+        return int(setting)
+    return 0 if device_type == "cpu" and cores < 2 * local_ranks else 2
 
 
 def make_loader(stream: ShardStream, num_workers: int) -> DataLoader:

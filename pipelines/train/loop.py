@@ -21,7 +21,7 @@ from .checkpoint import (checkpoint_to_resume, load_checkpoint, resume_data_posi
                          same_data_layout, save_checkpoint, set_rng_state)
 from .config import TrainConfig
 from .augment import augment, augment_generator
-from .data import ShardStream, load_images, make_loader
+from .data import ShardStream, data_workers, load_images, make_loader, usable_cores
 from .metrics import MetricsLog, save_grid, validation_record
 from .stop import StopSignals
 
@@ -55,6 +55,12 @@ class Trainer:
             raise SharedError(f"data.batch_size = {cfg.data.batch_size} (global) is not divisible by "
                               f"the {info.world_size} ranks")
         self.local_batch = cfg.data.batch_size // info.world_size
+        # resolved once; checkpoints record the number, so a resume compares like with like
+        self.num_workers = data_workers(cfg.data.num_workers, info.device.type, info.local_world_size,
+                                        usable_cores())
+        if info.is_main and cfg.data.num_workers == "auto":
+            print(f"data.num_workers = auto: {self.num_workers} per rank ({info.local_world_size} "
+                  f"{info.device.type} rank(s) on {usable_cores()} usable CPU core(s))", flush=True)
         self.train_urls = expand_urls(cfg.data.train)
         self.val_urls = expand_urls(cfg.data.val) if cfg.data.val else []
         torch.manual_seed(cfg.train.seed)                      # same init on every rank
@@ -98,7 +104,7 @@ class Trainer:
             # set once the data loader exists (run): making its iterator draws from the global
             # RNG, which the unbroken run did before the checkpoint
             self.rng_at_resume = per_rank[self.info.rank]["rng"]
-        workers = self.cfg.data.num_workers
+        workers = self.num_workers
         self.positions, note = resume_data_positions(per_rank, self.info.rank, self.info.world_size, workers)
         if same_data_layout(per_rank, self.info.world_size, workers):
             mine = per_rank[self.info.rank]
@@ -108,7 +114,7 @@ class Trainer:
             print(f"resumed from {url} at step {self.step}{note}", flush=True)
 
     def checkpoint(self) -> None:
-        mine = {"rng": rng_state(), "num_workers": self.cfg.data.num_workers,
+        mine = {"rng": rng_state(), "num_workers": self.num_workers,
                 "positions": {str(w): list(p) for w, p in self.positions.items()},
                 "bad": {str(w): b for w, b in self.bad.items()},
                 "damaged": {str(w): b for w, b in self.damaged.items()}}
@@ -134,7 +140,7 @@ class Trainer:
                              world_size=self.info.world_size, seed=c.train.seed,
                              shuffle_buffer=c.data.shuffle_buffer, start=self.positions,
                              strict_size=c.data.strict_size)
-        return make_loader(stream, c.data.num_workers)
+        return make_loader(stream, self.num_workers)
 
     # ---- one step -----------------------------------------------------------------------------
     def autocast(self):

@@ -22,7 +22,8 @@ from pipelines.errors import UserError
 from pipelines.prepare import ShardWriter
 from pipelines.train.config import (changed_keys, parse_config, record_run_config, resolve_config,
                                     run_config_url)
-from pipelines.train.data import DataMismatch, ShardStream, make_loader
+from pipelines.train.checkpoint import same_data_layout
+from pipelines.train.data import DataMismatch, ShardStream, data_workers, make_loader
 from tokenizer import VQVAE, ConfigError
 
 TINY = ["model.hidden=16", "model.res_hidden=8", "model.code_dim=8", "model.num_res_blocks=1",
@@ -382,3 +383,44 @@ def test_ctrl_c_in_one_process_saves_a_checkpoint_and_exits_130(tmp_path):
     step = int(err.split("after step ")[1].split(";")[0])
     assert os.listdir(out / "checkpoints") == [f"step-{step:08d}.pt"] and step >= 4
     assert torch.load(out / "checkpoints" / f"step-{step:08d}.pt", weights_only=True)["step"] == step
+
+
+def test_auto_data_workers_are_none_where_cpu_ranks_fill_the_cores():
+    assert data_workers("auto", "cpu", local_ranks=2, cores=2) == 0       # CI: 2 ranks, 2 cores
+    assert data_workers("auto", "cpu", local_ranks=1, cores=1) == 0
+    assert data_workers("auto", "cpu", local_ranks=2, cores=4) == 2       # a core to spare per rank
+    assert data_workers("auto", "cuda", local_ranks=8, cores=8) == 2      # the rank waits on its GPU
+    assert data_workers(3, "cpu", local_ranks=2, cores=2) == 3            # a number is kept
+    assert resolve_config(None, ["data.num_workers=auto"], train_data=["x"]).data.num_workers == "auto"
+    for bad in ("many", "-1", "1.5"):
+        with pytest.raises(ConfigError, match="data.num_workers = .* must be an integer >= 0 or 'auto'"):
+            resolve_config(None, [f"data.num_workers={bad}"], train_data=["x"])
+    # 0 workers (the rank reads) and 1 worker read the same single slot: the same layout
+    rec = [{"num_workers": 0}, {"num_workers": 0}]
+    assert same_data_layout(rec, 2, 1) and same_data_layout(rec, 2, 0) and not same_data_layout(rec, 2, 2)
+    assert not same_data_layout([{}], 1, 1)                               # nothing recorded
+
+
+def test_zero_and_one_data_worker_train_the_same_weights_and_resume_across(tmp_path):
+    train = write_shards(tmp_path / "d", 48, 16)
+    sets = [a for s in [t for t in TINY if not t.startswith("data.num_workers")]
+            + ["train.checkpoint_every=3", "optim.schedule=constant"] for a in ("--set", s)]   # a resume changes max_steps
+
+    def run(name, workers, steps, *extra):
+        r = run_cli(["train", "--train-data", train, "--out", str(tmp_path / name), "--batch-size", "8",
+                     "--max-steps", str(steps), *sets, "--set", f"data.num_workers={workers}", *extra])
+        assert r.exit_code == 0, r.output
+        return r.output
+
+    def final(name):
+        return VQVAE.from_pretrained(str(tmp_path / name / "final")).state_dict()
+
+    run("zero", 0, 7)        # 6 batches an epoch: step 7 is in epoch 1
+    run("one", 1, 7)
+    a, b = final("zero"), final("one")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    run("switch", 0, 3)
+    out = run("switch", 1, 7, "--resume")
+    assert "starts epoch" not in out                  # the position carried over
+    c = final("switch")
+    assert all(torch.equal(a[k], c[k]) for k in a)
