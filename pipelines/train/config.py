@@ -34,8 +34,8 @@ class DataConfig:
     train: list[str] = field(default_factory=list)   # shard URL patterns (braces, globs, dirs)
     val: list[str] = field(default_factory=list)     # validation shards (rank 0); none = no validation
     batch_size: int = 128          # global: split evenly over ranks
-    # DataLoader workers per rank, or "auto": none where the ranks already have a CPU core each
-    # at most on a CPU run (a worker would only take turns with its rank), else 2 (data_workers)
+    # DataLoader workers per rank, or "auto": 0 on a CPU run whose ranks have at most one core
+    # each (a worker would only take turns with its rank), else 2; 0 and 1 read the same samples
     num_workers: int | str = 2
     shuffle_buffer: int = 2000     # samples per worker
     val_samples: int = 1024        # validation images (rank 0)
