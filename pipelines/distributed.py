@@ -50,6 +50,19 @@ def pick_device(local_rank: int, device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """The device multiplies bf16 natively: CUDA, or a CPU with AVX512-BF16 or AMX instructions.
+    Elsewhere oneDNN has no bf16 arithmetic to gain from, so training stays in fp32 there."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    try:        # private probes of torch.cpu (torch >= 2.3); a torch without them: fp32
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
 def setup(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
     """Join the process group described by torchrun's environment. The timeout bounds every
     collective, so a rank whose peer died fails instead of hanging forever."""

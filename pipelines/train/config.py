@@ -83,7 +83,7 @@ class LoopConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3      # newest checkpoints kept
     seed: int = 0                  # model init, data order, augmentation
-    bf16: bool = True              # autocast on CUDA (the quantiser stays fp32)
+    bf16: bool = True              # autocast where bf16 is native: CUDA, CPUs with AVX512-BF16 or AMX (the quantiser stays fp32)
     device: str = "auto"           # auto | cpu | cuda
     timeout_s: float = 600.0       # collective timeout: a rank whose peer died fails, not hangs
     progress: bool = True          # progress bar on rank 0

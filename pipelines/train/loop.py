@@ -61,6 +61,10 @@ class Trainer:
         if info.is_main and cfg.data.num_workers == "auto":
             print(f"data.num_workers = auto: {self.num_workers} per rank ({info.local_world_size} "
                   f"{info.device.type} rank(s) on {usable_cores()} usable CPU core(s))", flush=True)
+        self.bf16 = cfg.train.bf16 and D.native_bf16(info.device)
+        if info.is_main and info.device.type == "cpu":
+            print(f"train.bf16 = {cfg.train.bf16}: the encoder and decoder train in "
+                  f"{'bf16 autocast (this CPU has bf16 instructions)' if self.bf16 else 'fp32'}", flush=True)
         self.train_urls = expand_urls(cfg.data.train)
         self.val_urls = expand_urls(cfg.data.val) if cfg.data.val else []
         torch.manual_seed(cfg.train.seed)                      # same init on every rank
@@ -144,8 +148,8 @@ class Trainer:
 
     # ---- one step -----------------------------------------------------------------------------
     def autocast(self):
-        if self.info.device.type == "cuda" and self.cfg.train.bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.bf16:
+            return torch.autocast(self.info.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def train_step(self, images: torch.Tensor) -> dict[str, float]:

@@ -424,3 +424,37 @@ def test_zero_and_one_data_worker_train_the_same_weights_and_resume_across(tmp_p
     assert "starts epoch" not in out                  # the position carried over
     c = final("switch")
     assert all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_bf16_trains_under_autocast_only_where_the_cpu_has_bf16_instructions(tmp_path, monkeypatch):
+    from pipelines import distributed as D
+    train = write_shards(tmp_path / "d", 32, 16)
+    sets = [a for s in TINY for a in ("--set", s)]
+
+    def run(name, native, bf16):
+        monkeypatch.setattr(D, "native_bf16", lambda device: native)
+        r = run_cli(["train", "--train-data", train, "--out", str(tmp_path / name), "--batch-size", "8",
+                     "--max-steps", "4", *sets, "--set", f"train.bf16={bf16}"])
+        assert r.exit_code == 0, r.output
+        return r.output, VQVAE.from_pretrained(str(tmp_path / name / "final")).state_dict()
+
+    out32, fp32 = run("fp32", True, "false")
+    assert "train in fp32" in out32
+    out_plain, plain = run("no-instructions", False, "true")      # asked for, but not native here
+    assert "train in fp32" in out_plain and all(torch.equal(fp32[k], plain[k]) for k in fp32)
+    out16, bf16 = run("bf16", True, "true")
+    assert "bf16 autocast" in out16
+    assert all(v.dtype == fp32[k].dtype for k, v in bf16.items())           # weights stay fp32
+    assert all(torch.isfinite(v.float()).all() for v in bf16.values())
+    assert not all(torch.equal(fp32[k], bf16[k]) for k in fp32)             # it did run in bf16
+
+
+def test_native_bf16_asks_the_cpu_and_trusts_cuda(monkeypatch):
+    from pipelines.distributed import native_bf16
+    assert native_bf16(torch.device("cuda", 0)) and not native_bf16(torch.device("meta"))
+    for avx512_bf16, amx, want in [(False, False, False), (True, False, True), (False, True, True)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert native_bf16(torch.device("cpu")) == want
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")       # a torch without the probe
+    assert not native_bf16(torch.device("cpu"))
